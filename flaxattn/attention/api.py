@@ -1,0 +1,156 @@
+"""The one public entry point, `dot_product_attention`, and the dispatcher over implementations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxattn.attention import reference, xla
+from flaxattn.attention.mask import Mask, as_mask
+from flaxattn.attention.spec import Call, Implementation
+
+_REGISTRY: dict[str, Implementation] = {}
+
+# Auto-selection order per platform: the first implementation that supports the call wins.
+_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("xla", "reference"),
+    "gpu": ("xla", "reference"),
+    "tpu": ("xla", "reference"),
+}
+
+
+def register(implementation: Implementation, *, prefer_on: dict[str, int] | None = None) -> None:
+  """Adds an implementation; `prefer_on` maps platform -> position in that platform's auto order."""
+  _REGISTRY[implementation.name] = implementation
+  for platform, position in (prefer_on or {}).items():
+    order = [name for name in _PREFERENCE.get(platform, ()) if name != implementation.name]
+    order.insert(position, implementation.name)
+    _PREFERENCE[platform] = tuple(order)
+
+
+register(reference.IMPLEMENTATION)
+register(xla.IMPLEMENTATION)
+
+
+def implementations() -> list[dict]:
+  """Each registered implementation with what it supports (mask kinds, bias, dtypes, platforms...)."""
+  return [impl.describe() for impl in _REGISTRY.values()]
+
+
+def _platform() -> str:
+  return jax.default_backend()
+
+
+def _dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def _validate(query, key, value, bias, mask: Mask | None, scale, softcap, dropout_rate, dropout_rng):
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if np.ndim(x) != 4:
+      raise ValueError(
+          f"{name} must have rank 4 [batch, length, heads, dim], got shape {tuple(np.shape(x))}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+  if not query.dtype == key.dtype == value.dtype:
+    raise ValueError(
+        f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+  batch, q_len, heads, head_dim = query.shape
+  kv_batch, kv_len, kv_heads, key_dim = key.shape
+  if kv_batch != batch or value.shape[0] != batch:
+    raise ValueError(f"batch sizes differ: query {query.shape}, key {key.shape}, value {value.shape}")
+  if key_dim != head_dim:
+    raise ValueError(f"query and key head_dim differ: query {query.shape}, key {key.shape}")
+  if value.shape[1:3] != (kv_len, kv_heads):
+    raise ValueError(
+        f"key and value must share [kv_len, kv_heads]: key {key.shape}, value {value.shape}")
+  if heads % kv_heads:
+    raise ValueError(
+        f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}): "
+        f"query {query.shape}, key {key.shape}")
+  if bias is not None:
+    shape = tuple(np.shape(bias))
+    target = (batch, heads, q_len, kv_len)
+    if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
+      raise ValueError(
+          f"bias of shape {shape} does not broadcast to [batch, heads, q_len, kv_len] = {target}")
+  if mask is not None:
+    mask.validate(batch, heads, q_len, kv_len)
+  if scale is not None and not np.isscalar(scale):
+    raise ValueError(f"scale must be a Python number, got {scale!r}")
+  if softcap is not None and not (np.isscalar(softcap) and softcap > 0):
+    raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+  if dropout_rate > 0.0 and dropout_rng is None:
+    raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
+
+
+def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None, softcap=None,
+                          dropout_rate=0.0, dropout_rng=None, implementation=None,
+                          return_weights=False):
+  """Scaled dot-product attention over interchangeable implementations.
+
+  Args:
+    query: `[batch, q_len, heads, head_dim]`.
+    key: `[batch, kv_len, kv_heads, head_dim]`; `heads % kv_heads == 0` (GQA/MQA: query head `h`
+      reads key/value head `h // (heads // kv_heads)`).
+    value: `[batch, kv_len, kv_heads, value_dim]`.
+    mask: a `flaxattn.attention.Mask` (causal, window, segment ids, lengths, explicit array), a boolean
+      array broadcastable to `[batch, heads, q_len, kv_len]`, or None.
+    bias: added to the logits; broadcastable to `[batch, heads, q_len, kv_len]`. Differentiable.
+    scale: logit scale; default `head_dim ** -0.5`.
+    softcap: if set, logits become `softcap * tanh(logits / softcap)` (before bias and mask).
+    dropout_rate: dropout on the attention weights (needs `dropout_rng`).
+    implementation: a name from `implementations()`, or None to pick the fastest that supports the call
+      on this platform. A named implementation that cannot run the call raises `ValueError`.
+    return_weights: also return the weights `[batch, heads, q_len, kv_len]` (float32, before dropout).
+
+  Returns:
+    `[batch, q_len, heads, value_dim]` in the query dtype (and the weights if asked). A query that sees
+    no key gets zeros and passes zero gradient.
+  """
+  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  mask = as_mask(mask)
+  if bias is not None:
+    bias = jnp.asarray(bias)
+  _validate(query, key, value, bias, mask, scale, softcap, dropout_rate, dropout_rng)
+  if bias is not None:
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+  if mask is not None and not mask.kinds:
+    mask = None
+  scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
+  call = Call(
+      masks=frozenset() if mask is None else mask.kinds,
+      bias=bias is not None,
+      softcap=softcap is not None,
+      dropout=dropout_rate > 0.0,
+      weights=bool(return_weights),
+      dtype=_dtype_name(query.dtype),
+      platform=_platform(),
+  )
+  impl = _select(implementation, call)
+  return impl.fn(query, key, value, mask=mask, bias=bias, scale=scale,
+                 softcap=None if softcap is None else float(softcap),
+                 dropout_rate=float(dropout_rate), dropout_rng=dropout_rng,
+                 return_weights=bool(return_weights))
+
+
+def _select(implementation: str | None, call: Call) -> Implementation:
+  if implementation is not None:
+    if implementation not in _REGISTRY:
+      raise ValueError(
+          f"implementation={implementation!r} is unknown; choose from {sorted(_REGISTRY)}")
+    impl = _REGISTRY[implementation]
+    missing = impl.unsupported(call)
+    if missing:
+      raise ValueError(f"implementation={implementation!r} does not support {missing}")
+    return impl
+  reasons = []
+  for name in _PREFERENCE.get(call.platform, tuple(_REGISTRY)):
+    missing = _REGISTRY[name].unsupported(call)
+    if missing is None:
+      return _REGISTRY[name]
+    reasons.append(f"{name}: {missing}")
+  raise ValueError(f"no attention implementation supports this call: {'; '.join(reasons)}")

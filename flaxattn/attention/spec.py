@@ -1,0 +1,69 @@
+"""What an attention implementation declares it supports, and the check of a call against it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+  """The features one attention call needs (built by the dispatcher from its arguments)."""
+
+  masks: frozenset[str]
+  bias: bool
+  softcap: bool
+  dropout: bool
+  weights: bool
+  dtype: str
+  platform: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+  """One attention implementation: its function and the features it supports.
+
+  `fn(query, key, value, *, mask, bias, scale, softcap, dropout_rate, dropout_rng, return_weights)`
+  receives validated arguments: `mask` a `Mask` or None, `bias` rank 4 or None, `scale` a float.
+  """
+
+  name: str
+  fn: Callable
+  masks: frozenset[str]
+  bias: bool
+  softcap: bool
+  dropout: bool
+  weights: bool
+  dtypes: frozenset[str]
+  platforms: frozenset[str]
+  memory: str
+  notes: str = ""
+
+  def unsupported(self, call: Call) -> str | None:
+    """The first feature of `call` this implementation lacks, in words; None if it can run it."""
+    if call.platform not in self.platforms:
+      return f"platform {call.platform!r} (runs on {sorted(self.platforms)})"
+    if call.dtype not in self.dtypes:
+      return f"dtype {call.dtype} (supports {sorted(self.dtypes)})"
+    missing = sorted(call.masks - self.masks)
+    if missing:
+      return f"mask kind {missing[0]!r} (supports {sorted(self.masks)})"
+    for feature in ("bias", "softcap", "dropout", "weights"):
+      if getattr(call, feature) and not getattr(self, feature):
+        return {"weights": "return_weights=True"}.get(feature, feature)
+    return None
+
+  def describe(self) -> dict:
+    """A plain dict of what this implementation supports (for `implementations()`)."""
+    return {
+        "name": self.name,
+        "masks": sorted(self.masks),
+        "bias": self.bias,
+        "softcap": self.softcap,
+        "dropout": self.dropout,
+        "weights": self.weights,
+        "dtypes": sorted(self.dtypes),
+        "platforms": sorted(self.platforms),
+        "memory": self.memory,
+        "notes": self.notes,
+    }
