@@ -1,0 +1,7 @@
+"""Whole models built from `flaxattn.nn`: encoder, classifier, encoder-decoder, decoder LM."""
+
+from flaxattn.models.decoder import DecoderLM
+from flaxattn.models.encoder import EncoderClassifier, EncoderModel
+from flaxattn.models.seq2seq import EncoderDecoder
+
+__all__ = ["DecoderLM", "EncoderClassifier", "EncoderDecoder", "EncoderModel"]
