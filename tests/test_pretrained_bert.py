@@ -17,7 +17,7 @@ pytest.importorskip("safetensors", reason="the loader reads model.safetensors")
 pytest.importorskip("tokenizers", reason="the loader builds the WordPiece tokenizer")
 
 from flaxattn.models import load_pretrained  # noqa: E402
-from flaxattn.models.pretrained import mean_pool  # noqa: E402
+from flaxattn.models.pretrained.bert import sentence_embeddings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_hidden_states_and_embeddings_match_sentence_transformers(loaded, refere
   assert hidden.shape == reference["hidden"].shape
   # Padded positions carry no meaning (and differ between implementations); compare real tokens.
   np.testing.assert_allclose(hidden[mask], reference["hidden"][mask], rtol=0, atol=HIDDEN_TOLERANCE)
-  embeddings = np.asarray(mean_pool(hidden, mask, normalize=True))
+  embeddings = sentence_embeddings(model, tokenizer, SENTENCES)
   np.testing.assert_allclose(embeddings, reference["embeddings"], rtol=0, atol=EMBEDDING_TOLERANCE)
 
 

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from flaxattn.models.encoder import EncoderModel
 from flaxattn.models.pretrained import tokenizer as tokenizers_lib
-from flaxattn.models.pretrained.weights import Checkpoint
+from flaxattn.models.pretrained.weights import Checkpoint, build, linear, override, stack_layers
 from flaxattn.nn import TransformerConfig, mean_pool
 
 try:
@@ -78,6 +79,57 @@ def read_tokenizer(directory: pathlib.Path, config: TransformerConfig) -> tokeni
                 if sentence_config.exists() else config.max_length)
   return tokenizers_lib.wordpiece(directory / "vocab.txt", lowercase=lowercase,
                                   max_length=max_length)
+
+
+def encoder_params(checkpoint: Checkpoint, config: TransformerConfig) -> dict[str, np.ndarray]:
+  """`EncoderModel` parameters (by path) from Hugging Face `BertModel` tensors."""
+  take = checkpoint.take
+  embed, heads, head_dim = config.d_model, config.num_heads, config.features_per_head
+  params = {
+      "embedder/token/embedding": take("embeddings.word_embeddings.weight"),
+      "embedder/position/embedding": take("embeddings.position_embeddings.weight"),
+      "embedder/token_type/embedding": take("embeddings.token_type_embeddings.weight"),
+      "embedder/norm/scale": take("embeddings.LayerNorm.weight"),
+      "embedder/norm/bias": take("embeddings.LayerNorm.bias"),
+  }
+  layers = []
+  for index in range(config.num_layers):
+    name = f"encoder.layer.{index}."
+    layer = {}
+    for projection in ("query", "key", "value"):
+      layer[f"attention/{projection}/kernel"] = linear(
+          take(f"{name}attention.self.{projection}.weight"), (embed,), (heads, head_dim))
+      layer[f"attention/{projection}/bias"] = take(
+          f"{name}attention.self.{projection}.bias").reshape(heads, head_dim)
+    layer["attention/out/kernel"] = linear(
+        take(f"{name}attention.output.dense.weight"), (heads, head_dim), (embed,))
+    layer["attention/out/bias"] = take(f"{name}attention.output.dense.bias")
+    # Post-LN: the norm after the attention residual, and the one after the MLP residual.
+    layer["attention_norm/scale"] = take(f"{name}attention.output.LayerNorm.weight")
+    layer["attention_norm/bias"] = take(f"{name}attention.output.LayerNorm.bias")
+    layer["mlp/up/kernel"] = linear(take(f"{name}intermediate.dense.weight"), (embed,),
+                                    (config.mlp_dim,))
+    layer["mlp/up/bias"] = take(f"{name}intermediate.dense.bias")
+    layer["mlp/down/kernel"] = linear(take(f"{name}output.dense.weight"), (config.mlp_dim,),
+                                      (embed,))
+    layer["mlp/down/bias"] = take(f"{name}output.dense.bias")
+    layer["mlp_norm/scale"] = take(f"{name}output.LayerNorm.weight")
+    layer["mlp_norm/bias"] = take(f"{name}output.LayerNorm.bias")
+    layers.append(layer)
+  return params | stack_layers("encoder", layers, scanned=config.scan_layers)
+
+
+def load(directory: pathlib.Path, **overrides) -> tuple[EncoderModel, tokenizers_lib.Tokenizer]:
+  """`EncoderModel` with the checkpoint's weights and its WordPiece tokenizer.
+
+  `overrides`: `TransformerConfig` fields that keep the weights' meaning (see `weights.OVERRIDABLE`),
+  e.g. `dtype=jnp.bfloat16`.
+  """
+  config = override(transformer_config(read_config(directory), str(directory)), overrides,
+                    str(directory))
+  checkpoint = read_weights(directory)
+  model = build(EncoderModel, config, encoder_params(checkpoint, config), checkpoint)
+  return model, read_tokenizer(directory, config)
 
 
 def sentence_embeddings(model, tokenizer: tokenizers_lib.Tokenizer, texts: Sequence[str], *,

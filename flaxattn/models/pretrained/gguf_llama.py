@@ -8,7 +8,14 @@ are permuted back here, because flaxattn's RoPE uses the half layout.
 
 from __future__ import annotations
 
+import pathlib
+
 import numpy as np
+
+from flaxattn.models.decoder import DecoderLM
+from flaxattn.models.pretrained import tokenizer as tokenizers_lib
+from flaxattn.models.pretrained.weights import Checkpoint, build, linear, override, stack_layers
+from flaxattn.nn import TransformerConfig
 
 try:
   import gguf
@@ -46,6 +53,35 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
   return pairs.swapaxes(1, 2).reshape(weight.shape)
 
 
+def transformer_config(metadata: dict, tensor_names, source: str) -> TransformerConfig:
+  """The flaxattn config of a GGUF `llama` file: pre-RMSNorm, RoPE (half layout), SwiGLU, GQA, no
+  biases; embeddings tied when the file has no separate `output.weight`."""
+  arch = ARCHITECTURE
+
+  def get(key, default=None):
+    value = metadata.get(f"{arch}.{key}", default)
+    if value is None:
+      raise ValueError(f"{source}: GGUF metadata lacks {arch}.{key}")
+    if isinstance(value, list):
+      raise ValueError(f"{source}: per-layer {arch}.{key}={value!r} is not supported")
+    return value
+
+  scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
+  if scaling != "none":
+    raise ValueError(f"{source}: {arch}.rope.scaling.type={scaling!r} is not supported")
+  heads = get("attention.head_count")
+  head_dim = get("attention.key_length", get("embedding_length") // heads)
+  rotary_dim = get("rope.dimension_count", head_dim)
+  return TransformerConfig(
+      vocab_size=len(metadata["tokenizer.ggml.tokens"]), d_model=get("embedding_length"),
+      num_heads=heads, num_kv_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
+      mlp_dim=get("feed_forward_length"), num_layers=get("block_count"), activation="silu",
+      gated_mlp=True, norm="rmsnorm", norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+      pre_norm=True, use_bias=False, final_norm=True, positions="rope",
+      max_length=get("context_length"), rope_base=float(get("rope.freq_base", 10000.0)),
+      rope_fraction=rotary_dim / head_dim, tie_embeddings="output.weight" not in tensor_names)
+
+
 def read_tensors(reader: "gguf.GGUFReader", *, heads: int, kv_heads: int) -> dict[str, np.ndarray]:
   """Every tensor of the file by GGUF name, dequantized to float32 in Hugging Face orientation.
 
@@ -61,3 +97,48 @@ def read_tensors(reader: "gguf.GGUFReader", *, heads: int, kv_heads: int) -> dic
       weight = unpermute_rotary_rows(weight, kv_heads)
     tensors[tensor.name] = weight
   return tensors
+
+
+def decoder_params(checkpoint: Checkpoint, config: TransformerConfig) -> dict[str, np.ndarray]:
+  """`DecoderLM` parameters (by path) from GGUF llama tensors (`read_tensors`)."""
+  take = checkpoint.take
+  embed, head_dim = config.d_model, config.features_per_head
+  params = {
+      "embedder/token/embedding": take("token_embd.weight"),
+      "decoder/final_norm/scale": take("output_norm.weight"),
+  }
+  if not config.tie_embeddings:
+    params["lm_head/kernel"] = linear(take("output.weight"), (embed,), (config.vocab_size,))
+  layers = []
+  for index in range(config.num_layers):
+    name = f"blk.{index}."
+    layers.append({
+        "attention_norm/scale": take(f"{name}attn_norm.weight"),
+        "attention/query/kernel": linear(take(f"{name}attn_q.weight"), (embed,),
+                                         (config.num_heads, head_dim)),
+        "attention/key/kernel": linear(take(f"{name}attn_k.weight"), (embed,),
+                                       (config.kv_heads, head_dim)),
+        "attention/value/kernel": linear(take(f"{name}attn_v.weight"), (embed,),
+                                         (config.kv_heads, head_dim)),
+        "attention/out/kernel": linear(take(f"{name}attn_output.weight"),
+                                       (config.num_heads, head_dim), (embed,)),
+        "mlp_norm/scale": take(f"{name}ffn_norm.weight"),
+        "mlp/gate/kernel": linear(take(f"{name}ffn_gate.weight"), (embed,), (config.mlp_dim,)),
+        "mlp/up/kernel": linear(take(f"{name}ffn_up.weight"), (embed,), (config.mlp_dim,)),
+        "mlp/down/kernel": linear(take(f"{name}ffn_down.weight"), (config.mlp_dim,), (embed,)),
+    })
+  return params | stack_layers("decoder", layers, scanned=config.scan_layers)
+
+
+def load(path: pathlib.Path, **overrides) -> tuple[DecoderLM, tokenizers_lib.Tokenizer]:
+  """`DecoderLM` with the file's weights (dequantized to float32, stored as `param_dtype`) and its BPE
+  tokenizer. `overrides`: `TransformerConfig` fields that keep the weights' meaning (see
+  `weights.OVERRIDABLE`), e.g. `scan_layers=True`."""
+  reader = gguf.GGUFReader(str(path))
+  metadata = read_metadata(reader)
+  names = [tensor.name for tensor in reader.tensors]
+  config = override(transformer_config(metadata, names, str(path)), overrides, str(path))
+  checkpoint = Checkpoint(
+      read_tensors(reader, heads=config.num_heads, kv_heads=config.kv_heads), path)
+  model = build(DecoderLM, config, decoder_params(checkpoint, config), checkpoint)
+  return model, tokenizers_lib.gguf_bpe(metadata)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from flaxattn.nn import TransformerConfig
+
+# Config fields a caller may change when loading: they leave every parameter's shape and meaning alone.
+OVERRIDABLE = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat", "dropout_rate",
+               "attention_dropout_rate", "max_length")
 
 
 class Checkpoint:
@@ -40,6 +47,32 @@ class Checkpoint:
           f"checkpoint {self.source} has weights the flaxattn model does not use: {sorted(self._unused)}")
 
 
+def override(config: TransformerConfig, overrides: dict, source: str) -> TransformerConfig:
+  """`config` with `overrides` (fields from `OVERRIDABLE`) applied."""
+  unknown = sorted(set(overrides) - set(OVERRIDABLE))
+  if unknown:
+    raise ValueError(f"cannot override {unknown} when loading {source}: the checkpoint fixes them; "
+                     f"overridable: {list(OVERRIDABLE)}")
+  return dataclasses.replace(config, **overrides)
+
+
+def linear(weight: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int]) -> np.ndarray:
+  """A PyTorch-layout linear weight `[out_features, in_features]` as a flaxattn `Dense` kernel
+  `[*in_shape, *out_shape]` (e.g. `[embed, heads, head_dim]` for a query projection)."""
+  return weight.T.reshape(*in_shape, *out_shape)
+
+
+def stack_layers(prefix: str, layers: Sequence[dict[str, np.ndarray]], *,
+                 scanned: bool) -> dict[str, np.ndarray]:
+  """Per-layer parameters (block-relative names) under `prefix/layers`: `prefix/layers/{i}/name` for an
+  unrolled stack, `prefix/layers/name` stacked on a leading `[layers]` axis for a scanned one."""
+  if scanned:
+    return {f"{prefix}/layers/{name}": np.stack([layer[name] for layer in layers])
+            for name in layers[0]}
+  return {f"{prefix}/layers/{index}/{name}": value
+          for index, layer in enumerate(layers) for name, value in layer.items()}
+
+
 def path_name(path: tuple) -> str:
   """`('layers', 0, 'mlp', 'up', 'kernel')` -> `'layers/0/mlp/up/kernel'`."""
   return "/".join(str(part) for part in path)
@@ -71,3 +104,12 @@ def assign(model: nnx.Module, params: dict[str, np.ndarray], *, source: str) -> 
   nnx.update(model, nnx.from_flat_state(
       [(path, jnp.asarray(params[path_name(path)], dtype=variable.dtype)) for path, variable in flat]))
   return model
+
+
+def build(model_class, config: TransformerConfig, params: dict[str, np.ndarray],
+          checkpoint: Checkpoint) -> nnx.Module:
+  """`model_class(config)` holding `params`, after checking that the mapping used every checkpoint
+  tensor. The model is created abstract, so no random initialisation is computed."""
+  checkpoint.check_all_used()
+  model = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0)))
+  return assign(model, params, source=checkpoint.source)
