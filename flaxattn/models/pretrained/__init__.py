@@ -82,4 +82,4 @@ def _load_gguf(path: pathlib.Path, overrides: dict):
     raise ValueError(
         f"load_pretrained: {path} has general.architecture={architecture!r}; supported: "
         f"[{gguf_llama.ARCHITECTURE!r}]")
-  return gguf_llama.load(path, **overrides)
+  return gguf_llama.load(reader, path, **overrides)
