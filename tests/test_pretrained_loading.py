@@ -6,6 +6,7 @@ test_pretrained_llama.py; here everything is small enough to run in the fast sui
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -79,9 +80,14 @@ def test_loads_bert_directory_and_tokenizes(bert_dir):
     tokenizer.decode([5, 99])
   with pytest.raises(ValueError, match="text must be a str, got list"):
     tokenizer.encode(["hello"])
-  # The embedding table holds exactly the checkpoint's rows (no transposition or reordering).
-  np.testing.assert_array_equal(np.asarray(model.embedder.token.embedding[...]),
-                                bert_tensors()["embeddings.word_embeddings.weight"])
+  # The embedding table holds exactly the checkpoint's rows (no transposition or reordering), cast to
+  # the requested parameter dtype.
+  table = bert_tensors()["embeddings.word_embeddings.weight"]
+  np.testing.assert_array_equal(np.asarray(model.embedder.token.embedding[...]), table)
+  half, _ = load_pretrained(bert_dir, param_dtype=jnp.bfloat16)
+  assert half.embedder.token.embedding[...].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(half.embedder.token.embedding[...], np.float32),
+                                np.asarray(jnp.asarray(table, jnp.bfloat16), np.float32))
 
 
 def test_scanned_and_unrolled_loads_agree(bert_dir):
