@@ -154,12 +154,120 @@ def test_gguf_of_another_architecture_is_rejected(tmp_path):
 def test_unpermute_inverts_llama_cpp_rotary_permutation():
   heads, head_dim, embed = 3, 8, 5
   weight = np.random.default_rng(0).normal(size=(heads * head_dim, embed))
-  # llama.cpp's converter: per head, row `s * head_dim/2 + i` (half layout) moves to row `2i + s`.
+  permuted = llama_cpp_permute(weight, heads)
+  np.testing.assert_array_equal(unpermute_rotary_rows(permuted, heads), weight)
+  with pytest.raises(ValueError, match="cannot split 24 projection rows into 5 heads"):
+    unpermute_rotary_rows(permuted, 5)
+
+
+# A tiny llama GGUF: 2 layers, 4 query heads sharing 2 key/value heads, tied embeddings, and a byte-level
+# BPE vocabulary whose ids are known by construction.
+LLAMA = dict(layers=2, embed=16, heads=4, kv_heads=2, head_dim=4, mlp=24, rope_base=500.0, eps=1e-5)
+TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "c", "Ġ", "1", "2", "ab", "Ġa",
+          "Ġab", "Ġc"]
+MERGES = ["Ġ a", "a b", "Ġa b", "Ġ c"]
+
+
+def llama_weights(seed=1) -> dict[str, np.ndarray]:
+  """Random float32 weights under GGUF names, linear `[out, in]`, q/k rows in the half RoPE layout."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: (rng.normal(size=shape) / np.sqrt(shape[-1])).astype(np.float32)
+  e, h, kv, d, m = (LLAMA[k] for k in ("embed", "heads", "kv_heads", "head_dim", "mlp"))
+  weights = {"token_embd.weight": normal(len(TOKENS), e),
+             "output_norm.weight": 1 + normal(e)}
+  for i in range(LLAMA["layers"]):
+    weights |= {f"blk.{i}.attn_norm.weight": 1 + normal(e), f"blk.{i}.ffn_norm.weight": 1 + normal(e),
+                f"blk.{i}.attn_q.weight": normal(h * d, e), f"blk.{i}.attn_k.weight": normal(kv * d, e),
+                f"blk.{i}.attn_v.weight": normal(kv * d, e),
+                f"blk.{i}.attn_output.weight": normal(e, h * d),
+                f"blk.{i}.ffn_gate.weight": normal(m, e), f"blk.{i}.ffn_up.weight": normal(m, e),
+                f"blk.{i}.ffn_down.weight": normal(e, m)}
+  return weights
+
+
+def llama_cpp_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+  """llama.cpp's converter: per head, row `s * head_dim/2 + i` (half layout) moves to row `2i + s`."""
+  head_dim = weight.shape[0] // heads
   permuted = np.empty_like(weight)
   for h in range(heads):
     for s in range(2):
       for i in range(head_dim // 2):
         permuted[h * head_dim + 2 * i + s] = weight[h * head_dim + s * head_dim // 2 + i]
-  np.testing.assert_array_equal(unpermute_rotary_rows(permuted, heads), weight)
-  with pytest.raises(ValueError, match="cannot split 24 projection rows into 5 heads"):
-    unpermute_rotary_rows(permuted, 5)
+  return permuted
+
+
+def llama_reference(weights: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
+  """Logits `[len(ids), vocab]` of the Hugging Face Llama forward pass, in float64 NumPy."""
+  w = {name: value.astype(np.float64) for name, value in weights.items()}
+  h, kv, d = LLAMA["heads"], LLAMA["kv_heads"], LLAMA["head_dim"]
+  rms = lambda x, scale: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + LLAMA["eps"]) * scale
+  positions = np.arange(len(ids))
+  angles = positions[:, None] * LLAMA["rope_base"] ** (-np.arange(0, d, 2) / d)  # [len, d/2]
+  cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
+
+  def rope(x):  # [len, heads, d]: halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    x1, x2 = x[..., :d // 2], x[..., d // 2:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+  x = w["token_embd.weight"][ids]
+  causal = np.tril(np.ones((len(ids), len(ids)), bool))
+  for i in range(LLAMA["layers"]):
+    p = lambda name: w[f"blk.{i}.{name}.weight"]
+    y = rms(x, p("attn_norm"))
+    q = rope((y @ p("attn_q").T).reshape(len(ids), h, d))
+    k = np.repeat(rope((y @ p("attn_k").T).reshape(len(ids), kv, d)), h // kv, axis=1)
+    v = np.repeat((y @ p("attn_v").T).reshape(len(ids), kv, d), h // kv, axis=1)
+    logits = np.where(causal, np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d), -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    x = x + np.einsum("hqk,khd->qhd", probs, v).reshape(len(ids), h * d) @ p("attn_output").T
+    y = rms(x, p("ffn_norm"))
+    gate = y @ p("ffn_gate").T
+    x = x + (gate / (1 + np.exp(-gate)) * (y @ p("ffn_up").T)) @ p("ffn_down").T
+  return rms(x, w["output_norm.weight"]) @ w["token_embd.weight"].T
+
+
+@pytest.fixture(scope="module")
+def llama_gguf(tmp_path_factory):
+  path = tmp_path_factory.mktemp("llama") / "tiny-llama.gguf"
+  writer = gguf.GGUFWriter(str(path), arch="llama")
+  writer.add_block_count(LLAMA["layers"])
+  writer.add_context_length(64)
+  writer.add_embedding_length(LLAMA["embed"])
+  writer.add_feed_forward_length(LLAMA["mlp"])
+  writer.add_head_count(LLAMA["heads"])
+  writer.add_head_count_kv(LLAMA["kv_heads"])
+  writer.add_rope_freq_base(LLAMA["rope_base"])
+  writer.add_rope_dimension_count(LLAMA["head_dim"])
+  writer.add_layer_norm_rms_eps(LLAMA["eps"])
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("smollm")
+  writer.add_token_list(TOKENS)
+  writer.add_token_types([3, 3, 3] + [1] * (len(TOKENS) - 3))
+  writer.add_token_merges(MERGES)
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  for name, value in llama_weights().items():
+    if name.endswith("attn_q.weight"):
+      value = llama_cpp_permute(value, LLAMA["heads"])
+    elif name.endswith("attn_k.weight"):
+      value = llama_cpp_permute(value, LLAMA["kv_heads"])
+    writer.add_tensor(name, value)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+def test_gguf_llama_matches_numpy_reference(llama_gguf):
+  model, tokenizer = load_pretrained(llama_gguf)
+  assert (model.config.num_kv_heads, model.config.rope_base, model.config.tie_embeddings) == (
+      LLAMA["kv_heads"], LLAMA["rope_base"], True)
+  text = "<|im_start|>ab ab c12<|im_end|>"
+  ids = tokenizer.encode(text)
+  # Control tokens whole, merges applied, digits one by one (the 'smollm' pre-tokenizer).
+  assert [TOKENS[i] for i in ids] == ["<|im_start|>", "ab", "Ġab", "Ġc", "1", "2", "<|im_end|>"]
+  assert tokenizer.decode(ids) == text
+  logits = np.asarray(model(np.asarray([ids], np.int32)))[0]
+  np.testing.assert_allclose(logits, llama_reference(llama_weights(), ids), rtol=0, atol=1e-4)
