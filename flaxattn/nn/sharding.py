@@ -31,10 +31,23 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[s
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
-def logical_spec(logical_axes: Sequence[str | None]) -> jax.sharding.PartitionSpec:
-  """The mesh `PartitionSpec` that the active logical axis rules give `logical_axes`."""
-  rules = dict(spmd.get_logical_axis_rules() or ())
-  return jax.sharding.PartitionSpec(*(rules.get(name) for name in logical_axes))
+def logical_spec(logical_axes: Sequence[str | None], rules=None) -> jax.sharding.PartitionSpec:
+  """The mesh `PartitionSpec` that `rules` (default: the active logical axis rules) give `logical_axes`.
+
+  `rules` is a sequence of `(logical_name, mesh_axes)` with `mesh_axes` a mesh axis name, a tuple of
+  them, or None. A mesh axis already taken by an earlier dimension is left out of later ones: with
+  FSDP both `batch` and `embed` map to `fsdp`, and an activation `[batch, length, embed]` is then
+  sharded on its batch only (a `PartitionSpec` may not name a mesh axis twice).
+  """
+  rules = dict(spmd.get_logical_axis_rules() if rules is None else rules)
+  used, spec = set(), []
+  for name in logical_axes:
+    mesh_axes = rules.get(name)
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    free = tuple(axis for axis in mesh_axes if axis not in used)
+    used.update(free)
+    spec.append(free[0] if len(free) == 1 else (free or None))
+  return jax.sharding.PartitionSpec(*spec)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
