@@ -130,7 +130,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = metrics_from_sums(sums)
-    metrics.update(grad_norm=optax.global_norm(grads),
+    metrics.update(grad_norm=optax.tree.norm(grads),
                    learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
