@@ -1,0 +1,192 @@
+"""The base experiment config (every knob, documented once) and its validation.
+
+Experiment files (`experiments/*.py`) start from `base_config()` and change what they need;
+`validate(config)` checks a finished config (after command-line overrides) before anything is built
+or compiled, and raises ValueError naming the key and the value.
+
+Knobs (`config.<name>`):
+  seed: parameters from `nnx.Rngs(seed)`, dropout keys from `seed + 1`, the data from `data.seed`.
+  steps: total optimizer steps.
+  batch_size: global batch, in sequences (split over `mesh.data * mesh.fsdp` and into
+    `grad_accum_steps` microbatches).
+  grad_accum_steps: microbatches per step (gradients summed in a `lax.scan`, one update).
+  log_every: steps between metric lines in `WORKDIR/metrics.jsonl` (the only host syncs).
+  eval_every: steps between evaluations (0: only at the end); `eval_batches` batches each.
+  checkpoint_every: steps between checkpoints (one is also written at the end and on SIGTERM);
+    `keep_checkpoints` most recent are kept.
+  task: 'lm' (DecoderLM), 'seq2seq' (EncoderDecoder) or 'classification' (EncoderClassifier).
+  mesh: axis sizes `data`, `fsdp`, `tensor`, `context`; one may be -1 (the remaining devices).
+  sharding.preset: logical-axis rules 'dp', 'fsdp', 'tp', 'fsdp_tp', 'context'
+    (`flaxattn.parallel.rules`); `sharding.overrides`: e.g. 'mlp=,length=context'.
+  model: every `flaxattn.nn.TransformerConfig` field (documented there; dtypes as names:
+    `dtype='bfloat16'` computes in bfloat16 with `param_dtype='float32'` master weights), plus
+    `num_classes` and `pooling` (classification) and `share_embeddings` (seq2seq).
+  optimizer: `name` ('adamw', 'adafactor', 'sgd', 'lion'), peak `learning_rate`, `weight_decay`
+    (not on norm scales or biases), `b1`, `b2`, `eps` (adamw; lion uses b1, b2), `momentum` (sgd),
+    `clip_norm` (global gradient norm; 0: no clipping).
+  schedule: `name` ('constant', 'warmup_cosine', 'warmup_linear', 'inverse_sqrt'), `warmup_steps`,
+    `end_factor` (final rate as a fraction of the peak, for the decays).
+  loss: `label_smoothing`, `z_loss` (coefficient of logsumexp(logits)**2).
+  data: `name` ('markov': `flaxattn.data.MarkovCorpus`), `seq_len`, `branching`, `seed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+
+from flaxattn.nn.config import TransformerConfig
+
+TASKS = ("lm", "seq2seq", "classification")
+DATASETS = ("markov",)
+# TransformerConfig annotations (strings under `from __future__ import annotations`) -> field type.
+_FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "Any": str}
+
+
+def _model_config() -> ml_collections.ConfigDict:
+  model = ml_collections.ConfigDict()
+  for field in dataclasses.fields(TransformerConfig):
+    kind = _FIELD_TYPES[field.type.replace(" | None", "")]
+    if field.default is None:
+      model[field.name] = config_dict.placeholder(kind)
+    else:
+      model[field.name] = jax.numpy.dtype(field.default).name if field.type == "Any" else field.default
+  model.num_classes = 2
+  model.pooling = "first"
+  model.share_embeddings = True
+  return model
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every knob with its default (see the module docstring). A decoder LM on the Markov corpus."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.steps = 1000
+  config.batch_size = 32
+  config.grad_accum_steps = 1
+  config.log_every = 50
+  config.eval_every = 500
+  config.eval_batches = 4
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+  config.task = "lm"
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
+  config.sharding = ml_collections.ConfigDict(dict(preset="fsdp_tp", overrides=""))
+  config.model = _model_config()
+  config.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", learning_rate=3e-4, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, momentum=0.9,
+      clip_norm=1.0))
+  config.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=100,
+                                                   end_factor=0.1))
+  config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0, z_loss=0.0))
+  config.data = ml_collections.ConfigDict(dict(name="markov", seq_len=128, branching=4, seed=0))
+  return config
+
+
+def _check_keys_and_types(config, base, prefix: str):
+  for key in config:
+    name = f"{prefix}.{key}"
+    if key not in base:
+      close = difflib.get_close_matches(key, list(base), n=1)
+      hint = f"; did you mean {prefix}.{close[0]}?" if close else f"; the keys are {sorted(base)}"
+      raise ValueError(f"{name} is not a known config key{hint}")
+    value, default = config[key], base[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ValueError(f"{name} must be a ConfigDict section, got {value!r}")
+      _check_keys_and_types(value, default, name)
+      continue
+    kind = base.get_type(key)
+    allowed = (int, float) if kind is float else (kind,)
+    # Placeholders (default None) may stay None.
+    if (value is None and default is not None) or (value is not None and (
+        not isinstance(value, allowed) or (kind is not bool and isinstance(value, bool)))):
+      raise ValueError(f"{name} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _positive(config, *names):
+  for name in names:
+    value = config[name]
+    if value <= 0:
+      raise ValueError(f"config.{name} must be positive, got {value}")
+
+
+def transformer_config(model: ml_collections.ConfigDict) -> TransformerConfig:
+  """The `TransformerConfig` of `config.model` (dtype names resolved)."""
+  fields = {field.name for field in dataclasses.fields(TransformerConfig)}
+  return TransformerConfig(**{key: model[key] for key in fields})
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key and value of the first problem in `config`, before any model
+  is built or compiled: unknown keys (with a did-you-mean), wrong types, model shapes (heads vs
+  kv_heads), a mesh that does not match the devices, sharding rules that leave a mesh axis idle or
+  do not divide the batch, an attention implementation this platform cannot run, sequence
+  length vs the model's positions."""
+  from flaxattn.attention import implementations  # Deferred: keeps `import flaxattn.config` light.
+  from flaxattn.parallel import make_rules, mesh_shape, unused_mesh_axes
+  from flaxattn.train.optim import OPTIMIZERS, SCHEDULES
+
+  _check_keys_and_types(config, base_config(), "config")
+  _positive(config, "steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
+            "keep_checkpoints", "eval_batches")
+  if config.eval_every < 0:
+    raise ValueError(f"config.eval_every must be >= 0, got {config.eval_every}")
+  for key, allowed in (("task", TASKS), ("data.name", DATASETS),
+                       ("optimizer.name", OPTIMIZERS), ("schedule.name", SCHEDULES)):
+    section, _, field = key.rpartition(".")
+    value = (config[section] if section else config)[field]
+    if value not in allowed:
+      raise ValueError(f"config.{key} must be one of {allowed}, got {value!r}")
+  if config.task != "lm":
+    raise ValueError(f"config.task={config.task!r}: flaxattn.main has no {config.task} data yet "
+                     "(the losses exist in flaxattn.train.losses); use 'lm'")
+
+  model = config.model
+  kv_heads = model.num_kv_heads or model.num_heads
+  if model.num_heads % kv_heads:
+    raise ValueError(f"config.model.num_heads={model.num_heads} must be divisible by "
+                     f"config.model.num_kv_heads={model.num_kv_heads}")
+  try:
+    transformer_config(model)
+  except ValueError as error:
+    raise ValueError(f"config.model: {error}") from None
+  if model.attention_impl is not None:
+    platform = jax.default_backend()
+    impl = next(impl for impl in implementations() if impl["name"] == model.attention_impl)
+    if platform not in impl["platforms"]:
+      raise ValueError(f"config.model.attention_impl={model.attention_impl!r} cannot run on "
+                       f"platform {platform!r} (it runs on {impl['platforms']})")
+  seq_len = config.data.seq_len
+  if model.positions == "learned" and seq_len > model.max_length:
+    raise ValueError(f"config.data.seq_len={seq_len} exceeds config.model.max_length="
+                     f"{model.max_length} (the learned position table)")
+
+  try:
+    shape = dict(zip(("data", "fsdp", "tensor", "context"),
+                     mesh_shape(dict(config.mesh), jax.device_count())))
+  except ValueError as error:
+    raise ValueError(f"{error} (override with --config.mesh.data=...)") from None
+  rules = make_rules(config.sharding.preset, config.sharding.overrides)
+  idle = unused_mesh_axes(rules, shape)
+  if idle:
+    raise ValueError(f"config.mesh.{idle[0]}={shape[idle[0]]} but config.sharding.preset="
+                     f"{config.sharding.preset!r} (overrides {config.sharding.overrides!r}) maps "
+                     "nothing to it")
+  def shards(logical_name):
+    axes = dict(rules)[logical_name]
+    return math.prod(shape[axis] for axis in ((axes,) if isinstance(axes, str) else axes or ()))
+
+  batch_ways = shards("batch")
+  if config.batch_size % (batch_ways * config.grad_accum_steps):
+    raise ValueError(
+        f"config.batch_size={config.batch_size} must be divisible by the {batch_ways} batch shards "
+        f"times config.grad_accum_steps={config.grad_accum_steps}")
+  if seq_len % shards("length"):
+    raise ValueError(f"config.data.seq_len={seq_len} must be divisible by the {shards('length')} "
+                     "sequence (context) shards")

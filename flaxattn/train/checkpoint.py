@@ -1,0 +1,62 @@
+"""Orbax checkpoints of the whole training state and the data position, saved together.
+
+A checkpoint is a step directory holding `state` (the `TrainState`: parameters, optimizer state,
+step, RNG) and `progress` (JSON: the data iterator position). Orbax writes each into a temporary
+directory and renames it when complete, so a process killed mid-save leaves nothing that
+`latest_step` would pick. Saving is asynchronous: `save` returns once the arrays are copied off the
+devices, and the files are written while training goes on.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+  """Saves and restores `(TrainState, data_position)` under `directory`, keeping the last `keep`."""
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                         item_names=("state", "progress"))
+
+  def save(self, step: int, state, data_position: int) -> None:
+    """Starts saving `state` and the data position as checkpoint `step` (returns before it is on
+    disk; `wait` or `close` to be sure)."""
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        progress=ocp.args.JsonSave({"step": step, "data_position": data_position})))
+
+  def restore_latest(self, abstract_state):
+    """`(state, data_position)` from the newest readable checkpoint, each array placed with the
+    sharding of `abstract_state` (a `TrainState` of `jax.ShapeDtypeStruct`s with shardings, which
+    may differ from the saved ones); None when there is none. A checkpoint that fails to load
+    (corrupted files) is skipped with a warning for the one before it."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), progress=ocp.args.JsonRestore()))
+      except Exception as error:  # Any failure to read means: not usable; try the previous one.
+        logging.warning("checkpoint %d in %s cannot be restored (%s: %s); trying an older one",
+                        step, self.manager.directory, type(error).__name__, error)
+        continue
+      return restored.state, restored.progress["data_position"]
+    return None
+
+  def wait(self) -> None:
+    """Blocks until the pending save is on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def abstract_like(state, shardings):
+  """`jax.ShapeDtypeStruct`s of `state`'s arrays with `shardings` (the restore target)."""
+  return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      state, shardings)

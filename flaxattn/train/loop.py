@@ -1,0 +1,163 @@
+"""The training loop: a validated config and a workdir in, a trained, checkpointed model out.
+
+`train_and_evaluate(config, workdir)` builds the mesh, the sharded state (or restores the newest
+checkpoint in `WORKDIR/checkpoints`), jits the steps once, and runs to `config.steps`. Metrics stay
+on the devices between log steps: the host waits for the devices only to log (every
+`config.log_every` steps), to evaluate, and to check the loss before a checkpoint. Each log line
+goes to `WORKDIR/metrics.jsonl`. SIGTERM finishes the current step, saves, and returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from flaxattn import parallel
+from flaxattn.config import transformer_config
+from flaxattn.data import MarkovCorpus
+from flaxattn.models import DecoderLM
+from flaxattn.train.checkpoint import Checkpointer, abstract_like
+from flaxattn.train.losses import LOSSES
+from flaxattn.train.optim import make_optimizer, make_schedule
+from flaxattn.train.step import (init_train_state, jit_steps, make_eval_step, make_train_step,
+                                 metrics_from_sums)
+
+
+class _Preemption:
+  """Records SIGTERM (while active) instead of dying, so the loop can save first."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self.previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self.previous)
+
+
+def _local_rows(batch_size: int) -> slice:
+  """This process's rows of a global batch (processes own equal, contiguous blocks)."""
+  per_process = batch_size // jax.process_count()
+  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+def _write_metrics(path: str, record: dict) -> None:
+  if jax.process_index() == 0:
+    with open(path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: str, after_step: int) -> None:
+  """Drops lines logged after `after_step` (by a run that died before its next checkpoint), so a
+  resumed run's file reads as if it had never stopped."""
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if json.loads(line)["step"] <= after_step]
+  with open(path, "w") as f:
+    f.writelines(lines)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains per `config` (already `flaxattn.config.validate`d), writing to `workdir`.
+
+  Returns the last logged metrics (a dict of floats, with `step`).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh(dict(config.mesh))
+  rules = parallel.make_rules(config.sharding.preset, config.sharding.overrides)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2, sort_keys=True))
+    logging.info("mesh %s; rules %s", dict(mesh.shape), rules)
+
+  model_config = transformer_config(config.model)
+  schedule = make_schedule(config.schedule.name, config.optimizer.learning_rate, steps=config.steps,
+                           warmup_steps=config.schedule.warmup_steps,
+                           end_factor=config.schedule.end_factor)
+  opt = config.optimizer
+  tx = make_optimizer(opt.name, schedule, weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2,
+                      eps=opt.eps, momentum=opt.momentum, clip_norm=opt.clip_norm or None)
+  loss_fn = functools.partial(LOSSES[config.task], label_smoothing=config.loss.label_smoothing,
+                              z_loss=config.loss.z_loss)
+  corpus = MarkovCorpus(model_config.vocab_size, config.data.seq_len,
+                        branching=config.data.branching, seed=config.data.seed)
+
+  graphdef, state, state_shardings = init_train_state(
+      lambda rngs: DecoderLM(model_config, rngs=rngs), tx, config.seed, mesh, rules)
+  rows = _local_rows(config.batch_size)
+  shapes = {name: (config.batch_size,) + value.shape[1:]
+            for name, value in corpus.batch(0, config.batch_size, rows=rows).items()}
+  batch_shardings = parallel.batch_shardings(shapes, mesh, rules)
+  train_step, eval_step = jit_steps(
+      make_train_step(graphdef, tx, loss_fn, schedule, grad_accum_steps=config.grad_accum_steps),
+      make_eval_step(graphdef, loss_fn), state_shardings, batch_shardings, mesh, rules)
+
+  def load(split, index):
+    return parallel.global_batch(corpus.batch(index, config.batch_size, split=split, rows=rows),
+                                 batch_shardings)
+
+  def evaluate():
+    sums = [eval_step(state.params, load("eval", index)) for index in range(config.eval_batches)]
+    totals = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
+    return {f"eval_{name}": float(value) for name, value in metrics_from_sums(totals).items()}
+
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  restored = checkpoints.restore_latest(abstract_like(state, state_shardings))
+  position = 0
+  if restored is not None:
+    state, position = restored
+    logging.info("resumed from step %d (data position %d)", int(state.step), position)
+  step = int(state.step)
+  _truncate_metrics(metrics_path, step)
+
+  record = {}
+  pending = []  # This log interval's metrics, still on the devices.
+  interval_start = time.perf_counter()
+  with _Preemption() as preemption:
+    while step < config.steps:
+      state, metrics = train_step(state, load("train", position))
+      step, position = step + 1, position + 1
+      pending.append(metrics)
+      last = step == config.steps or preemption.requested
+      if step % config.log_every == 0 or last:
+        fetched = jax.device_get(pending)
+        elapsed = time.perf_counter() - interval_start
+        record = {"step": step, **{name: float(value) for name, value in fetched[-1].items()},
+                  "tokens_per_s": sum(float(m["tokens"]) for m in fetched) / elapsed,
+                  "steps_per_s": len(fetched) / elapsed}
+        if not math.isfinite(record["loss"]):
+          checkpoints.wait()
+          raise FloatingPointError(
+              f"loss is {record['loss']} at step {step}; the last good checkpoint is step "
+              f"{checkpoints.manager.latest_step()} in {workdir}/checkpoints")
+        if config.eval_every and (step % config.eval_every == 0 or last):
+          record.update(evaluate())
+        _write_metrics(metrics_path, record)
+        logging.info("step %d: %s", step, {k: round(v, 4) for k, v in record.items()})
+        pending, interval_start = [], time.perf_counter()
+      if step % config.checkpoint_every == 0 or last:
+        loss = float(jax.device_get(metrics["loss"]))
+        if not math.isfinite(loss):
+          raise FloatingPointError(f"loss is {loss} at step {step}; not saving this state")
+        checkpoints.save(step, state, position)
+      if preemption.requested:
+        break
+  checkpoints.wait()
+  checkpoints.close()
+  return record
