@@ -1,0 +1,101 @@
+"""Config validation: each invalid case names the key and the value; the CLI reports it."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+import flaxattn.attention
+from flaxattn.config import base_config, validate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny():
+  config = base_config()
+  config.model.update(vocab_size=64, d_model=32, num_heads=4, mlp_dim=64, num_layers=1,
+                      max_length=32)
+  config.data.seq_len = 32
+  config.batch_size = 8
+  return config
+
+
+def test_valid_configs_pass():
+  validate(base_config())
+  validate(tiny())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.model.update(num_heads=6, num_kv_heads=4),
+     r"config.model.num_heads=6 must be divisible by config.model.num_kv_heads=4"),
+    (lambda c: c.model.update(d_model=30),
+     r"config.model: TransformerConfig.d_model \(30\) must be divisible by num_heads \(4\)"),
+    (lambda c: c.mesh.update(data=3), r"config.mesh .* needs 3 devices, but there are 8"),
+    (lambda c: c.update(batch_size=12), r"config.batch_size=12 must be divisible by the 8 batch shards"),
+    (lambda c: c.update(steps=0), "config.steps must be positive, got 0"),
+    (lambda c: c.optimizer.update(name="adam"), r"config.optimizer.name must be one of .* got 'adam'"),
+    (lambda c: (c.mesh.update(data=2, tensor=4), c.sharding.update(preset="dp")),
+     r"config.mesh.tensor=4 but config.sharding.preset='dp' .* maps nothing to it"),
+    (lambda c: (c.mesh.update(data=2, context=4), c.sharding.update(preset="context"),
+                c.data.update(seq_len=30), c.model.update(positions="rope")),
+     r"config.data.seq_len=30 must be divisible by the 4 sequence"),
+    (lambda c: c.data.update(seq_len=64), r"config.data.seq_len=64 exceeds config.model.max_length=32"),
+    (lambda c: c.sharding.update(overrides="hidden=tensor"), r"config.sharding.overrides: 'hidden=tensor'"),
+])
+def test_invalid_values_name_key_and_value(change, message):
+  config = tiny()
+  change(config)
+  with pytest.raises(ValueError, match=message):
+    validate(config)
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("stepz",), 3, r"config.stepz is not a known config key; did you mean config.steps\?"),
+    (("model", "num_layer"), 2, r"config.model.num_layer .* did you mean config.model.num_layers\?"),
+    (("optimizer",), 0.1, "config.optimizer must be a ConfigDict section, got 0.1"),
+    (("steps",), "100", r"config.steps must be int, got str '100'"),
+    (("model", "scan_layers"), 1, r"config.model.scan_layers must be bool, got int 1"),
+    (("model", "num_kv_heads"), 2.0, r"config.model.num_kv_heads must be int, got float 2.0"),
+])
+def test_unknown_keys_and_wrong_types(path, value, message):
+  # A config file may build its ConfigDict from a plain dict, which no type check guards.
+  values = tiny().to_dict()
+  section = values
+  for key in path[:-1]:
+    section = section[key]
+  section[path[-1]] = value
+  with pytest.raises(ValueError, match=message):
+    validate(ml_collections.ConfigDict(values))
+  validate(ml_collections.ConfigDict(tiny().to_dict()))
+
+
+def test_attention_implementation_unavailable_here(monkeypatch):
+  described = flaxattn.attention.implementations()
+  fake = dict(described[0], name="gpu_only", platforms=["gpu"])
+  monkeypatch.setattr(flaxattn.attention, "implementations", lambda: described + [fake])
+  config = tiny()
+  config.model.attention_impl = "gpu_only"
+  with pytest.raises(ValueError, match=r"attention_impl='gpu_only' cannot run on platform 'cpu'"):
+    validate(config)
+  config.model.attention_impl = "fastest"
+  with pytest.raises(ValueError, match="attention_impl must be None or one of"):
+    validate(config)
+
+
+def test_main_reports_config_errors():
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  command = [sys.executable, "-m", "flaxattn.main", "--config=experiments/lm_tiny.py",
+             "--workdir=/nonexistent/never_created"]
+  result = subprocess.run(command + ["--config.model.num_heads=3"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "config.model.num_heads=3 must be divisible by config.model.num_kv_heads=2" in result.stderr
+  result = subprocess.run(command[:3] + ["--config=experiments/lm_tiny.py:huge", command[4]],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and "variant must be one of" in result.stderr
+  # Overrides of unknown keys are caught by ml_collections' own flag parsing, with a suggestion.
+  result = subprocess.run(command + ["--config.model.num_layerz=3"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0 and 'Did you mean "num_layers"' in result.stderr
