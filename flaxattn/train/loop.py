@@ -134,7 +134,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state, metrics = train_step(state, load("train", position))
       step, position = step + 1, position + 1
       pending.append(metrics)
-      last = step == config.steps or preemption.requested
+      # Read the flag once: a SIGTERM arriving later in this iteration is handled after the next.
+      stopping = preemption.requested
+      last = step == config.steps or stopping
       if step % config.log_every == 0 or last:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
@@ -156,7 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if not math.isfinite(loss):
           raise FloatingPointError(f"loss is {loss} at step {step}; not saving this state")
         checkpoints.save(step, state, position)
-      if preemption.requested:
+      if stopping:
         break
   checkpoints.wait()
   checkpoints.close()
