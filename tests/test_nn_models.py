@@ -207,3 +207,17 @@ def test_encoder_padding_invariance_and_classifier_pooling():
     model(ids, mask[:, :3])
   with pytest.raises(ValueError, match="input_ids"):
     model(ids.astype(np.float32))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_tree_mode_jit_and_grad_match_graph_mode(scan):
+  model = DecoderLM(dataclasses.replace(LLAMA, scan_layers=scan), rngs=nnx.Rngs(0))
+  ids = jnp.asarray(PROMPTS)
+  tree = nnx.jit(lambda m, ids: m(ids), graph=False)(model, ids)
+  np.testing.assert_allclose(tree, call(model, ids), **TOL)
+  loss = lambda m, ids: jnp.mean(m(ids) ** 2)
+  tree_grads = nnx.jit(nnx.grad(loss, graph=False), graph=False)(model, ids)
+  graphdef, params = nnx.split(model, nnx.Param)
+  graph_grads = jax.jit(jax.grad(lambda p: loss(nnx.merge(graphdef, p), ids)))(params)
+  tree_grads = nnx.state(tree_grads, nnx.Param)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tree_grads, graph_grads)
