@@ -108,12 +108,14 @@ def test_gqa_softcap_qknorm_vs_numpy(kv_heads, softcap, qk_norm):
 def test_cache_matches_full_causal_pass(positions):
   module = MultiHeadAttention(4, 16, kv_heads=2, positions=positions, rngs=nnx.Rngs(0))
   x = jnp.asarray(RNG.normal(size=(2, 7, 16)), jnp.float32)
-  full = module(x, mask=Mask(causal=True))
+  graphdef, state = nnx.split(module)
+  full = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, mask=Mask(causal=True)))(state, x)
+  step = jax.jit(lambda s, x, pos, cache: nnx.merge(graphdef, s)(x, positions=pos, cache=cache))
   cache = module.init_cache(2, 9)
   pieces = []
   for start, stop in ((0, 3), (3, 4), (4, 7)):
     pos = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
-    out, cache = module(x[:, start:stop], positions=pos, cache=cache)
+    out, cache = step(state, x[:, start:stop], pos, cache)
     pieces.append(out)
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-5)  # float32
   assert int(cache.index) == 7

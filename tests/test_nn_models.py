@@ -64,8 +64,11 @@ def check_against_unpadded(logits, full_fn, row=1):
   np.testing.assert_allclose(logits[row, mask[row]], alone[0], **TOL)
 
 
-@pytest.mark.parametrize("positions,scan", [("rope", False), ("rope", True), ("alibi", False),
-                                            ("relative", True), ("learned", False)])
+@pytest.mark.parametrize("positions,scan", [
+    ("rope", False), ("rope", True),
+    pytest.param("alibi", False, marks=pytest.mark.slow),
+    pytest.param("relative", True, marks=pytest.mark.slow),
+    pytest.param("learned", False, marks=pytest.mark.slow)])
 def test_decoder_lm_cache_matches_full_forward(positions, scan):
   config = dataclasses.replace(LLAMA, positions=positions, scan_layers=scan,
                                tie_embeddings=positions != "learned")
@@ -124,7 +127,7 @@ def test_scanned_equals_unrolled(remat):
   def loss(model, ids):
     return jnp.mean(model(ids) ** 2)
 
-  grads = [nnx.grad(loss)(m, ids) for m in (scanned, unrolled)]
+  grads = [nnx.jit(nnx.grad(loss))(m, ids) for m in (scanned, unrolled)]
   q_scanned = grads[0]["decoder"]["layers"]["attention"]["query"]["kernel"][...]
   q_unrolled = jnp.stack([grads[1]["decoder"]["layers"][i]["attention"]["query"]["kernel"][...]
                           for i in range(2)])
