@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
 
+# Every logical axis name used in flaxattn; sharding rules map these to mesh axes.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 
 
@@ -28,6 +29,9 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[s
   shape, axes = tuple(shape), tuple(axes)
   if len(shape) != len(axes):
     raise ValueError(f"axes {axes} must name every dimension of shape {shape}")
+  unknown = [name for name in axes if name is not None and name not in LOGICAL_AXES]
+  if unknown:
+    raise ValueError(f"axes {axes} name unknown logical axes {unknown}; known: {LOGICAL_AXES}")
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
