@@ -250,12 +250,21 @@ class TransformerStack(nnx.Module):
     if config.scan_layers:
       graphdef, state = nnx.split(self.layers)
 
-      def body(x, xs):
-        layer_state, layer_cache, rng = xs
+      # The stacked cache rides in the carry and each layer's slice is updated in place: as a
+      # scanned input/output it is copied whole every step (SmolLM2-sized decoding, batch 8, CPU:
+      # 1.6x slower step).
+      def body(carry, xs):
+        x, cache = carry
+        layer_state, index, rng = xs
+        layer_cache = None if cache is None else jax.tree.map(lambda a: a[index], cache)
         x, layer_cache, weights = run_block(graphdef, x, layer_state, layer_cache, rng)
-        return x, (layer_cache, weights)
+        if cache is not None:
+          cache = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, index, 0),
+                               cache, layer_cache)
+        return (x, cache), weights
 
-      x, (cache, weights) = jax.lax.scan(body, x, (state, cache, rngs))
+      (x, cache), weights = jax.lax.scan(body, (x, cache),
+                                         (state, jnp.arange(self.num_layers), rngs))
       if return_weights:
         weights = [tuple(w[i] for i in range(self.num_layers)) if w is not None else None
                    for w in weights]
