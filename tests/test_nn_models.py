@@ -64,8 +64,11 @@ def check_against_unpadded(logits, full_fn, row=1):
   np.testing.assert_allclose(logits[row, mask[row]], alone[0], **TOL)
 
 
-@pytest.mark.parametrize("positions,scan", [("rope", False), ("rope", True), ("alibi", False),
-                                            ("relative", True), ("learned", False)])
+@pytest.mark.parametrize("positions,scan", [
+    ("rope", False), ("rope", True),
+    pytest.param("alibi", False, marks=pytest.mark.slow),
+    pytest.param("relative", True, marks=pytest.mark.slow),
+    pytest.param("learned", False, marks=pytest.mark.slow)])
 def test_decoder_lm_cache_matches_full_forward(positions, scan):
   config = dataclasses.replace(LLAMA, positions=positions, scan_layers=scan,
                                tie_embeddings=positions != "learned")
@@ -124,7 +127,7 @@ def test_scanned_equals_unrolled(remat):
   def loss(model, ids):
     return jnp.mean(model(ids) ** 2)
 
-  grads = [nnx.grad(loss)(m, ids) for m in (scanned, unrolled)]
+  grads = [nnx.jit(nnx.grad(loss))(m, ids) for m in (scanned, unrolled)]
   q_scanned = grads[0]["decoder"]["layers"]["attention"]["query"]["kernel"][...]
   q_unrolled = jnp.stack([grads[1]["decoder"]["layers"][i]["attention"]["query"]["kernel"][...]
                           for i in range(2)])
@@ -207,3 +210,17 @@ def test_encoder_padding_invariance_and_classifier_pooling():
     model(ids, mask[:, :3])
   with pytest.raises(ValueError, match="input_ids"):
     model(ids.astype(np.float32))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_tree_mode_jit_and_grad_match_graph_mode(scan):
+  model = DecoderLM(dataclasses.replace(LLAMA, scan_layers=scan), rngs=nnx.Rngs(0))
+  ids = jnp.asarray(PROMPTS)
+  tree = nnx.jit(lambda m, ids: m(ids), graph=False)(model, ids)
+  np.testing.assert_allclose(tree, call(model, ids), **TOL)
+  loss = lambda m, ids: jnp.mean(m(ids) ** 2)
+  tree_grads = nnx.jit(nnx.grad(loss, graph=False), graph=False)(model, ids)
+  graphdef, params = nnx.split(model, nnx.Param)
+  graph_grads = jax.jit(jax.grad(lambda p: loss(nnx.merge(graphdef, p), ids)))(params)
+  tree_grads = nnx.state(tree_grads, nnx.Param)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tree_grads, graph_grads)

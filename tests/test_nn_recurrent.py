@@ -48,6 +48,6 @@ def test_recurrent_attention_encoder_padding_invariance_and_grad():
   assert sequence.shape == (2, 5, 12) and pooled.shape == (2, 12)
   _, alone = run(state, ids[:1, :3], valid[:1, :3])
   np.testing.assert_allclose(pooled[0], alone[0], atol=1e-5)
-  grads = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(ids, valid)[1] ** 2))(state)
+  grads = jax.jit(jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(ids, valid)[1] ** 2)))(state)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   assert float(jnp.abs(grads["recurrent"]["backward"]["recurrent_kernel"][...]).sum()) > 0

@@ -1,6 +1,6 @@
 """Flax NNX modules on top of `flaxattn.attention`: attention, positions, norms, MLPs, blocks, stacks."""
 
-from flaxattn.nn.attention import KVCache, MultiHeadAttention
+from flaxattn.nn.attention import KVCache, MultiHeadAttention, mask_from_keras, mask_from_torch
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import MLP, Dense, Embed, LayerNorm, RMSNorm
 from flaxattn.nn.pooling import AttentionPooling, mean_pool
@@ -16,6 +16,6 @@ __all__ = [
     "RecurrentCell", "Dense", "Embed", "Embedder", "Encoder", "KVCache", "LayerNorm",
     "LearnedPositions", "MLP", "MultiHeadAttention", "RMSNorm", "RelativePositionBias",
     "TransformerBlock", "TransformerConfig", "TransformerStack", "alibi_bias", "alibi_slopes",
-    "apply_rope", "constrain", "mean_pool", "positions_from_mask", "relative_position_bucket",
+    "apply_rope", "constrain", "mask_from_keras", "mask_from_torch", "mean_pool", "positions_from_mask", "relative_position_bucket",
     "sinusoidal",
 ]

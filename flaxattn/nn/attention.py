@@ -19,7 +19,8 @@ Argument names for people coming from Keras and PyTorch:
 | `query, value, key`               | `query, key, value` (`key is value` for self/cross) | `x, context` (`context=None`: self-attention) |
 | (always batch first)              | `batch_first=True`                | always batch first `[batch, length, features]` |
 
-`from_keras_args` and `from_torch_args` build the module from those argument names.
+`from_keras_args` and `from_torch_args` build the module from those argument names;
+`mask_from_keras` and `mask_from_torch` turn those libraries' call-time masks into `mask=`/`bias=`.
 
 KV cache. For incremental decoding, `cache=KVCache.create(...)` (or the models' `init_cache`) is passed
 in and the updated cache returned: a plain pytree, so the decoding loop can be a `jax.jit` over split
@@ -101,6 +102,59 @@ class KVCache:
   def next_positions(self) -> jax.Array:
     """int32 `[batch]`: the position the next real token of each row takes (tokens seen so far)."""
     return jnp.max(self.positions, axis=1) + 1
+
+
+def mask_from_keras(attention_mask: jax.Array | None = None,
+                    use_causal_mask: bool = False) -> Mask | None:
+  """Keras' `attention_mask` (bool `[batch, q_len, kv_len]`, True = attend) and `use_causal_mask` as
+  the `mask=` argument."""
+  if attention_mask is not None and jnp.ndim(attention_mask) != 3:
+    raise ValueError(
+        f"attention_mask must be [batch, q_len, kv_len], got shape {jnp.shape(attention_mask)}")
+  array = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)[:, None]
+  if array is None and not use_causal_mask:
+    return None
+  return Mask(causal=bool(use_causal_mask), array=array)
+
+
+def mask_from_torch(key_padding_mask: jax.Array | None = None, attn_mask: jax.Array | None = None,
+                    is_causal: bool = False) -> tuple[Mask | None, jax.Array | None]:
+  """PyTorch's masks as `(mask, bias)` for `MultiHeadAttention`.
+
+  `key_padding_mask` `[batch, kv_len]` and `attn_mask` `[q_len, kv_len]` or
+  `[batch * heads, q_len, kv_len]`: boolean True = *not* attended, or float values added to the
+  logits. `is_causal=True` adds the causal mask (PyTorch uses it only as a hint next to `attn_mask`).
+  """
+  parts, bias = [], None
+  if key_padding_mask is not None:
+    key_padding_mask = jnp.asarray(key_padding_mask)
+    if key_padding_mask.ndim != 2:
+      raise ValueError(
+          f"key_padding_mask must be [batch, kv_len], got shape {key_padding_mask.shape}")
+    if key_padding_mask.dtype == jnp.bool_:
+      parts.append(~key_padding_mask[:, None, None, :])
+    else:
+      bias = key_padding_mask[:, None, None, :].astype(jnp.float32)
+  if attn_mask is not None:
+    attn_mask = jnp.asarray(attn_mask)
+    if attn_mask.ndim not in (2, 3):
+      raise ValueError(
+          f"attn_mask must be [q_len, kv_len] or [batch * heads, q_len, kv_len], got shape "
+          f"{attn_mask.shape}")
+    if attn_mask.ndim == 3:
+      if key_padding_mask is None:
+        raise ValueError("a 3-d attn_mask needs key_padding_mask to tell the batch size")
+      attn_mask = attn_mask.reshape((key_padding_mask.shape[0], -1) + attn_mask.shape[1:])
+    if attn_mask.dtype == jnp.bool_:
+      parts.append(~attn_mask)
+    else:
+      added = attn_mask.astype(jnp.float32)
+      bias = added if bias is None else bias + added
+  array = None
+  for part in parts:
+    array = part if array is None else jnp.logical_and(array, part)
+  mask = Mask(causal=bool(is_causal), array=array) if (array is not None or is_causal) else None
+  return mask, bias
 
 
 class MultiHeadAttention(nnx.Module):
