@@ -21,29 +21,13 @@ def get_config(arg=None):
   if arg not in VARIANTS:
     raise ValueError(f"experiments/lm_tiny.py variant must be one of {VARIANTS}, got {arg!r}")
   config = base_config()
-  config.steps = 300
-  config.batch_size = 16
-  config.log_every = 25
-  config.eval_every = 100
-  config.eval_batches = 2
-  config.checkpoint_every = 100
-
-  config.model.vocab_size = 256
-  config.model.d_model = 64
-  config.model.num_heads = 4
-  config.model.num_kv_heads = 2
-  config.model.mlp_dim = 128
-  config.model.num_layers = 2
-  config.model.max_length = 64
-  config.model.positions = "rope"
-  config.model.norm = "rmsnorm"
-  config.model.activation = "silu"
-  config.model.gated_mlp = True
-  config.model.use_bias = False
-  config.model.scan_layers = True
-
-  config.optimizer.learning_rate = 3e-3
-  config.optimizer.weight_decay = 0.01
+  config.update(steps=300, batch_size=16, log_every=25, eval_every=100, eval_batches=2,
+                checkpoint_every=100)
+  # A small Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, scanned layers.
+  config.model.update(vocab_size=256, d_model=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
+                      num_layers=2, max_length=64, positions="rope", norm="rmsnorm",
+                      activation="silu", gated_mlp=True, use_bias=False, scan_layers=True)
+  config.optimizer.update(learning_rate=3e-3, weight_decay=0.01)
   config.schedule.warmup_steps = 20
   config.data.seq_len = 64
 
