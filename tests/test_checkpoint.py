@@ -13,11 +13,18 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from flax import nnx
+
+from flaxattn import parallel
 from flaxattn.config import validate
-from flaxattn.train.checkpoint import Checkpointer
+from flaxattn.models import DecoderLM
+from flaxattn.nn import TransformerConfig
+from flaxattn.train import Checkpointer, init_train_state, load_params
+from flaxattn.train.checkpoint import abstract_like
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -45,6 +52,36 @@ def test_half_written_and_corrupted_checkpoints_are_skipped(tmp_path, caplog):
   assert position == 10 and np.array_equal(restored["w"], np.arange(4.0) + 1)
   assert "checkpoint 2" in caplog.text and "cannot be restored" in caplog.text
   checkpointer.close()
+
+
+@pytest.mark.slow
+def test_restore_onto_another_mesh_and_load_params(tmp_path):
+  config = TransformerConfig(vocab_size=64, d_model=32, num_heads=4, mlp_dim=64, num_layers=2,
+                             max_length=16, scan_layers=True)
+  make_model = lambda rngs: DecoderLM(config, rngs=rngs)
+  tx = optax.adamw(1e-3)
+  saved_mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  _, saved, _ = init_train_state(make_model, tx, 0, saved_mesh, parallel.make_rules("fsdp_tp"))
+  checkpointer = Checkpointer(tmp_path / "checkpoints", keep=1)
+  checkpointer.save(7, saved, data_position=7)
+  checkpointer.wait()
+  mesh = parallel.make_mesh({"fsdp": 8})
+  # Another mesh, other rules, another seed: the restored values must be the saved ones.
+  _, other, shardings = init_train_state(make_model, tx, 1, mesh, parallel.make_rules("fsdp"))
+  restored, position = checkpointer.restore_latest(abstract_like(other, shardings))
+  checkpointer.close()
+  assert position == 7
+  embedding = restored.params["embedder"]["token"]["embedding"]
+  assert embedding.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  params = load_params(tmp_path)
+  model = nnx.eval_shape(lambda: make_model(nnx.Rngs(2)))
+  state = nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), params)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(saved.params)):
+    np.testing.assert_array_equal(got, np.asarray(want))
+  with pytest.raises(ValueError, match="holds no checkpoint"):
+    load_params(tmp_path / "checkpoints" / "7" / "progress")
 
 
 def read_metrics(workdir):

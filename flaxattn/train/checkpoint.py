@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -60,3 +61,28 @@ def abstract_like(state, shardings):
   """`jax.ShapeDtypeStruct`s of `state`'s arrays with `shardings` (the restore target)."""
   return jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                       state, shardings)
+
+
+def load_params(path: str | os.PathLike) -> dict:
+  """The parameters alone from a checkpoint, as a nested dict of NumPy arrays (host memory).
+
+  `path` is a run's workdir or its `checkpoints` directory (the newest complete checkpoint is read)
+  or one step's directory. Only the parameters are read, not the optimizer state. Load them into a
+  model with `nnx.update(model, nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), params))`.
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  if not os.path.isdir(os.path.join(path, "state")):
+    # Unfinished saves live in '<step>.orbax-checkpoint-tmp' directories: not digits, not read.
+    steps = [int(name) for name in os.listdir(path) if name.isdigit()] if os.path.isdir(path) else []
+    if not steps:
+      raise ValueError(f"path {path!r} holds no checkpoint (a workdir, its checkpoints directory, "
+                       "or a step directory)")
+    path = os.path.join(path, str(max(steps)))
+  state_path = os.path.join(path, "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  wanted = {"params": checkpointer.metadata(state_path).item_metadata.tree["params"]}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  return checkpointer.restore(state_path, args=ocp.args.PyTreeRestore(
+      item=wanted, restore_args=restore_args, partial_restore=True))["params"]
