@@ -4,7 +4,9 @@
 checkpoint in `WORKDIR/checkpoints`), jits the steps once, and runs to `config.steps`. Metrics stay
 on the devices between log steps: the host waits for the devices only to log (every
 `config.log_every` steps), to evaluate, and to check the loss before a checkpoint. Each log line
-goes to `WORKDIR/metrics.jsonl`. SIGTERM finishes the current step, saves, and returns.
+goes to `WORKDIR/metrics.jsonl`, with throughput over the interval (the first one includes
+compilation) and MFU: model FLOPs (`flops.train_flops_per_token`) per second over the devices'
+matmul rate measured at startup. SIGTERM finishes the current step, saves, and returns.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from flaxattn.config import transformer_config
 from flaxattn.data import MarkovCorpus
 from flaxattn.models import DecoderLM
 from flaxattn.train.checkpoint import Checkpointer, abstract_like
+from flaxattn.train.flops import measured_peak_flops, train_flops_per_token
 from flaxattn.train.losses import LOSSES
 from flaxattn.train.optim import make_optimizer, make_schedule
 from flaxattn.train.step import (init_train_state, jit_steps, make_eval_step, make_train_step,
@@ -99,6 +102,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   graphdef, state, state_shardings = init_train_state(
       lambda rngs: DecoderLM(model_config, rngs=rngs), tx, config.seed, mesh, rules)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  flops_per_token = train_flops_per_token(model_config, num_params, config.data.seq_len)
+  peak_flops = measured_peak_flops(mesh)
+  logging.info("%d parameters, %.3g train FLOPs per token, measured peak %.3g FLOP/s", num_params,
+               flops_per_token, peak_flops)
   rows = _local_rows(config.batch_size)
   shapes = {name: (config.batch_size,) + value.shape[1:]
             for name, value in corpus.batch(0, config.batch_size, rows=rows).items()}
@@ -140,9 +148,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step % config.log_every == 0 or last:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
+        tokens_per_s = sum(float(m["tokens"]) for m in fetched) / elapsed
         record = {"step": step, **{name: float(value) for name, value in fetched[-1].items()},
-                  "tokens_per_s": sum(float(m["tokens"]) for m in fetched) / elapsed,
-                  "steps_per_s": len(fetched) / elapsed}
+                  "tokens_per_s": tokens_per_s, "steps_per_s": len(fetched) / elapsed,
+                  "mfu": tokens_per_s * flops_per_token / peak_flops}
         if not math.isfinite(record["loss"]):
           checkpoints.wait()
           raise FloatingPointError(
