@@ -26,7 +26,9 @@ def measured_peak_flops(mesh: jax.sharding.Mesh, size: int = 1024, repeats: int 
   devices share the host's cores, so their combined rate is the host's."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
   devices = mesh.devices.size
-  a = jax.device_put(np.ones((devices, size, size), np.float32), sharding)
+  # Built per device (`make_array_from_callback`), so it also works when other processes own some.
+  a = jax.make_array_from_callback((devices, size, size), sharding,
+                                   lambda index: np.ones((1, size, size), np.float32))
   matmul = jax.jit(lambda x: jnp.einsum("dij,djk->dik", x, x), out_shardings=sharding)
   matmul(a).block_until_ready()
   best = float("inf")
