@@ -154,20 +154,20 @@ def make_eval_step(graphdef, loss_fn: Callable):
 
 
 def jit_steps(train_step, eval_step, state_shardings: TrainState, batch_shardings, mesh, rules):
-  """`train_step` and `eval_step` jitted with explicit shardings (metrics and sums replicated),
-  the train state donated, and `mesh` and the logical axis `rules` active while tracing (for the
-  activation constraints of `flaxattn.nn.constrain`)."""
+  """`train_step` and `eval_step` jitted with explicit shardings (metrics and sums replicated) and
+  the train state donated; each call runs with `mesh` set and the logical axis `rules` active, as
+  `flaxattn.nn.constrain` needs when the steps are traced."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def with_rules(fn):
-    @functools.wraps(fn)
-    def traced(*args):
-      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nnx.logical_axis_rules(rules):
-        return fn(*args)
-    return traced
-
-  train = jax.jit(with_rules(train_step), in_shardings=(state_shardings, batch_shardings),
+  train = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                   out_shardings=(state_shardings, replicated), donate_argnums=0)
-  evaluate = jax.jit(with_rules(eval_step), in_shardings=(state_shardings.params, batch_shardings),
+  evaluate = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings),
                      out_shardings=replicated)
-  return train, evaluate
+
+  def in_context(jitted):
+    @functools.wraps(jitted)
+    def call(*args):
+      with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return jitted(*args)
+    return call
+
+  return in_context(train), in_context(evaluate)
