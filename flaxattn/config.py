@@ -13,7 +13,9 @@ Knobs (`config.<name>`):
   log_every: steps between metric lines in `WORKDIR/metrics.jsonl` (the only host syncs).
   eval_every: steps between evaluations (0: only at the end); `eval_batches` batches each.
   checkpoint_every: steps between checkpoints (one is also written at the end and on SIGTERM);
-    `keep_checkpoints` most recent are kept.
+    `keep_checkpoints` most recent are kept, and also the best by `best_checkpoint_metric` (an
+    eval metric: 'eval_loss', 'eval_nll', 'eval_accuracy'; '' = none) among checkpoints saved at an
+    eval step, lowest or highest per `best_checkpoint_mode` ('min', 'max').
   task: 'lm' (DecoderLM), 'seq2seq' (EncoderDecoder) or 'classification' (EncoderClassifier).
   mesh: axis sizes `data`, `fsdp`, `tensor`, `context`; one may be -1 (the remaining devices).
   sharding.preset: logical-axis rules 'dp', 'fsdp', 'tp', 'fsdp_tp', 'context'
@@ -44,6 +46,7 @@ from flaxattn.nn.config import TransformerConfig
 
 TASKS = ("lm", "seq2seq", "classification")
 DATASETS = ("markov",)
+BEST_METRICS = ("", "eval_loss", "eval_nll", "eval_accuracy")
 # TransformerConfig annotations (strings under `from __future__ import annotations`) -> field type.
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "Any": str}
 
@@ -74,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_batches = 4
   config.checkpoint_every = 500
   config.keep_checkpoints = 3
+  config.best_checkpoint_metric = "eval_loss"
+  config.best_checkpoint_mode = "min"
   config.task = "lm"
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
   config.sharding = ml_collections.ConfigDict(dict(preset="fsdp_tp", overrides=""))
@@ -138,6 +143,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval_every < 0:
     raise ValueError(f"config.eval_every must be >= 0, got {config.eval_every}")
   for key, allowed in (("task", TASKS), ("data.name", DATASETS),
+                       ("best_checkpoint_metric", BEST_METRICS),
+                       ("best_checkpoint_mode", ("min", "max")),
                        ("optimizer.name", OPTIMIZERS), ("schedule.name", SCHEDULES)):
     section, _, field = key.rpartition(".")
     value = (config[section] if section else config)[field]

@@ -84,6 +84,16 @@ def test_restore_onto_another_mesh_and_load_params(tmp_path):
     load_params(tmp_path / "checkpoints" / "7" / "progress")
 
 
+def test_keeps_the_last_checkpoints_and_the_best(tmp_path):
+  state = {"w": jnp.zeros(2)}
+  checkpointer = Checkpointer(tmp_path, keep=2, best_metric="eval_loss", best_mode="min")
+  for step, loss in zip(range(1, 7), [3.0, 1.0, 2.0, None, 4.0, 5.0]):
+    checkpointer.save(step, state, step, metrics=None if loss is None else {"eval_loss": loss})
+    checkpointer.wait()
+  assert checkpointer.manager.all_steps() == [2, 5, 6]
+  checkpointer.close()
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
@@ -119,6 +129,24 @@ def test_lm_tiny_trains_end_to_end(tmp_path):
   assert final["tokens_per_s"] > 0 and 0 < final["mfu"] < 1
   assert json.load(open(tmp_path / "config.json"))["model"]["num_layers"] == 2
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["100", "200", "300"]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_the_run_and_keeps_finite_checkpoints(tmp_path):
+  from flaxattn.train.loop import train_and_evaluate
+  config = lm_tiny.get_config()
+  # Plain SGD at a huge rate, unclipped: the weights blow up within a few steps.
+  config.optimizer.update(name="sgd", learning_rate=1e6, clip_norm=0.0, momentum=0.0)
+  config.update(steps=60, log_every=2, checkpoint_every=1, eval_every=0)
+  config.schedule.update(name="constant", warmup_steps=0)
+  validate(config)
+  stopped = r"(loss is (nan|inf) at|parameters are not finite after) step \d+"
+  with pytest.raises(FloatingPointError, match=stopped):
+    train_and_evaluate(config, str(tmp_path))
+  steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+  assert steps and steps[-1] < 60
+  for step in steps:
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(final_params(tmp_path, step)))
 
 
 @pytest.fixture(scope="module")

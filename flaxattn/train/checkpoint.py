@@ -18,18 +18,30 @@ from absl import logging
 
 
 class Checkpointer:
-  """Saves and restores `(TrainState, data_position)` under `directory`, keeping the last `keep`."""
+  """Saves and restores `(TrainState, data_position)` under `directory`, keeping the last `keep`
+  and, with `best_metric`, also the one whose metric is best (lowest with `best_mode='min'`, highest
+  with 'max') among the checkpoints saved with metrics."""
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+  def __init__(self, directory: str | os.PathLike, *, keep: int, best_metric: str = "",
+               best_mode: str = "min", async_save: bool = True):
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    preserve = [ocp.checkpoint_managers.LatestN(keep)]
+    if best_metric:
+      # BestN keeps the end of the sorted list: sort descending to keep the minimum.
+      preserve.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
+          keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=async_save,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preserve))
     self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                          item_names=("state", "progress"))
 
-  def save(self, step: int, state, data_position: int) -> None:
+  def save(self, step: int, state, data_position: int, metrics: dict | None = None) -> None:
     """Starts saving `state` and the data position as checkpoint `step` (returns before it is on
-    disk; `wait` or `close` to be sure)."""
-    self.manager.save(step, args=ocp.args.Composite(
+    disk; `wait` or `close` to be sure). `metrics` (floats by name) rank it for `best_metric`."""
+    self.manager.save(step, metrics=metrics, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         progress=ocp.args.JsonSave({"step": step, "data_position": data_position})))
 

@@ -4,7 +4,7 @@
 checkpoint in `WORKDIR/checkpoints`), jits the steps once, and runs to `config.steps`. Metrics stay
 on the devices between log steps: the host waits for the devices only to log (every
 `config.log_every` steps), to evaluate, and to check the loss before a checkpoint. Each log line
-goes to `WORKDIR/metrics.jsonl`, with throughput over the interval (the first one includes
+goes to `WORKDIR/metrics.jsonl` and a progress bar (step, loss, tokens/s, ETA), with throughput over the interval (the first one includes
 compilation) and MFU: model FLOPs (`flops.train_flops_per_token`) per second over the devices'
 matmul rate measured at startup. SIGTERM finishes the current step, saves, and returns.
 """
@@ -19,7 +19,8 @@ import signal
 import time
 
 import jax
-import numpy as np
+import jax.numpy as jnp
+import tqdm
 from absl import logging
 
 from flaxattn import parallel
@@ -50,6 +51,11 @@ class _Preemption:
 
   def __exit__(self, *exc):
     signal.signal(signal.SIGTERM, self.previous)
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _local_rows(batch_size: int) -> slice:
@@ -125,7 +131,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {f"eval_{name}": float(value) for name, value in metrics_from_sums(totals).items()}
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                             best_metric=config.best_checkpoint_metric,
+                             best_mode=config.best_checkpoint_mode)
   restored = checkpoints.restore_latest(abstract_like(state, state_shardings))
   position = 0
   if restored is not None:
@@ -137,7 +145,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   record = {}
   pending = []  # This log interval's metrics, still on the devices.
   interval_start = time.perf_counter()
-  with _Preemption() as preemption:
+  progress = tqdm.tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True,
+                       disable=jax.process_index() != 0)
+  with _Preemption() as preemption, progress:
     while step < config.steps:
       state, metrics = train_step(state, load("train", position))
       step, position = step + 1, position + 1
@@ -145,7 +155,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       # Read the flag once: a SIGTERM arriving later in this iteration is handled after the next.
       stopping = preemption.requested
       last = step == config.steps or stopping
-      if step % config.log_every == 0 or last:
+      evaluating = last or bool(config.eval_every) and step % config.eval_every == 0
+      if step % config.log_every == 0 or last or evaluating:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
         tokens_per_s = sum(float(m["tokens"]) for m in fetched) / elapsed
@@ -157,16 +168,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
           raise FloatingPointError(
               f"loss is {record['loss']} at step {step}; the last good checkpoint is step "
               f"{checkpoints.manager.latest_step()} in {workdir}/checkpoints")
-        if config.eval_every and (step % config.eval_every == 0 or last):
+        if evaluating:
           record.update(evaluate())
         _write_metrics(metrics_path, record)
-        logging.info("step %d: %s", step, {k: round(v, 4) for k, v in record.items()})
+        progress.update(step - progress.n)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")
+        logging.debug("step %d: %s", step, record)
         pending, interval_start = [], time.perf_counter()
       if step % config.checkpoint_every == 0 or last:
-        loss = float(jax.device_get(metrics["loss"]))
-        if not math.isfinite(loss):
-          raise FloatingPointError(f"loss is {loss} at step {step}; not saving this state")
-        checkpoints.save(step, state, position)
+        if not bool(_all_finite(state.params)):
+          raise FloatingPointError(
+              f"parameters are not finite after step {step}; not saving them, the last good "
+              f"checkpoint is step {checkpoints.manager.latest_step()} in {workdir}/checkpoints")
+        evaluated = {k: v for k, v in record.items() if k.startswith("eval_")} if evaluating else None
+        checkpoints.save(step, state, position, metrics=evaluated)
       if stopping:
         break
   checkpoints.wait()
