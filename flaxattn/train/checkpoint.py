@@ -94,7 +94,10 @@ def load_params(path: str | os.PathLike) -> dict:
     path = os.path.join(path, str(max(steps)))
   state_path = os.path.join(path, "state")
   checkpointer = ocp.PyTreeCheckpointer()
-  wanted = {"params": checkpointer.metadata(state_path).item_metadata.tree["params"]}
+  # orbax 0.12 wraps the tree in StepMetadata.item_metadata; other versions return it directly.
+  metadata = checkpointer.metadata(state_path)
+  metadata = getattr(metadata, "item_metadata", metadata)
+  wanted = {"params": getattr(metadata, "tree", metadata)["params"]}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
   return checkpointer.restore(state_path, args=ocp.args.PyTreeRestore(
       item=wanted, restore_args=restore_args, partial_restore=True))["params"]
