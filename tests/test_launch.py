@@ -50,3 +50,29 @@ def test_local_launcher_rejects_bad_counts():
   result = subprocess.run([sys.executable, "launch/local.py", "--processes=0"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 2 and "--processes and --devices_per_process must be >= 1" in result.stderr
+
+
+def test_tpu_vm_dry_run_prints_the_gcloud_commands():
+  result = subprocess.run(
+      ["bash", "launch/tpu_vm.sh", "--dry-run", "--name=run-1", "--zone=us-central2-b",
+       "--project=proj", "--accelerator=v4-16", "--runtime=tpu-ubuntu2204-base", "--spot", "all",
+       "--", "--config=experiments/lm_tiny.py:sharded", "--workdir=/mnt/shared/run 1"],
+      cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 0, result.stderr
+  location = "--zone=us-central2-b --project=proj"
+  ssh = f"gcloud compute tpus tpu-vm ssh run-1 {location} --worker=all --command="
+  assert result.stdout.splitlines() == [
+      f"gcloud compute tpus queued-resources create run-1 --node-id=run-1 {location} "
+      "--accelerator-type=v4-16 --runtime-version=tpu-ubuntu2204-base --spot",
+      f"gcloud compute tpus queued-resources describe run-1 {location} "
+      "--format=value\\(state.state\\)",
+      f"gcloud compute tpus tpu-vm scp --recurse {REPO} run-1:\\~/flaxattn {location} --worker=all",
+      ssh + "pip\\ install\\ -U\\ \\'jax\\[tpu\\]\\'\\ \\&\\&\\ pip\\ install\\ -e\\ ~/flaxattn",
+      # The flags reach every worker intact, the space in the workdir quoted twice (local, remote).
+      ssh + "cd\\ ~/flaxattn\\ \\&\\&\\ python\\ -m\\ flaxattn.main\\ --distributed\\ "
+      "--config=experiments/lm_tiny.py:sharded\\ --workdir=/mnt/shared/run\\\\\\ 1",
+      f"gcloud compute tpus queued-resources delete run-1 {location} --force --quiet",
+  ]
+  result = subprocess.run(["bash", "launch/tpu_vm.sh", "--name=x", "run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2 and "--zone is required" in result.stderr
