@@ -94,6 +94,22 @@ def test_keeps_the_last_checkpoints_and_the_best(tmp_path):
   checkpointer.close()
 
 
+def tensorboard_scalars(logdir):
+  """`{tag: [(step, value), ...]}` from TFRecord event files (u64 length, u32 crc, data, u32 crc)."""
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in sorted(glob.glob(str(logdir / "events.out.tfevents.*"))):
+    data = open(path, "rb").read()
+    offset = 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
 def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
@@ -128,6 +144,8 @@ def test_lm_tiny_trains_end_to_end(tmp_path):
   assert records[0]["loss"] > 4.0 and final["loss"] < 1.6 and final["eval_loss"] < 1.6
   assert final["tokens_per_s"] > 0 and 0 < final["mfu"] < 1
   assert json.load(open(tmp_path / "config.json"))["model"]["num_layers"] == 2
+  losses = tensorboard_scalars(tmp_path / "tensorboard")["loss"]
+  assert losses == [(r["step"], pytest.approx(r["loss"])) for r in records]
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["100", "200", "300"]
 
 

@@ -4,7 +4,7 @@
 checkpoint in `WORKDIR/checkpoints`), jits the steps once, and runs to `config.steps`. Metrics stay
 on the devices between log steps: the host waits for the devices only to log (every
 `config.log_every` steps), to evaluate, and to check the loss before a checkpoint. Each log line
-goes to `WORKDIR/metrics.jsonl` and a progress bar (step, loss, tokens/s, ETA), with throughput over the interval (the first one includes
+goes to `WORKDIR/metrics.jsonl`, TensorBoard (`WORKDIR/tensorboard`) and a progress bar (step, loss, tokens/s, ETA), with throughput over the interval (the first one includes
 compilation) and MFU: model FLOPs (`flops.train_flops_per_token`) per second over the devices'
 matmul rate measured at startup. SIGTERM finishes the current step, saves, and returns.
 """
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import tqdm
 from absl import logging
+from tensorboardX import SummaryWriter
 
 from flaxattn import parallel
 from flaxattn.config import transformer_config
@@ -64,10 +65,14 @@ def _local_rows(batch_size: int) -> slice:
   return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
 
 
-def _write_metrics(path: str, record: dict) -> None:
+def _write_metrics(path: str, record: dict, board: SummaryWriter | None) -> None:
   if jax.process_index() == 0:
     with open(path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if name != "step":
+        board.add_scalar(name, value, record["step"])
+    board.flush()
 
 
 def _truncate_metrics(path: str, after_step: int) -> None:
@@ -147,6 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   interval_start = time.perf_counter()
   progress = tqdm.tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True,
                        disable=jax.process_index() != 0)
+  board = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   with _Preemption() as preemption, progress:
     while step < config.steps:
       state, metrics = train_step(state, load("train", position))
@@ -170,7 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f"{checkpoints.manager.latest_step()} in {workdir}/checkpoints")
         if evaluating:
           record.update(evaluate())
-        _write_metrics(metrics_path, record)
+        _write_metrics(metrics_path, record, board)
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{record['loss']:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")
         logging.debug("step %d: %s", step, record)
@@ -186,4 +192,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
         break
   checkpoints.wait()
   checkpoints.close()
+  if board is not None:
+    board.close()
   return record
