@@ -114,7 +114,7 @@ def read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   # Throughput differs run to run; everything else must not.
-  return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in records]
+  return [{k: v for k, v in r.items() if not k.endswith("_per_s") and k != "mfu"} for r in records]
 
 
 def final_params(workdir, step):
