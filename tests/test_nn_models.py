@@ -132,6 +132,11 @@ def test_learned_positions_bound_sequence_and_cache_length():
     model.init_cache(1, 17)
   with pytest.raises(ValueError, match="max_length must be a positive int"):
     model.init_cache(1, 0)
+  # An additive mask (0 = attend, -inf = padding) would read inverted as 1/0 padding flags.
+  with pytest.raises(ValueError, match="attention_mask must hold 1/True"):
+    model(PROMPTS, np.where(PROMPT_MASK > 0, 0.0, -np.inf))
+  with pytest.raises(ValueError, match="positions must be integer"):
+    model(PROMPTS, positions=np.zeros(PROMPTS.shape, np.float32))
   assert model.init_cache(1).self_attention[0].key.shape[1] == 16
   # RoPE has no table: a cache longer than config.max_length is fine.
   assert DecoderLM(LLAMA, rngs=nnx.Rngs(0)).init_cache(1, 40).self_attention[0].key.shape[1] == 40

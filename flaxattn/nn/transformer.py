@@ -83,6 +83,8 @@ class Embedder(nnx.Module):
     for name, array in (("positions", positions), ("token_type_ids", token_type_ids)):
       if array is not None and tuple(array.shape) != tuple(ids.shape):
         raise ValueError(f"{name} must match the ids' shape {tuple(ids.shape)}, got {tuple(array.shape)}")
+      if array is not None and not jnp.issubdtype(array.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer, got dtype {array.dtype}")
     x = self.token(ids)
     if self.config.positions == "learned":
       x = x + self.position(positions)
