@@ -55,9 +55,10 @@ class Mask:
     if not isinstance(self.causal, (bool, np.bool_)):
       raise ValueError(f"Mask.causal must be a Python bool, got {self.causal!r}")
     if self.window is not None:
-      window = tuple(self.window)
+      window = tuple(self.window) if isinstance(self.window, (tuple, list)) else (self.window,)
       if len(window) != 2 or not all(
-          side is None or (isinstance(side, (int, np.integer)) and side >= 0) for side in window):
+          side is None or (isinstance(side, (int, np.integer)) and not isinstance(side, bool)
+                           and side >= 0) for side in window):
         raise ValueError(
             f"Mask.window must be (left, right) with non-negative ints or None, got {self.window!r}")
       object.__setattr__(self, "window", tuple(None if s is None else int(s) for s in window))
@@ -184,5 +185,6 @@ def as_mask(mask) -> Mask | None:
     return mask
   if hasattr(mask, "dtype") and jnp.result_type(mask) == jnp.bool_:
     return Mask(array=mask)
-  raise ValueError(
-      f"mask must be a flaxattn.attention.Mask, a boolean array or None, got {type(mask).__name__}")
+  dtype = f" of dtype {mask.dtype}" if hasattr(mask, "dtype") else ""
+  raise ValueError(f"mask must be a flaxattn.attention.Mask, a boolean array or None, got "
+                   f"{type(mask).__name__}{dtype}")
