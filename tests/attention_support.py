@@ -15,6 +15,19 @@ import numpy as np
 from flaxattn.attention import implementations
 
 
+def assert_close(actual, expected, tolerance: float, what: str = "") -> None:
+  """Finite, and within `tolerance` relative to each element plus `tolerance` times the tensor's
+  scale: its largest magnitude, or 1 (the scale of the standard-normal test inputs) if larger.
+
+  The floor matters for tensors that are exactly zero in exact arithmetic but not in floating point,
+  e.g. the query gradient of a query that sees a single key (its softmax is constant).
+  """
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert np.all(np.isfinite(actual)), f"{what}: non-finite values"
+  scale = max(1.0, np.abs(expected).max(initial=0.0))
+  np.testing.assert_allclose(actual, expected, rtol=tolerance, atol=tolerance * scale, err_msg=what)
+
+
 def supporting(*, masks=(), bias=False, softcap=False, dropout=False, weights=False,
                dtype="float32") -> list[str]:
   """Names of the registered implementations whose declaration covers these features here.

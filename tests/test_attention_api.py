@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_support import MaskParts, numpy_attention, numpy_visible, supporting
+from attention_support import MaskParts, assert_close, numpy_attention, numpy_visible, supporting
 from flaxattn.attention import MASK_KINDS, Mask, api, dot_product_attention, implementations
 
-# Same float32 bound as the oracle tests, relative to the largest magnitude compared.
+# The float32 bound of the oracle tests (see attention_support.assert_close).
 TOLERANCE = 1e-5
 
 
@@ -23,9 +23,7 @@ def _normal(rng, *shape, dtype=jnp.float32):
 
 
 def _assert_close(actual, expected, what=""):
-  expected = np.asarray(expected, np.float64)
-  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=TOLERANCE,
-                             atol=TOLERANCE * np.abs(expected).max(initial=0.0), err_msg=what)
+  assert_close(actual, expected, TOLERANCE, what)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attention_support import supporting
+from attention_support import assert_close, supporting
 from flaxattn.attention import Mask, dot_product_attention
 
 torch = pytest.importorskip("torch", reason="PyTorch is the reference for the SDPA parity tests")
 
-# Both sides compute in float32 (a few ulp per op); relative to the tensor's largest magnitude.
+# Both sides compute in float32 (a few ulp per op); see attention_support.assert_close for the scale.
 TOLERANCE = 1e-5
 
 # name: (batch, q_len, kv_len, heads, kv_heads, head_dim, value_dim, causal, boolean mask, scale)
@@ -67,6 +67,4 @@ def test_matches_torch_sdpa(case):
 
     actual = forward_and_vjp(*(jnp.asarray(x) for x in (query, key, value, d_out)))
     for name, got, want in zip(("output", "dquery", "dkey", "dvalue"), actual, expected):
-      np.testing.assert_allclose(np.asarray(got), want, rtol=TOLERANCE,
-                                 atol=TOLERANCE * np.abs(want).max(),
-                                 err_msg=f"{name} of {implementation} on {case}")
+      assert_close(got, want, TOLERANCE, f"{name} of {implementation} on {case}")
