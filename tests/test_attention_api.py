@@ -37,14 +37,15 @@ def test_return_weights(dtype):
   query = _normal(rng, batch, q_len, heads, 8, dtype=dtype)
   key, value = _normal(rng, batch, kv_len, kv_heads, 8, dtype=dtype), _normal(
       rng, batch, kv_len, kv_heads, 8, dtype=dtype)
-  # Query 0 of batch 1 is padding and query 1 of batch 0 sees keys 0..4 only (causal, end-aligned).
+  # Batch 1 is all padding queries (rows that see nothing); in batch 0 query i sees keys 0..i+3
+  # (causal, end-aligned).
   parts = MaskParts(causal=True, q_lengths=np.array([q_len, 0], np.int32),
                     kv_lengths=np.array([kv_len, 5], np.int32))
   mask = Mask(causal=True, q_lengths=jnp.asarray(parts.q_lengths),
               kv_lengths=jnp.asarray(parts.kv_lengths))
   visible = numpy_visible(parts, batch, heads, q_len, kv_len)
   names = supporting(masks=parts.kinds, weights=True, dtype=dtype)
-  assert names
+  assert names, "the reference returns weights"
   for implementation in [*names, None]:
     def attend(query, key, value, mask, return_weights, implementation=implementation):
       return dot_product_attention(query, key, value, mask=mask, implementation=implementation,
@@ -76,7 +77,7 @@ def test_dropout(implementation):
   `value[b, s, h, e] = (s == e)`, `out[b, t, h, s]` is the dropped, rescaled weight of key s. The
   batch holds 1000 copies of one problem, each dropped independently: one call (vmapping over rngs
   takes seconds to compile), with 'rbg' keys (threefry for a million draws compiles for seconds on
-  CPU; the implementation only passes the key to jax.random).
+  CPU; any JAX key is a valid dropout_rng).
   """
   copies, length, heads, rate = 1000, 16, 4, 0.3
   rng = np.random.default_rng(1)
