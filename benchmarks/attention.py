@@ -167,21 +167,24 @@ def run_worker(spec: dict) -> None:
     jax.devices()  # Starts the CPU client now, so that it is part of the baseline.
   baseline = reset_peak_rss()
   functions = (_torch_functions if spec["implementation"] == TORCH else _jax_functions)(spec)
+  failed = None
   for mode in spec["modes"]:
+    if failed:  # Forward+backward cannot succeed where the forward pass failed.
+      _report(mode, baseline, status=failed)
+      continue
     try:
       functions[mode]()  # Compiling takes memory of its own: start the peak after it.
       reset_peak_rss()
       seconds = median_seconds(functions[mode], spec["repeats"])
-    except MemoryError:
-      _report(mode, baseline, status="OOM")
-      return
-    except Exception as error:  # noqa: BLE001  (XLA reports allocation failures as runtime errors)
+    except Exception as error:  # noqa: BLE001  (XLA reports failed allocations as runtime errors)
       text = str(error)
-      status = "OOM" if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else (
+      out_of_memory = isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or (
+          "out of memory" in text.lower())
+      failed = "OOM" if out_of_memory else (
           f"error: {type(error).__name__}: {text.splitlines()[0] if text else ''}")
-      _report(mode, baseline, status=status)
-      return
-    _report(mode, baseline, seconds=seconds)
+      _report(mode, baseline, status=failed)
+    else:
+      _report(mode, baseline, seconds=seconds)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,8 +216,8 @@ def run_config(implementation, length, causal, args, described) -> dict:
   results, modes = {}, []
   for mode in MODES:
     estimate = dense_estimate(implementation, length, mode, described)
+    # Forward+backward (the second mode) never fits where the forward pass alone did not.
     if estimate is not None and (estimate > available_bytes() or results):
-      # Forward+backward never fits where the forward alone did not.
       results[mode] = dict(status=f"OOM (estimated {estimate / GiB:.1f} GiB)")
     else:
       modes.append(mode)
