@@ -98,6 +98,10 @@ class Mask:
         raise ValueError(f"Mask.{name} must have shape {shape} (from query/key), got {value_shape}")
 
     check("q_segment_ids", self.q_segment_ids, (batch, q_len), "int")
+    if q_len != kv_len and np.shape(self.kv_segment_ids) == (batch, q_len):
+      raise ValueError(
+          f"Mask.kv_segment_ids must have shape {(batch, kv_len)} (from key), got {(batch, q_len)}: "
+          f"it defaults to q_segment_ids, so pass it explicitly when q_len != kv_len")
     check("kv_segment_ids", self.kv_segment_ids, (batch, kv_len), "int")
     check("q_lengths", self.q_lengths, (batch,), "int")
     check("kv_lengths", self.kv_lengths, (batch,), "int")
