@@ -232,7 +232,7 @@ INVALID_CALLS = [
                                            kv_segment_ids=np.zeros((2, 7), np.int32))),
      r"Mask.q_segment_ids .*integer.*float32"),
     ("kv segment ids default", _valid(mask=Mask(q_segment_ids=_ids)),
-     r"Mask.kv_segment_ids .*\(2, 7\).*\(2, 5\)"),
+     r"Mask.kv_segment_ids .*\(2, 7\).*\(2, 5\).*defaults to q_segment_ids"),
     ("lengths shape", _valid(mask=Mask(kv_lengths=np.array([7, 7, 7]))),
      r"Mask.kv_lengths .*\(2,\).*\(3,\)"),
     ("lengths dtype", _valid(mask=Mask(q_lengths=np.array([5.0, 5.0]))),

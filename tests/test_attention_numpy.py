@@ -42,9 +42,11 @@ SWEEP_SHAPES = FAST_SHAPES + (
 # float64 oracle, so the error is the rounding inside the implementation: softmax weights and outputs
 # keep 8 significant bits (half an ulp = 2^-9 = 2e-3 relative), summed over keys; a gradient passes
 # through more such roundings (worst seen: 3e-3 output, 5.4e-3 gradients, on reference and xla).
+# float16 keeps 11 significant bits, 8x finer (worst seen over 30 sweep cases: 6e-4 and 7e-4).
 TOLERANCES = {
     "float32": dict(out=1e-5, grad=1e-5),
     "bfloat16": dict(out=2e-2, grad=4e-2),
+    "float16": dict(out=3e-3, grad=5e-3),
     "float64": dict(out=1e-12, grad=1e-12),
 }
 
@@ -209,6 +211,6 @@ def test_float64_matches_numpy(case):
 
 @pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cases(SWEEP_SHAPES, ("float32", "bfloat16")))
+@given(cases(SWEEP_SHAPES, ("float32", "bfloat16", "float16")))
 def test_matches_numpy_sweep(case):
   _check_all(case)
