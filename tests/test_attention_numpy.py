@@ -114,7 +114,7 @@ def _forward_and_vjp(query, key, value, bias, mask, d_out, *, implementation, sc
 
   Run eagerly on purpose: op-by-op dispatch reuses each small compiled op across cases, where jit
   would compile every new combination of shape and mask structure (about 0.5 s each). jit, vmap and
-  shard_map are checked to agree with eager execution in test_attention_api.py.
+  shard_map are checked against the same oracle in test_attention_api.py.
   """
   def attend(query, key, value, bias):
     result = dot_product_attention(query, key, value, mask=mask, bias=bias, scale=scale,

@@ -54,7 +54,9 @@ def test_matches_torch_sdpa(case):
   expected += [x.grad.numpy().transpose(0, 2, 1, 3) for x in torch_inputs]
 
   kinds = [kind for kind, on in (("causal", causal), ("array", with_array)) if on]
-  mask = Mask(causal=causal, array=None if array is None else jnp.asarray(array))
+  # A plain boolean array is accepted as the mask too (as torch's attn_mask).
+  mask = jnp.asarray(array) if with_array and not causal else Mask(
+      causal=causal, array=None if array is None else jnp.asarray(array))
   for implementation in supporting(masks=kinds):
     @jax.jit
     def forward_and_vjp(query, key, value, d_out, implementation=implementation):
