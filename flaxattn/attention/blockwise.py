@@ -44,7 +44,6 @@ class _Plan:
   block_q: int
   block_kv: int
   group: int
-  scale: float
   softcap: float | None
   causal: bool
   window: tuple[int | None, int | None] | None
@@ -88,7 +87,7 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
       q_len=q_len, kv_len=kv_len,
       block_q=min(int(block_q or default_q), q_len),
       block_kv=min(int(block_kv or default_kv), kv_len),
-      group=heads // kv_heads, scale=float(scale),
+      group=heads // kv_heads,
       softcap=None if softcap is None else float(softcap),
       causal=False if mask is None else mask.causal,
       window=None if mask is None else mask.window)
@@ -96,7 +95,8 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
   kv_pad = plan.kv_blocks * plan.block_kv - kv_len
 
   # [batch, q_len, heads, d] -> [q_blocks, batch, kv_heads, block_q * group, d]: rows (position, g).
-  q = query.reshape(batch, q_len, kv_heads, plan.group, head_dim)
+  # The scale goes into the queries once, not into every tile; exact for power-of-two scales.
+  q = (query * scale).astype(query.dtype).reshape(batch, q_len, kv_heads, plan.group, head_dim)
   q = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, 0), (0, 0)))
   q = q.reshape(batch, plan.q_blocks, plan.block_q, kv_heads, plan.group, head_dim)
   q = q.transpose(1, 0, 3, 2, 4, 5).reshape(
@@ -200,10 +200,18 @@ def _bias_tile(bias, q_start, block_q: int, kv_start, block_kv: int):
   return bias
 
 
-def _logits(q_i, k_j, bias, mask: Mask, plan: _Plan, q_block, kv_block):
-  """One tile's logits `[batch, kv_heads, rows, block_kv]` float32 (-inf where hidden) and tanh."""
+def _logits(q_i, k_j, bias, mask: Mask, plan: _Plan, q_block, kv_block, *, transposed: bool):
+  """One tile's logits, float32, -inf where hidden, and the softcap's tanh (or None).
+
+  `[batch, kv_heads, rows, block_kv]`, or `[batch, kv_heads, block_kv, rows]` if `transposed`. The query
+  block `q_i` is already multiplied by the scale.
+  """
   kv_heads = k_j.shape[1]
-  s = jnp.einsum("bhrd,bhkd->bhrk", q_i, k_j, preferred_element_type=jnp.float32) * plan.scale
+  if transposed:
+    s = jnp.einsum("bhkd,bhrd->bhkr", k_j, q_i, preferred_element_type=jnp.float32)
+  else:
+    s = jnp.einsum("bhrd,bhkd->bhrk", q_i, k_j, preferred_element_type=jnp.float32)
+  orient = (lambda tile: jnp.swapaxes(tile, -1, -2)) if transposed else (lambda tile: tile)
   capped = None
   if plan.softcap is not None:
     capped = jnp.tanh(s / plan.softcap)
@@ -211,11 +219,11 @@ def _logits(q_i, k_j, bias, mask: Mask, plan: _Plan, q_block, kv_block):
   q_start, kv_start = q_block * plan.block_q, kv_block * plan.block_kv
   if bias is not None:
     tile = _bias_tile(bias, q_start, plan.block_q, kv_start, plan.block_kv)
-    s = s + _fold_heads(tile.astype(jnp.float32), kv_heads, plan.group, plan.block_q)
+    s = s + orient(_fold_heads(tile.astype(jnp.float32), kv_heads, plan.group, plan.block_q))
   visible = mask.tile(q_start, plan.block_q, kv_start, plan.block_kv,
                       offset=plan.kv_len - plan.q_len)
   if visible is not None:
-    s = jnp.where(_fold_heads(visible, kv_heads, plan.group, plan.block_q), s, -jnp.inf)
+    s = jnp.where(orient(_fold_heads(visible, kv_heads, plan.group, plan.block_q)), s, -jnp.inf)
   return s, capped
 
 
@@ -230,7 +238,7 @@ def _forward(q, k, v, bias, mask: Mask, plan: _Plan):
 
     def step(kv_block, carry):
       row_max, row_sum, acc = carry
-      s, _ = _logits(q_i, k[kv_block], bias, mask, plan, q_block, kv_block)
+      s, _ = _logits(q_i, k[kv_block], bias, mask, plan, q_block, kv_block, transposed=False)
       new_max = jnp.maximum(row_max, s.max(-1))
       # Until a row has seen a key its max is -inf; shift by 0 then so exp gives 0, not NaN.
       shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
@@ -270,51 +278,55 @@ def _attention_fwd(q, k, v, bias, mask: Mask, plan: _Plan):
 
 
 def _attention_bwd(plan: _Plan, residuals, d_out):
-  """FlashAttention-2 backward: per query block, dq in the loop carry, dk/dv/dbias added in place."""
+  """FlashAttention-2 backward: per query block, dq in the loop carry, dk/dv/dbias added in place.
+
+  Tiles are computed transposed, `[block_kv, rows]`: then each of the five products is a plain
+  `[m, n] @ [n, p]` matmul (dq as `dq^T = k^T @ ds^T`), which XLA:CPU runs about 3x faster than a
+  product contracting the leading dimension of an operand.
+  """
   q, k, v, bias, mask, out, lse = residuals
   kv_heads = k.shape[2]
   # delta_r = sum_j p_rj dp_rj = <d_out_r, out_r>: the softmax backward's row term, computed once.
   delta = jnp.einsum("nbhrd,nbhrd->nbhr", d_out, out)
   d_out = d_out.astype(v.dtype)
+  k_t = jnp.swapaxes(k, -1, -2)
+  matmul = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
   def query_block(carry, xs):
     q_block, q_i, d_out_i, lse_i, delta_i = xs
 
     def step(kv_block, inner):
-      dq_i, dk, dv, dbias = inner
-      k_j, v_j = k[kv_block], v[kv_block]
-      s, capped = _logits(q_i, k_j, bias, mask, plan, q_block, kv_block)
-      p = jnp.exp(s - lse_i[..., None])
-      dv = _add_at(dv, kv_block, jnp.einsum("bhrk,bhrd->bhkd", p.astype(v.dtype), d_out_i,
-                                            preferred_element_type=jnp.float32))
-      dp = jnp.einsum("bhrd,bhkd->bhrk", d_out_i, v_j, preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_i[..., None])  # d loss / d logits (after softcap, with bias)
+      dq_t, dk, dv, dbias = inner
+      s_t, capped = _logits(q_i, k[kv_block], bias, mask, plan, q_block, kv_block, transposed=True)
+      p_t = jnp.exp(s_t - lse_i[..., None, :])
+      dv = _add_at(dv, kv_block, matmul("bhkr,bhrd->bhkd", p_t.astype(v.dtype), d_out_i))
+      dp_t = matmul("bhkd,bhrd->bhkr", v[kv_block], d_out_i)
+      ds_t = p_t * (dp_t - delta_i[..., None, :])  # d loss / d logits (after softcap, with bias)
       if bias is not None:
         q_start, kv_start = q_block * plan.block_q, kv_block * plan.block_kv
-        tile = _unfold_heads(ds, bias.shape, kv_heads, plan.group)
+        tile = _unfold_heads(jnp.swapaxes(ds_t, -1, -2), bias.shape, kv_heads, plan.group)
         tile = tile + _bias_tile(dbias, q_start, plan.block_q, kv_start, plan.block_kv)
         dbias = jax.lax.dynamic_update_slice(
             dbias, tile, (0, 0, q_start if bias.shape[2] > 1 else 0,
                           kv_start if bias.shape[3] > 1 else 0))
       if capped is not None:
-        ds = ds * (1.0 - capped * capped)
-      ds = (ds * plan.scale).astype(q.dtype)
-      dq_i = dq_i + jnp.einsum("bhrk,bhkd->bhrd", ds, k_j, preferred_element_type=jnp.float32)
-      dk = _add_at(dk, kv_block, jnp.einsum("bhrk,bhrd->bhkd", ds, q_i,
-                                            preferred_element_type=jnp.float32))
-      return dq_i, dk, dv, dbias
+        ds_t = ds_t * (1.0 - capped * capped)
+      ds_t = ds_t.astype(q.dtype)
+      dq_t = dq_t + matmul("bhdk,bhkr->bhdr", k_t[kv_block], ds_t)
+      dk = _add_at(dk, kv_block, matmul("bhkr,bhrd->bhkd", ds_t, q_i))
+      return dq_t, dk, dv, dbias
 
     lo, hi = _kv_block_range(mask, plan, q_block)
-    dq_i = jnp.zeros(q_i.shape, jnp.float32)
-    dq_i, *carry = jax.lax.fori_loop(lo, hi, step, (dq_i, *carry))
-    return tuple(carry), dq_i
+    dq_t = jnp.zeros(q_i.shape[:-2] + q_i.shape[:-3:-1], jnp.float32)
+    dq_t, *carry = jax.lax.fori_loop(lo, hi, step, (dq_t, *carry))
+    return tuple(carry), dq_t
 
   zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
-  (dk, dv, dbias), dq = jax.lax.scan(
+  (dk, dv, dbias), dq_t = jax.lax.scan(
       query_block, (zeros(k), zeros(v), zeros(bias)),
       (jnp.arange(plan.q_blocks), q, d_out, lse, delta))
   cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
-  return cast(dq, q), cast(dk, k), cast(dv, v), cast(dbias, bias), None
+  return cast(jnp.swapaxes(dq_t, -1, -2), q), cast(dk, k), cast(dv, v), cast(dbias, bias), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
