@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxattn.attention import reference, xla
+from flaxattn.attention import blockwise, reference, xla
 from flaxattn.attention.mask import Mask, as_mask
 from flaxattn.attention.spec import Call, Implementation
 
@@ -31,6 +31,7 @@ def register(implementation: Implementation, *, prefer_on: dict[str, int] | None
 
 register(reference.IMPLEMENTATION)
 register(xla.IMPLEMENTATION)
+register(blockwise.IMPLEMENTATION, prefer_on={"cpu": 0})
 
 
 def implementations() -> list[dict]:

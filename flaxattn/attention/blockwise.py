@@ -227,6 +227,16 @@ def _logits(q_i, k_j, bias, mask: Mask, plan: _Plan, q_block, kv_block, *, trans
   return s, capped
 
 
+def _varying_zero(*operands):
+  """A float32 scalar 0 that varies over the same `shard_map` mesh axes as `operands`.
+
+  Loop carries must keep one type through a loop; inside `shard_map` a carry that starts as a constant
+  but is updated from sharded operands would change type, so initial carries add this zero.
+  """
+  return sum(jnp.zeros_like(leaf, jnp.float32).reshape(-1)[:1].sum()
+             for leaf in jax.tree.leaves(operands))
+
+
 def _forward(q, k, v, bias, mask: Mask, plan: _Plan):
   """Output `[q_blocks, batch, kv_heads, rows, value_dim]` float32 and log-sum-exp `[..., rows]`.
 
@@ -250,14 +260,15 @@ def _forward(q, k, v, bias, mask: Mask, plan: _Plan):
       return new_max, row_sum, acc * correction[..., None] + pv
 
     lo, hi = _kv_block_range(mask, plan, q_block)
-    init = (jnp.full(rows, -jnp.inf, jnp.float32), jnp.zeros(rows, jnp.float32),
-            jnp.zeros(rows + v.shape[-1:], jnp.float32))
+    init = (jnp.full(rows, -jnp.inf) + zero, jnp.zeros(rows) + zero,
+            jnp.zeros(rows + v.shape[-1:]) + zero)
     row_max, row_sum, acc = jax.lax.fori_loop(lo, hi, step, init)
     seen = row_sum > 0.0
     out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
     lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), jnp.inf)
     return out, lse
 
+  zero = _varying_zero(q, k, v, bias, mask)
   return jax.lax.map(lambda xs: query_block(*xs), (jnp.arange(plan.q_blocks), q))
 
 
@@ -317,11 +328,12 @@ def _attention_bwd(plan: _Plan, residuals, d_out):
       return dq_t, dk, dv, dbias
 
     lo, hi = _kv_block_range(mask, plan, q_block)
-    dq_t = jnp.zeros(q_i.shape[:-2] + q_i.shape[:-3:-1], jnp.float32)
+    dq_t = jnp.zeros(q_i.shape[:-2] + q_i.shape[:-3:-1]) + zero
     dq_t, *carry = jax.lax.fori_loop(lo, hi, step, (dq_t, *carry))
     return tuple(carry), dq_t
 
-  zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)
+  zero = _varying_zero(q, k, v, bias, mask, d_out, lse)
+  zeros = lambda x: None if x is None else jnp.zeros(x.shape) + zero
   (dk, dv, dbias), dq_t = jax.lax.scan(
       query_block, (zeros(k), zeros(v), zeros(bias)),
       (jnp.arange(plan.q_blocks), q, d_out, lse, delta))
