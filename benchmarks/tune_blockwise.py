@@ -5,9 +5,10 @@
 For each length: forward+backward (gradient of `sum(out * cotangent)` with respect to query, key and
 value) of `flaxattn.attention.blockwise` at each `block_qxblock_kv`, of `jax.nn.dot_product_attention`
 (XLA, dense scores) and of `torch.nn.functional.scaled_dot_product_attention` (CPU, `--threads` threads).
-Batch 1, `--heads` heads, head_dim `--head-dim`, float32. Prints the median of `--repeats` timed runs
-(interleaved across implementations) after one warm-up, the ratio to torch, and GFLOP/s counting the matmuls only: forward `4 T S H D`,
-backward 2.5 times that (FlashAttention convention), halved for causal.
+Batch 1, `--heads` heads, head_dim `--head-dim`, float32. Prints medians of `--repeats` timed runs
+(interleaved across implementations, after one warm-up) of wall and process CPU time, their ratios to
+torch, and GFLOP/s from wall time counting the matmuls only: forward `4 T S H D`, backward 2.5 times
+that (FlashAttention convention), halved for causal.
 
 Timings on a shared machine are noisy: compare rows of one run, never numbers from different runs.
 """
@@ -28,16 +29,21 @@ from flaxattn.attention.mask import Mask
 
 
 def _median_seconds(runs: dict, repeats: int) -> dict:
-  """Median seconds per run; runs are interleaved so that load from other processes hits all alike."""
+  """Median (wall, process CPU) seconds per run, runs interleaved so that load hits all alike.
+
+  CPU time (all threads of this process) is the steadier measure on a shared machine: it barely moves
+  when other processes take cores away, while wall time does.
+  """
   for run in runs.values():
     run()  # Warm-up (and compilation).
-  times = {name: [] for name in runs}
+  times = {name: ([], []) for name in runs}
   for _ in range(repeats):
     for name, run in runs.items():
-      start = time.perf_counter()
+      wall, cpu = time.perf_counter(), time.process_time()
       run()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(values) for name, values in times.items()}
+      times[name][0].append(time.perf_counter() - wall)
+      times[name][1].append(time.process_time() - cpu)
+  return {name: tuple(statistics.median(x) for x in pair) for name, pair in times.items()}
 
 
 def _jax_runner(attend, inputs):
@@ -80,7 +86,8 @@ def main():
   args = parser.parse_args()
   blocks = [tuple(int(x) for x in pair.split("x")) for pair in args.blocks]
 
-  print(f"{'length':>7} {'implementation':>22} {'ms':>9} {'x torch':>8} {'GFLOP/s':>8}")
+  print(f"{'length':>7} {'implementation':>22} {'wall ms':>9} {'x torch':>8} {'cpu ms':>9} "
+        f"{'x torch':>8} {'GFLOP/s':>8}")
   for length in args.lengths:
     rng = np.random.default_rng(0)
     shape = (1, length, args.heads, args.head_dim)
@@ -100,10 +107,12 @@ def main():
           block_kv=block_kv)
       runs[f"blockwise {block_q}x{block_kv}"] = _jax_runner(attend, inputs)
     seconds = _median_seconds(runs, args.repeats)
-    for name, secs in seconds.items():
-      ratio = f"{secs / seconds['torch sdpa']:8.2f}" if "torch sdpa" in seconds else f"{'-':>8}"
-      print(f"{length:7d} {name:>22} {secs * 1e3:9.1f} {ratio} {flops / secs / 1e9:8.1f}")
-
+    for name, (wall, cpu) in seconds.items():
+      ratios = [f"{'-':>8}", f"{'-':>8}"]
+      if "torch sdpa" in seconds:
+        ratios = [f"{x / peer:8.2f}" for x, peer in zip((wall, cpu), seconds["torch sdpa"])]
+      print(f"{length:7d} {name:>22} {wall * 1e3:9.1f} {ratios[0]} {cpu * 1e3:9.1f} {ratios[1]} "
+            f"{flops / wall / 1e9:8.1f}", flush=True)
 
 if __name__ == "__main__":
   main()
