@@ -151,8 +151,7 @@ def _visible_tiles(mask: Mask, q_len, kv_len, block_q, block_kv):
 def test_skips_exactly_the_invisible_tiles(mask, q_len, kv_len):
   # Causal/window masks leave a contiguous band of visible tiles per query block: the loop must
   # visit exactly that band (no invisible tile computed, no visible tile skipped).
-  plan = blockwise._Plan(q_len=q_len, kv_len=kv_len, block_q=8, block_kv=8, group=1, softcap=None,
-                         causal=mask.causal, window=mask.window)
+  plan = blockwise._Plan(q_len=q_len, kv_len=kv_len, block_q=8, block_kv=8, group=1, softcap=None)
   tiles = _visible_tiles(mask, q_len, kv_len, 8, 8)
   for q_block in range(plan.q_blocks):
     lo, hi = (int(x) for x in blockwise._kv_block_range(mask, plan, jnp.int32(q_block)))
@@ -165,8 +164,7 @@ def test_segment_and_length_bounds_cover_visible_tiles():
   segments = jnp.asarray(np.repeat(np.arange(4), 16)[None].repeat(2, 0), jnp.int32)
   mask = Mask(q_segment_ids=segments, kv_lengths=jnp.array([40, 50]),
               q_lengths=jnp.array([56, 20]))
-  plan = blockwise._Plan(q_len=64, kv_len=64, block_q=8, block_kv=8, group=1, softcap=None,
-                         causal=False, window=None)
+  plan = blockwise._Plan(q_len=64, kv_len=64, block_q=8, block_kv=8, group=1, softcap=None)
   tiles = _visible_tiles(mask, 64, 64, 8, 8)
   for q_block in range(plan.q_blocks):
     lo, hi = (int(x) for x in blockwise._kv_block_range(mask, plan, jnp.int32(q_block)))
@@ -177,29 +175,41 @@ def test_segment_and_length_bounds_cover_visible_tiles():
     assert hi - lo <= (2 if q_block < 7 else 0), f"query block {q_block}: [{lo}, {hi})"
 
 
-def test_vmap_and_shard_map(inputs):
-  query, key, value, cotangent = inputs
-  attend = functools.partial(blockwise.attention, mask=Mask(causal=True), bias=None, scale=0.5,
-                             softcap=None, dropout_rate=0.0, dropout_rng=None, return_weights=False,
-                             **BLOCKS)
-  loss = lambda attend, q, k, v: jnp.sum(attend(q, k, v) * cotangent)
-  want = jax.value_and_grad(functools.partial(loss, attend), (0, 1, 2))(query, key, value)
-  # vmap over the batch (each call then sees batch 1).
-  batched = jax.vmap(lambda q, k, v: attend(q[None], k[None], v[None])[0])
-  got = jax.value_and_grad(functools.partial(loss, batched), (0, 1, 2))(query, key, value)
-  np.testing.assert_allclose(got[0], want[0], **F32_TOL)
-  for g, w in zip(got[1], want[1]):
+_CAUSAL = functools.partial(blockwise.attention, mask=Mask(causal=True), bias=None, scale=0.5,
+                            softcap=None, dropout_rate=0.0, dropout_rng=None, return_weights=False,
+                            **BLOCKS)
+
+
+def _loss_and_grads(attend, query, key, value, cotangent):
+  loss = lambda q, k, v: jnp.sum(attend(q, k, v) * cotangent)
+  return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(query, key, value)
+
+
+@pytest.fixture(scope="module")
+def causal_loss_and_grads(inputs):
+  return _loss_and_grads(_CAUSAL, *inputs)
+
+
+def _assert_close(got, want):
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, w, **F32_TOL)
-  # Inside shard_map, batch split over two devices; loop carries must vary like the shards.
+
+
+def test_vmap(inputs, causal_loss_and_grads):
+  # vmap over the batch: each call sees batch 1.
+  batched = jax.vmap(lambda q, k, v: _CAUSAL(q[None], k[None], v[None])[0])
+  _assert_close(_loss_and_grads(batched, *inputs), causal_loss_and_grads)
+
+
+def test_shard_map(inputs, causal_loss_and_grads):
+  # Batch split over two devices; loop carries must vary over the mesh axis like the shards.
+  query, key, value, cotangent = inputs
   mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
                        devices=jax.devices()[:2])
   spec = jax.sharding.PartitionSpec("data")
   query, key, value = jax.device_put((query, key, value), jax.sharding.NamedSharding(mesh, spec))
-  sharded = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
-  got = jax.jit(jax.value_and_grad(functools.partial(loss, sharded), (0, 1, 2)))(query, key, value)
-  np.testing.assert_allclose(got[0], want[0], **F32_TOL)
-  for g, w in zip(got[1], want[1]):
-    np.testing.assert_allclose(g, w, **F32_TOL)
+  sharded = jax.shard_map(_CAUSAL, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+  _assert_close(_loss_and_grads(sharded, query, key, value, cotangent), causal_loss_and_grads)
 
 
 def test_dispatcher_rejects_dropout_and_weights(inputs):
@@ -217,3 +227,10 @@ def test_rejects_bad_block_sizes(inputs, blocks):
   with pytest.raises(ValueError, match=next(iter(blocks))):
     blockwise.attention(query, key, value, mask=None, bias=None, scale=1.0, softcap=None,
                         dropout_rate=0.0, dropout_rng=None, return_weights=False, **blocks)
+
+
+def test_no_keys_gives_zeros():
+  query, key, value, _ = _inputs(kv_len=0)
+  out = blockwise.attention(query, key, value, mask=None, bias=None, scale=1.0, softcap=None,
+                            dropout_rate=0.0, dropout_rng=None, return_weights=False)
+  assert out.shape == (BATCH, Q_LEN, HEADS, VALUE_DIM) and not np.any(np.asarray(out))

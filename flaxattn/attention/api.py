@@ -31,7 +31,10 @@ def register(implementation: Implementation, *, prefer_on: dict[str, int] | None
 
 register(reference.IMPLEMENTATION)
 register(xla.IMPLEMENTATION)
-register(blockwise.IMPLEMENTATION, prefer_on={"cpu": 0})
+# CPU: blockwise measured faster than xla at every length from 128 tokens (benchmarks/tune_blockwise.py)
+# and O(length) memory. GPU/TPU: after xla (untuned there), ahead of the O(length^2) reference for the
+# calls xla cannot run (softcap).
+register(blockwise.IMPLEMENTATION, prefer_on={"cpu": 0, "gpu": 1, "tpu": 1})
 
 
 def implementations() -> list[dict]:

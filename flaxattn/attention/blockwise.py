@@ -39,7 +39,7 @@ DEFAULT_BLOCKS = {"cpu": (256, 512), "gpu": (512, 1024), "tpu": (512, 1024)}
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """Static facts about one call: lengths, block sizes, logit transform and which mask parts exist."""
+  """Static facts about one call: lengths, block sizes, query heads per key head, softcap."""
 
   q_len: int
   kv_len: int
@@ -47,8 +47,6 @@ class _Plan:
   block_kv: int
   group: int
   softcap: float | None
-  causal: bool
-  window: tuple[int | None, int | None] | None
 
   @property
   def q_blocks(self) -> int:
@@ -81,6 +79,8 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
   del dropout_rate, dropout_rng, return_weights  # Unsupported: the dispatcher rejects them first.
   batch, q_len, heads, head_dim = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
+  if q_len == 0 or kv_len == 0:  # Nothing to attend: a query that sees no key gets zeros.
+    return jnp.zeros((batch, q_len, heads, value.shape[-1]), query.dtype)
   default_q, default_kv = DEFAULT_BLOCKS.get(jax.default_backend(), DEFAULT_BLOCKS["cpu"])
   for name, block in (("block_q", block_q), ("block_kv", block_kv)):
     if block is not None and not (isinstance(block, (int, np.integer)) and block > 0):
@@ -90,14 +90,13 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
       block_q=min(int(block_q or default_q), q_len),
       block_kv=min(int(block_kv or default_kv), kv_len),
       group=heads // kv_heads,
-      softcap=None if softcap is None else float(softcap),
-      causal=False if mask is None else mask.causal,
-      window=None if mask is None else mask.window)
+      softcap=None if softcap is None else float(softcap))
   q_pad = plan.q_blocks * plan.block_q - q_len
   kv_pad = plan.kv_blocks * plan.block_kv - kv_len
 
   # [batch, q_len, heads, d] -> [q_blocks, batch, kv_heads, block_q * group, d]: rows (position, g).
-  # The scale goes into the queries once, not into every tile; exact for power-of-two scales.
+  # The scale goes into the queries once, not into every tile (in bfloat16 that rounds the scaled
+  # queries; exact for power-of-two scales such as 1/8 at head_dim 64).
   q = (query * scale).astype(query.dtype).reshape(batch, q_len, kv_heads, plan.group, head_dim)
   q = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, 0), (0, 0)))
   q = q.reshape(batch, plan.q_blocks, plan.block_q, kv_heads, plan.group, head_dim)
@@ -195,6 +194,7 @@ def _unfold_heads(tile, like_shape, kv_heads: int, group: int):
 
 
 def _bias_tile(bias, q_start, block_q: int, kv_start, block_kv: int):
+  """The `[b|1, heads|1, block_q|1, block_kv|1]` tile of a (padded) bias; broadcast dims stay 1."""
   if bias.shape[2] != 1:
     bias = jax.lax.dynamic_slice_in_dim(bias, q_start, block_q, axis=2)
   if bias.shape[3] != 1:
@@ -330,7 +330,7 @@ def _attention_bwd(plan: _Plan, residuals, d_out):
       return dq_t, dk, dv, dbias
 
     lo, hi = _kv_block_range(mask, plan, q_block)
-    dq_t = jnp.zeros(q_i.shape[:-2] + q_i.shape[:-3:-1]) + zero
+    dq_t = jnp.zeros(jnp.swapaxes(q_i, -1, -2).shape) + zero
     dq_t, *carry = jax.lax.fori_loop(lo, hi, step, (dq_t, *carry))
     return tuple(carry), dq_t
 
