@@ -1,0 +1,51 @@
+"""Input handling shared by the models: padding masks, positions, and the self-attention `Mask`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flaxattn.attention import Mask
+from flaxattn.nn.transformer import positions_from_mask
+
+
+def check_ids(name: str, ids: jax.Array) -> None:
+  """Raises ValueError unless `ids` is an integer `[batch, length]` array."""
+  if jnp.ndim(ids) != 2 or not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
+    raise ValueError(
+        f"{name} must be integer [batch, length], got shape {tuple(jnp.shape(ids))} "
+        f"dtype {jnp.result_type(ids)}")
+
+
+def valid_tokens(name: str, ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array | None:
+  """`attention_mask` (1/True = real token, 0 = padding, `[batch, length]`) as bool, or None."""
+  if attention_mask is None:
+    return None
+  if tuple(jnp.shape(attention_mask)) != tuple(ids.shape):
+    raise ValueError(
+        f"{name} must match the ids' shape {tuple(ids.shape)}, got {tuple(jnp.shape(attention_mask))}")
+  return jnp.asarray(attention_mask).astype(bool)
+
+
+def token_positions(ids: jax.Array, valid: jax.Array | None, start=0) -> jax.Array:
+  """Positions `[batch, length]` of the tokens (counting only real ones from `start`), -1 for padding."""
+  return positions_from_mask(jnp.ones(ids.shape, bool) if valid is None else valid, start)
+
+
+def self_attention_mask(valid: jax.Array | None, *, causal: bool) -> Mask | None:
+  """Padding (as segment ids: real tokens see only real tokens) and optionally causal."""
+  segments = None if valid is None else valid.astype(jnp.int32)
+  if segments is None and not causal:
+    return None
+  return Mask(causal=causal, q_segment_ids=segments, kv_segment_ids=segments)
+
+
+def context_mask(valid: jax.Array | None) -> Mask | None:
+  """Cross-attention mask hiding padded source tokens (`valid` bool `[batch, src_len]`)."""
+  return None if valid is None else Mask(array=valid[:, None, None, :])
+
+
+def outputs(main, cache=None, weights=None, *, return_weights: bool):
+  """`main`, or `(main, cache)` / `(main, weights)` / `(main, cache, weights)`."""
+  result = (main,) + ((cache,) if cache is not None else ()) + ((weights,) if return_weights else ())
+  return result[0] if len(result) == 1 else result

@@ -1,0 +1,289 @@
+"""`MultiHeadAttention` over `flaxattn.attention.dot_product_attention`, and its `KVCache`.
+
+Argument names for people coming from Keras and PyTorch:
+
+| Keras `MultiHeadAttention`        | PyTorch `nn.MultiheadAttention`   | flaxattn                                   |
+|-----------------------------------|-----------------------------------|--------------------------------------------|
+| `num_heads`                       | `num_heads`                       | `num_heads` (`kv_heads` for GQA/MQA)       |
+| `key_dim`                         | `embed_dim // num_heads`          | `head_dim`                                 |
+| `value_dim`                       | (= `head_dim`)                    | `value_dim`                                |
+| (input's last dim)                | `embed_dim`                       | `in_features`                              |
+| (key/value input's last dim)      | `kdim`, `vdim` (must be equal)    | `kv_features`                              |
+| `output_shape`                    | (= `embed_dim`)                   | `out_features`                             |
+| `dropout`                         | `dropout`                         | `dropout_rate` (+ `deterministic=False`)   |
+| `use_bias`                        | `bias`                            | `use_bias`                                 |
+| `attention_mask` `[B, T, S]`, True = attend | `attn_mask` `[T, S]`, True = *blocked*; float = added | `mask=Mask(array=...)` (True = attend) or `bias=` |
+| `use_causal_mask=True`            | `is_causal=True` (with `attn_mask`) | `mask=Mask(causal=True)`                 |
+| (from Keras masking)              | `key_padding_mask` `[B, S]`, True = padding | `mask=Mask(kv_lengths=...)` or `Mask(array=~key_padding_mask[:, None, None, :])` |
+| `return_attention_scores=True`    | `need_weights=True, average_attn_weights=False` | `return_weights=True` (`[B, heads, T, S]`) |
+| `query, value, key`               | `query, key, value` (`key is value` for self/cross) | `x, context` (`context=None`: self-attention) |
+| (always batch first)              | `batch_first=True`                | always batch first `[batch, length, features]` |
+
+`from_keras_args` and `from_torch_args` build the module from those argument names.
+
+KV cache. For incremental decoding, `cache=KVCache.create(...)` (or the models' `init_cache`) is passed
+in and the updated cache returned: a plain pytree, so the decoding loop can be a `jax.jit` over split
+state. Slots are written in order (one shared write index); each slot records its token's position, -1
+for empty slots and padding. A query at position `p` sees exactly the written keys with position
+`0 <= position <= p`, so padding anywhere (left-padded prompts, or right-padded prompts followed by
+generated tokens) is excluded and each row's positions stay its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxattn.attention import Mask, dot_product_attention
+from flaxattn.nn.layers import Dense, RMSNorm
+from flaxattn.nn.positions import alibi_bias, apply_rope
+from flaxattn.nn.sharding import constrain
+
+ATTENTION_POSITIONS = ("none", "rope", "alibi")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of the tokens seen so far by one self-attention layer.
+
+  Attributes:
+    key: `[batch, max_length, kv_heads, head_dim]`.
+    value: `[batch, max_length, kv_heads, value_dim]`.
+    positions: int32 `[batch, max_length]`, the position of the token in each slot; -1 = empty/padding.
+    index: int32 scalar, the next slot to write (the same for every row).
+  """
+
+  key: jax.Array
+  value: jax.Array
+  positions: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def create(cls, batch: int, max_length: int, kv_heads: int, head_dim: int,
+             value_dim: int | None = None, dtype: Any = jnp.float32) -> "KVCache":
+    """An empty cache (every position -1, index 0)."""
+    value_dim = head_dim if value_dim is None else value_dim
+    return cls(
+        key=jnp.zeros((batch, max_length, kv_heads, head_dim), dtype),
+        value=jnp.zeros((batch, max_length, kv_heads, value_dim), dtype),
+        positions=jnp.full((batch, max_length), -1, jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+  def update(self, key: jax.Array, value: jax.Array, positions: jax.Array) -> "KVCache":
+    """Writes `key`/`value` `[batch, new, kv_heads, dim]` with `positions` `[batch, new]` at `index`.
+
+    Writing past `max_length` is not detected inside `jit` (the write would be clamped): size the
+    cache for prompt plus generated tokens.
+    """
+    start = (0, self.index, 0, 0)
+    return KVCache(
+        key=jax.lax.dynamic_update_slice(self.key, key.astype(self.key.dtype), start),
+        value=jax.lax.dynamic_update_slice(self.value, value.astype(self.value.dtype), start),
+        positions=self.positions_after(positions),
+        index=self.index + key.shape[1],
+    )
+
+  def positions_after(self, positions: jax.Array) -> jax.Array:
+    """The slot positions `[batch, max_length]` once tokens at `positions` `[batch, new]` are written."""
+    return jax.lax.dynamic_update_slice(self.positions, positions.astype(jnp.int32), (0, self.index))
+
+  def visible(self, q_positions: jax.Array) -> jax.Array:
+    """Which slots queries at `q_positions` `[batch, q_len]` see: bool `[batch, 1, q_len, max_length]`."""
+    slot = self.positions[:, None, :]
+    return ((slot >= 0) & (slot <= q_positions[:, :, None]))[:, None]
+
+  def next_positions(self) -> jax.Array:
+    """int32 `[batch]`: the position the next real token of each row takes (tokens seen so far)."""
+    return jnp.max(self.positions, axis=1) + 1
+
+
+class MultiHeadAttention(nnx.Module):
+  """Multi-head (grouped-query) attention: self-attention, or cross-attention to a `context`.
+
+  Parameters (logical axes): `query.kernel [embed, heads, head_dim]`, `key.kernel
+  [embed, kv_heads, head_dim]`, `value.kernel [embed, kv_heads, head_dim]` (last dim `value_dim`),
+  `out.kernel [heads, head_dim, embed]`, biases shaped like the kernels' output dims; with `qk_norm`,
+  `query_norm.scale`/`key_norm.scale` `[head_dim]`.
+
+  Args:
+    num_heads: query heads.
+    in_features: width of `x`.
+    kv_heads: key/value heads (GQA; 1 = MQA); must divide `num_heads`. None = `num_heads`.
+    head_dim: query/key width per head. None = `in_features // num_heads`.
+    value_dim: value width per head. None = `head_dim`.
+    kv_features: width of `context`. None = `in_features`.
+    out_features: output width. None = `in_features`.
+    use_bias: biases on the four projections.
+    dropout_rate: dropout on the attention weights (when called with `deterministic=False`).
+    qk_norm: RMS-normalise each query and key head (learned scale) before the dot product.
+    norm_eps: epsilon of the QK norms.
+    softcap: `c * tanh(logits / c)` on the logits, or None.
+    implementation: a name from `flaxattn.attention.implementations()`, or None to let it choose.
+    positions: position information applied here, in self-attention: 'rope' (rotate queries and keys,
+      half layout, see `apply_rope`), 'alibi' (bias), or 'none'.
+    rope_base: RoPE base.
+    rotary_dim: dims of each head RoPE rotates (partial rotation). None = all of `head_dim`.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+
+  def __init__(self, num_heads: int, in_features: int, *, kv_heads: int | None = None,
+               head_dim: int | None = None, value_dim: int | None = None,
+               kv_features: int | None = None, out_features: int | None = None,
+               use_bias: bool = True, dropout_rate: float = 0.0, qk_norm: bool = False,
+               norm_eps: float = 1e-6, softcap: float | None = None,
+               implementation: str | None = None, positions: str = "none",
+               rope_base: float = 10000.0, rotary_dim: int | None = None,
+               dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+    kv_heads = num_heads if kv_heads is None else kv_heads
+    if num_heads <= 0 or kv_heads <= 0 or num_heads % kv_heads:
+      raise ValueError(
+          f"num_heads ({num_heads}) must be a positive multiple of kv_heads ({kv_heads})")
+    if head_dim is None:
+      if in_features % num_heads:
+        raise ValueError(
+            f"in_features ({in_features}) must be divisible by num_heads ({num_heads}) when head_dim "
+            "is None")
+      head_dim = in_features // num_heads
+    if positions not in ATTENTION_POSITIONS:
+      raise ValueError(f"positions must be one of {ATTENTION_POSITIONS}, got {positions!r}")
+    if not 0.0 <= dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, head_dim
+    self.value_dim = head_dim if value_dim is None else value_dim
+    self.in_features = in_features
+    self.kv_features = in_features if kv_features is None else kv_features
+    self.out_features = in_features if out_features is None else out_features
+    self.dropout_rate, self.softcap = dropout_rate, softcap
+    # jax.nn.dot_product_attention (behind 'xla') requires value_dim == head_dim and does not declare
+    # it to the dispatcher, so auto-selection could pick it; the reference handles any value_dim.
+    if implementation is None and value_dim not in (None, head_dim):
+      implementation = "reference"
+    self.implementation = implementation
+    self.positions, self.rope_base = positions, rope_base
+    self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    self.dtype = dtype
+    dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.query = Dense(in_features, (num_heads, head_dim), in_axes=("embed",),
+                       out_axes=("heads", "head_dim"), **dense)
+    self.key = Dense(self.kv_features, (kv_heads, head_dim), in_axes=("embed",),
+                     out_axes=("kv_heads", "head_dim"), **dense)
+    self.value = Dense(self.kv_features, (kv_heads, self.value_dim), in_axes=("embed",),
+                       out_axes=("kv_heads", "head_dim"), **dense)
+    self.out = Dense((num_heads, self.value_dim), self.out_features, in_axes=("heads", "head_dim"),
+                     out_axes=("embed",), **dense)
+    norm = dict(eps=norm_eps, axis_name="head_dim", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.query_norm = RMSNorm(head_dim, **norm) if qk_norm else None
+    self.key_norm = RMSNorm(head_dim, **norm) if qk_norm else None
+
+  @classmethod
+  def from_keras_args(cls, num_heads: int, key_dim: int, *, in_features: int,
+                      value_dim: int | None = None, dropout: float = 0.0, use_bias: bool = True,
+                      output_shape: int | None = None, kv_features: int | None = None,
+                      rngs: nnx.Rngs, **kwargs) -> "MultiHeadAttention":
+    """Keras `MultiHeadAttention(num_heads, key_dim, value_dim, dropout, use_bias, output_shape)`.
+
+    Keras infers input widths when first called; here they are given (`in_features`, `kv_features`).
+    """
+    return cls(num_heads, in_features, head_dim=key_dim, value_dim=value_dim, dropout_rate=dropout,
+               use_bias=use_bias, out_features=output_shape, kv_features=kv_features, rngs=rngs,
+               **kwargs)
+
+  @classmethod
+  def from_torch_args(cls, embed_dim: int, num_heads: int, *, dropout: float = 0.0,
+                      bias: bool = True, kdim: int | None = None, vdim: int | None = None,
+                      batch_first: bool = True, rngs: nnx.Rngs, **kwargs) -> "MultiHeadAttention":
+    """PyTorch `nn.MultiheadAttention(embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first)`."""
+    if not batch_first:
+      raise ValueError("batch_first=False is not supported: flaxattn is always [batch, length, ...]")
+    if kdim is not None and vdim is not None and kdim != vdim:
+      raise ValueError(f"kdim ({kdim}) and vdim ({vdim}) must be equal: key and value share `context`")
+    return cls(num_heads, embed_dim, dropout_rate=dropout, use_bias=bias,
+               kv_features=kdim if kdim is not None else vdim, rngs=rngs, **kwargs)
+
+  def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
+    """An empty `KVCache` for this layer (dtype defaults to the compute dtype)."""
+    return KVCache.create(batch, max_length, self.kv_heads, self.head_dim, self.value_dim,
+                          self.dtype if dtype is None else dtype)
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: Mask | None = None,
+               bias: jax.Array | None = None, positions: jax.Array | None = None,
+               cache: KVCache | None = None, deterministic: bool = True,
+               dropout_rng: jax.Array | None = None, return_weights: bool = False):
+    """Attends from `x` to `context` (or to `x` itself).
+
+    Args:
+      x: `[batch, q_len, in_features]`.
+      context: `[batch, kv_len, kv_features]` for cross-attention, or None for self-attention.
+      mask: a `flaxattn.attention.Mask` (or boolean array, True = attend) over `[batch, heads, q_len,
+        kv_len]`. Not allowed with `cache`: the cache supplies causal visibility by position.
+      bias: added to the logits, broadcastable to `[batch, heads, q_len, kv_len]`.
+      positions: int `[batch, q_len]` positions of `x`'s tokens (default `0 .. q_len-1`); used by
+        'rope'/'alibi' and by the cache (-1 marks padding, which sees and is seen by nothing).
+      cache: a `KVCache` (self-attention only): the new keys/values are appended and attention runs
+        over every slot written so far.
+      deterministic: False enables attention dropout (needs `dropout_rng`).
+      return_weights: also return the attention weights `[batch, heads, q_len, kv_len]` (float32;
+        needs an implementation that returns weights, e.g. 'reference').
+
+    Returns:
+      `out [batch, q_len, out_features]`; with a cache `(out, new_cache)`; with `return_weights`
+      the weights come last: `(out, weights)` or `(out, new_cache, weights)`.
+    """
+    batch, q_len = x.shape[0], x.shape[1]
+    if x.ndim != 3 or x.shape[-1] != self.in_features:
+      raise ValueError(f"x must be [batch, length, {self.in_features}], got shape {x.shape}")
+    if context is not None:
+      if context.ndim != 3 or context.shape[-1] != self.kv_features or context.shape[0] != batch:
+        raise ValueError(
+            f"context must be [{batch}, length, {self.kv_features}], got shape {context.shape}")
+      if cache is not None or self.positions != "none":
+        raise ValueError(
+            "cross-attention (context given) takes no cache and no positions; got "
+            f"cache={'a KVCache' if cache is not None else None}, positions={self.positions!r}")
+    if cache is not None and mask is not None:
+      raise ValueError("mask must be None when a cache is given: visibility comes from the cache")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
+    elif tuple(positions.shape) != (batch, q_len):
+      raise ValueError(f"positions must be [batch, q_len] = {(batch, q_len)}, got {positions.shape}")
+
+    source = x if context is None else context
+    query = constrain(self.query(x), ("batch", "length", "heads", "head_dim"))
+    key = constrain(self.key(source), ("batch", "length", "kv_heads", "head_dim"))
+    value = constrain(self.value(source), ("batch", "length", "kv_heads", "head_dim"))
+    if self.query_norm is not None:
+      query, key = self.query_norm(query), self.key_norm(key)
+    if self.positions == "rope":
+      query = apply_rope(query, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
+      key = apply_rope(key, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
+
+    kv_positions = positions
+    if cache is not None:
+      cache = cache.update(key, value, positions)
+      key, value = cache.key.astype(self.dtype), cache.value.astype(self.dtype)
+      kv_positions = cache.positions
+      mask = Mask(array=cache.visible(positions))
+    if self.positions == "alibi":
+      alibi = alibi_bias(self.num_heads, positions, kv_positions)
+      bias = alibi if bias is None else bias + alibi
+
+    use_dropout = not deterministic and self.dropout_rate > 0.0
+    if use_dropout and dropout_rng is None:
+      raise ValueError(
+          f"attention dropout (rate {self.dropout_rate}, deterministic=False) needs a dropout_rng")
+    result = dot_product_attention(
+        query, key, value, mask=mask, bias=bias, softcap=self.softcap,
+        dropout_rate=self.dropout_rate if use_dropout else 0.0,
+        dropout_rng=dropout_rng if use_dropout else None,
+        implementation=self.implementation, return_weights=return_weights)
+    attended, weights = result if return_weights else (result, None)
+    out = constrain(self.out(attended), ("batch", "length", "embed"))
+    outputs = (out,) + ((cache,) if cache is not None else ()) + (
+        (weights,) if return_weights else ())
+    return outputs[0] if len(outputs) == 1 else outputs

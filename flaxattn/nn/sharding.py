@@ -1,0 +1,50 @@
+"""Logical axis names for parameters and activations, and the one activation-sharding helper.
+
+Every parameter is created through `param`, which records its logical axis names (`embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`, ...) as the Variable's `out_sharding` metadata; read
+them with `nnx.get_partition_spec(nnx.state(model))`, translated to mesh axes under
+`nnx.logical_axis_rules(rules)`. Parameters are created unsharded (`eager_sharding=False`): a model can
+be built with or without a mesh, and the training code places the state from that metadata.
+
+Activations pass through `constrain(x, ("batch", "length", "embed"))`, which is a no-op unless both a
+mesh (`jax.set_mesh`) and logical axis rules (`nnx.logical_axis_rules`) are active.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd
+
+LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[str | None],
+          dtype) -> nnx.Param:
+  """A `nnx.Param` of `shape` and `dtype` drawn from `init(key, shape, dtype)`, named by `axes`."""
+  shape, axes = tuple(shape), tuple(axes)
+  if len(shape) != len(axes):
+    raise ValueError(f"axes {axes} must name every dimension of shape {shape}")
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def logical_spec(logical_axes: Sequence[str | None]) -> jax.sharding.PartitionSpec:
+  """The mesh `PartitionSpec` that the active logical axis rules give `logical_axes`."""
+  rules = dict(spmd.get_logical_axis_rules() or ())
+  return jax.sharding.PartitionSpec(*(rules.get(name) for name in logical_axes))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint on activation `x` by logical names; a no-op without a mesh and rules."""
+  if len(logical_axes) != jnp.ndim(x):
+    raise ValueError(f"logical_axes {tuple(logical_axes)} must name every dimension of shape {x.shape}")
+  mesh = jax.sharding.get_abstract_mesh()
+  if not spmd.get_logical_axis_rules() or mesh.empty:
+    return x
+  # On Explicit mesh axes sharding is part of the type and with_sharding_constraint only asserts it.
+  if any(kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types):
+    return jax.sharding.reshard(x, logical_spec(logical_axes))
+  return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes))

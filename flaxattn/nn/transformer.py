@@ -1,0 +1,307 @@
+"""Transformer blocks and stacks: `TransformerBlock`, `Encoder`, `Decoder`, and the input `Embedder`.
+
+Stacks are scanned (`config.scan_layers`: one block's parameters stacked on a leading `layers` axis and
+applied with `jax.lax.scan`, so compile time stays flat in depth) or unrolled (an `nnx.List` of
+blocks). Both run every block through the same function, `_run_block`, rematerialised per
+`config.remat`, so for the same weights they give the same outputs.
+
+Calls return `x` alone, or a tuple `(x, cache)` / `(x, weights)` / `(x, cache, weights)` when a cache
+is passed and/or weights are asked for (the `MultiHeadAttention` convention).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flaxattn.attention import Mask
+from flaxattn.nn.attention import KVCache, MultiHeadAttention
+from flaxattn.nn.config import TransformerConfig
+from flaxattn.nn.layers import MLP, Embed, dropout, make_norm
+from flaxattn.nn.positions import LearnedPositions, RelativePositionBias, sinusoidal
+from flaxattn.nn.sharding import constrain
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def positions_from_mask(valid: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+  """Positions of the real tokens in each row, -1 for padding.
+
+  `valid`: bool `[batch, length]` (True = real token, padding anywhere); `start`: int `[batch]` or
+  scalar, the position of each row's first real token (the tokens already in a cache). Returns int32
+  `[batch, length]`: `start + (number of real tokens before this one)` for real tokens.
+  """
+  counted = jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1 + jnp.reshape(start, (-1, 1))
+  return jnp.where(valid, counted, -1).astype(jnp.int32)
+
+
+def _check_token_array(name: str, array, shape: tuple[int, int] | None = None):
+  if array is None:
+    return
+  if jnp.ndim(array) != 2 or (shape is not None and tuple(jnp.shape(array)) != shape):
+    want = "[batch, length]" if shape is None else f"{shape}"
+    raise ValueError(f"{name} must be {want}, got shape {tuple(jnp.shape(array))}")
+
+
+class Embedder(nnx.Module):
+  """Token ids -> input vectors: token (+ absolute position) (+ token type) embeddings, then the
+  optional embedding norm and dropout. Submodules: `token` (`Embed`, whose `attend` ties the output),
+  `position` (`LearnedPositions`, for 'learned'), `token_type` (`Embed`), `norm`.
+  """
+
+  def __init__(self, config: TransformerConfig, *, vocab_size: int | None = None, rngs: nnx.Rngs):
+    self.config = config
+    dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+    self.token = Embed(config.vocab_size if vocab_size is None else vocab_size, config.d_model,
+                       rngs=rngs, **dtypes)
+    self.position = (LearnedPositions(config.max_length, config.d_model, rngs=rngs, **dtypes)
+                     if config.positions == "learned" else None)
+    self.token_type = (Embed(config.type_vocab_size, config.d_model, vocab_axis=None, rngs=rngs,
+                             **dtypes) if config.type_vocab_size else None)
+    self.norm = (make_norm(config.norm, config.d_model, eps=config.norm_eps, rngs=rngs, **dtypes)
+                 if config.embedding_norm else None)
+
+  def __call__(self, ids: jax.Array, positions: jax.Array, token_type_ids: jax.Array | None = None,
+               *, deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """`ids`, `positions`, `token_type_ids`: int `[batch, length]` -> `[batch, length, d_model]`."""
+    x = self.token(ids)
+    if self.config.positions == "learned":
+      x = x + self.position(positions)
+    elif self.config.positions == "sinusoidal":
+      x = x + sinusoidal(positions, self.config.d_model, dtype=x.dtype)
+    if self.token_type is not None:
+      x = x + self.token_type(jnp.zeros_like(ids) if token_type_ids is None else token_type_ids)
+    elif token_type_ids is not None:
+      raise ValueError("token_type_ids given but config.type_vocab_size is 0")
+    if self.norm is not None:
+      x = self.norm(x)
+    x = dropout(x, self.config.dropout_rate, dropout_rng, deterministic)
+    return constrain(x, ("batch", "length", "embed"))
+
+
+class TransformerBlock(nnx.Module):
+  """Self-attention, optional cross-attention, and MLP, each a residual sub-layer with dropout.
+
+  Pre-LN (`config.pre_norm`): `x + drop(f(norm(x)))`; post-LN: `norm(x + drop(f(x)))`. Submodules:
+  `attention_norm`, `attention`, (`cross_norm`, `cross_attention`), `mlp_norm`, `mlp`.
+  """
+
+  def __init__(self, config: TransformerConfig, *, cross_attention: bool = False, rngs: nnx.Rngs):
+    self.config = config
+    dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+    norm = lambda: make_norm(config.norm, config.d_model, eps=config.norm_eps, rngs=rngs, **dtypes)
+    attention = dict(
+        kv_heads=config.kv_heads, head_dim=config.features_per_head, use_bias=config.use_bias,
+        dropout_rate=config.attention_dropout_rate, qk_norm=config.qk_norm,
+        norm_eps=config.norm_eps, softcap=config.softcap, implementation=config.attention_impl,
+        rngs=rngs, **dtypes)
+    self.attention_norm = norm()
+    self.attention = MultiHeadAttention(
+        config.num_heads, config.d_model,
+        positions=config.positions if config.positions in ("rope", "alibi") else "none",
+        rope_base=config.rope_base, rotary_dim=config.rotary_dim, **attention)
+    self.cross_norm = norm() if cross_attention else None
+    self.cross_attention = (MultiHeadAttention(config.num_heads, config.d_model, **attention)
+                            if cross_attention else None)
+    self.mlp_norm = norm()
+    self.mlp = MLP(config.d_model, config.mlp_dim, activation=config.activation,
+                   gated=config.gated_mlp, use_bias=config.use_bias, rngs=rngs, **dtypes)
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array, mask: Mask | None = None,
+               bias: jax.Array | None = None, context: jax.Array | None = None,
+               context_mask: Mask | None = None, cache: KVCache | None = None,
+               deterministic: bool = True, dropout_rng: jax.Array | None = None,
+               return_weights: bool = False):
+    """One block on `x` `[batch, length, d_model]`.
+
+    Returns `(x, cache, weights)`: the new cache (None without one) and `(self, cross)` attention
+    weights `[batch, heads, q_len, kv_len]` (None when not asked for, or no cross-attention).
+    """
+    config = self.config
+    keys = (jax.random.split(dropout_rng, 5) if dropout_rng is not None else [None] * 5)
+    residual = lambda x, y, key: x + dropout(y, config.dropout_rate, key, deterministic)
+    self_weights = cross_weights = None
+
+    def sublayer(x, norm, fn, key):
+      if config.pre_norm:
+        return residual(x, fn(norm(x)), key)
+      return norm(residual(x, fn(x), key))
+
+    def self_attend(h):
+      nonlocal cache, self_weights
+      result = self.attention(h, mask=mask, bias=bias, positions=positions, cache=cache,
+                              deterministic=deterministic, dropout_rng=keys[0],
+                              return_weights=return_weights)
+      result = result if isinstance(result, tuple) else (result,)
+      if cache is not None:
+        cache = result[1]
+      if return_weights:
+        self_weights = result[-1]
+      return result[0]
+
+    def cross_attend(h):
+      nonlocal cross_weights
+      result = self.cross_attention(h, context, mask=context_mask, deterministic=deterministic,
+                                    dropout_rng=keys[2], return_weights=return_weights)
+      if return_weights:
+        result, cross_weights = result
+      return result
+
+    x = sublayer(x, self.attention_norm, self_attend, keys[1])
+    if self.cross_attention is not None:
+      if context is None:
+        raise ValueError("this block has cross-attention: context must be given")
+      x = sublayer(x, self.cross_norm, cross_attend, keys[3])
+    x = sublayer(x, self.mlp_norm, self.mlp, keys[4])
+    x = constrain(x, ("batch", "length", "embed"))
+    return x, cache, ((self_weights, cross_weights) if return_weights else None)
+
+
+class TransformerStack(nnx.Module):
+  """`num_layers` blocks (scanned or unrolled), an optional shared T5 relative bias, a final norm.
+
+  Submodules: `layers` (scanned: one `TransformerBlock` whose parameters have a leading `layers`
+  axis; unrolled: an `nnx.List` of blocks), `relative_bias`, `final_norm`.
+  """
+
+  def __init__(self, config: TransformerConfig, *, num_layers: int, causal: bool,
+               cross_attention: bool, rngs: nnx.Rngs):
+    self.config, self.num_layers, self.causal = config, num_layers, causal
+    self.has_cross_attention = cross_attention
+    if config.scan_layers:
+      @nnx.split_rngs(splits=num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def create(rngs):
+        return TransformerBlock(config, cross_attention=cross_attention, rngs=rngs)
+
+      self.layers = create(rngs)
+    else:
+      self.layers = nnx.List([TransformerBlock(config, cross_attention=cross_attention, rngs=rngs)
+                              for _ in range(num_layers)])
+    self.relative_bias = (
+        RelativePositionBias(config.num_heads, num_buckets=config.relative_buckets,
+                             max_distance=config.relative_max_distance, bidirectional=not causal,
+                             param_dtype=config.param_dtype, rngs=rngs)
+        if config.positions == "relative" else None)
+    self.final_norm = (make_norm(config.norm, config.d_model, eps=config.norm_eps,
+                                 dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
+                       if config.final_norm else None)
+
+  def init_cache(self, batch: int, max_length: int, dtype: Any = None):
+    """An empty cache for every layer: a `KVCache` with a leading `[layers]` axis when scanned, a
+    tuple of per-layer `KVCache`s when unrolled. Treat it as opaque; `next_positions` reads it.
+    """
+    config = self.config
+    one = lambda: KVCache.create(batch, max_length, config.kv_heads, config.features_per_head,
+                                 dtype=config.dtype if dtype is None else dtype)
+    if config.scan_layers:
+      return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers,) + a.shape), one())
+    return tuple(one() for _ in range(self.num_layers))
+
+  def next_positions(self, cache) -> jax.Array:
+    """int32 `[batch]`: the position each row's next real token takes, given this stack's cache."""
+    first = jax.tree.map(lambda a: a[0], cache) if self.config.scan_layers else cache[0]
+    return first.next_positions()
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array, mask: Mask | None = None,
+               context: jax.Array | None = None, context_mask: Mask | None = None, cache=None,
+               deterministic: bool = True, dropout_rng: jax.Array | None = None,
+               return_weights: bool = False):
+    """Runs the blocks on `x` `[batch, length, d_model]`.
+
+    Args:
+      positions: int `[batch, length]`, -1 for padding (see `positions_from_mask`).
+      mask: self-attention `Mask` (without a cache).
+      context, context_mask: encoder output `[batch, src_len, d_model]` and its mask, for
+        cross-attention.
+      cache: from `init_cache` (causal stacks only).
+      return_weights: also return `{'self': per-layer weights, 'cross': ...}`, each a tuple of
+        `[batch, heads, q_len, kv_len]` arrays, one per layer.
+    """
+    config = self.config
+    if cache is not None and not self.causal:
+      raise ValueError("a cache is only for causal (decoder) stacks")
+    if self.relative_bias is None:
+      bias = None
+    elif cache is None:
+      bias = self.relative_bias(positions, positions)
+    else:
+      first = jax.tree.map(lambda a: a[0], cache) if config.scan_layers else cache[0]
+      bias = self.relative_bias(positions, first.positions_after(positions))
+
+    def run_block(graphdef, x, layer_state, layer_cache, rng):
+      block = nnx.merge(graphdef, layer_state)
+      return block(x, positions=positions, mask=mask, bias=bias, context=context,
+                   context_mask=context_mask, cache=layer_cache, deterministic=deterministic,
+                   dropout_rng=rng, return_weights=return_weights)
+
+    if config.remat != "none":
+      run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[config.remat],
+                                 static_argnums=(0,))
+    rngs = (None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers))
+
+    if config.scan_layers:
+      graphdef, state = nnx.split(self.layers)
+
+      def body(x, xs):
+        layer_state, layer_cache, rng = xs
+        x, layer_cache, weights = run_block(graphdef, x, layer_state, layer_cache, rng)
+        return x, (layer_cache, weights)
+
+      x, (cache, weights) = jax.lax.scan(body, x, (state, cache, rngs))
+      if return_weights:
+        weights = [tuple(w[i] for i in range(self.num_layers)) if w is not None else None
+                   for w in weights]
+    else:
+      new_cache, per_layer = [], []
+      for i, block in enumerate(self.layers):
+        graphdef, state = nnx.split(block)
+        x, layer_cache, layer_weights = run_block(
+            graphdef, x, state, None if cache is None else cache[i],
+            None if rngs is None else rngs[i])
+        new_cache.append(layer_cache)
+        per_layer.append(layer_weights)
+      cache = None if cache is None else tuple(new_cache)
+      weights = (None if not return_weights else
+                 [tuple(w[kind] for w in per_layer) if per_layer[0][kind] is not None else None
+                  for kind in (0, 1)])
+    if self.final_norm is not None:
+      x = self.final_norm(x)
+    outputs = (x,) + ((cache,) if cache is not None else ())
+    if return_weights:
+      named = {"self": weights[0]}
+      if self.has_cross_attention:
+        named["cross"] = weights[1]
+      outputs += (named,)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+class Encoder(TransformerStack):
+  """Bidirectional stack of `config.num_layers` blocks (no cross-attention, no cache)."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    super().__init__(config, num_layers=config.num_layers, causal=False, cross_attention=False,
+                     rngs=rngs)
+
+
+class Decoder(TransformerStack):
+  """Causal stack; with `cross_attention=True` (encoder-decoder) each block also attends to a context.
+
+  `num_layers` defaults to `config.num_layers` without cross-attention and `config.decoder_layers`
+  with it. The causal mask comes from the caller (`Mask(causal=True, ...)`) or, with a cache, from
+  the cache's positions.
+  """
+
+  def __init__(self, config: TransformerConfig, *, cross_attention: bool = False,
+               num_layers: int | None = None, rngs: nnx.Rngs):
+    if num_layers is None:
+      num_layers = config.decoder_layers if cross_attention else config.num_layers
+    super().__init__(config, num_layers=num_layers, causal=True, cross_attention=cross_attention,
+                     rngs=rngs)
