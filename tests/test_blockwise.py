@@ -4,8 +4,9 @@ Small explicit block sizes (8 query x 16 key positions) make every case span sev
 that are not multiples of the blocks, so padding, block skipping and the online softmax are all
 exercised. The broad property-based comparison of every implementation lives in the shared suite.
 
-Oracles: `flaxattn.attention.reference` (dense float32 scores, plain autodiff: no code shared with the
-kernel beyond `Mask.materialize`), and for one case a float64 NumPy softmax written here.
+Oracles: `flaxattn.attention.reference` (dense float32 scores, plain autodiff; it shares only the mask's
+visibility rule `Mask.tile` with the kernel), and for one case a float64 NumPy softmax with its own
+causal mask, written here.
 Tolerances: float32 outputs and gradients to 2e-5 absolute + 2e-5 relative (values are O(1); the
 online softmax reorders sums); bfloat16 to 3e-2, against the reference on the same bfloat16 inputs.
 """
@@ -35,13 +36,13 @@ def _inputs(q_len=Q_LEN, kv_len=KV_LEN, heads=HEADS, kv_heads=KV_HEADS, dtype=jn
 
 
 def _output_and_grads(implementation, query, key, value, cotangent, *, mask=None, bias=None,
-                      softcap=None, **blocks):
+                      softcap=None):
   """Output and gradients of `sum(out * cotangent)` w.r.t. query, key, value (and bias if given)."""
 
   def loss(query, key, value, bias):
     out = implementation(query, key, value, mask=mask, bias=bias, scale=HEAD_DIM ** -0.5,
                          softcap=softcap, dropout_rate=0.0, dropout_rng=None,
-                         return_weights=False, **blocks)
+                         return_weights=False)
     return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
   argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)

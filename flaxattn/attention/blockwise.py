@@ -15,6 +15,10 @@ Block skipping. A query block only visits the key blocks in the range that causa
 (`Mask.kv_bounds`), key lengths, query lengths and segment ids can leave visible; the range is a dynamic
 loop bound, so causal attention costs about half of full attention and a fixed window is linear in
 length. Inside a visited tile, `Mask.tile` gives the exact visibility.
+
+Block sizes are keyword arguments of `attention` (defaults in `DEFAULT_BLOCKS`); to route the dispatcher
+to other sizes, register a variant, e.g. `api.register(dataclasses.replace(IMPLEMENTATION,
+name="blockwise_128", fn=functools.partial(attention, block_q=128, block_kv=128)))`.
 """
 
 from __future__ import annotations
