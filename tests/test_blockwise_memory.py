@@ -4,8 +4,9 @@ Each length runs in a fresh subprocess (a peak never goes down within a process)
 causal attention, batch 1, 8 heads, head_dim 64, float32, with the default block sizes. Two measures:
 the process's peak resident memory above its resident memory once JAX has started (not above the
 earlier peak: the import's own transient peak can exceed what a small run needs), and XLA's compiled
-memory analysis (arguments + outputs + temporaries). Going from 2k to 16k tokens multiplies the inputs by 8; a kernel
-materialising the scores would multiply its memory by 64 (8 GiB of scores at 16k). The test allows 12x.
+memory analysis (arguments + outputs + temporaries). Going from 2k to 16k tokens multiplies the inputs
+by 8; a kernel materialising the scores would multiply its memory by 64 (8 GiB of scores at 16k). The
+test allows 12x.
 """
 
 import json
