@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxattn.attention import reference, xla
+from flaxattn.attention import blockwise, reference, xla
 from flaxattn.attention.mask import Mask, as_mask
 from flaxattn.attention.spec import Call, Implementation
 
@@ -31,6 +31,10 @@ def register(implementation: Implementation, *, prefer_on: dict[str, int] | None
 
 register(reference.IMPLEMENTATION)
 register(xla.IMPLEMENTATION)
+# CPU: blockwise measured faster than xla at every length from 128 tokens (benchmarks/tune_blockwise.py)
+# and O(length) memory. GPU/TPU: after xla (untuned there), ahead of the O(length^2) reference for the
+# calls xla cannot run (softcap).
+register(blockwise.IMPLEMENTATION, prefer_on={"cpu": 0, "gpu": 1, "tpu": 1})
 
 
 def implementations() -> list[dict]:
