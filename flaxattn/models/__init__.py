@@ -1,7 +1,10 @@
 """Whole models built from `flaxattn.nn`: encoder, classifier, encoder-decoder, decoder LM."""
 
 from flaxattn.models.decoder import DecoderLM
+from flaxattn.models.decoding import filter_logits, generate
 from flaxattn.models.encoder import EncoderClassifier, EncoderModel
 from flaxattn.models.seq2seq import EncoderDecoder
 
-__all__ = ["DecoderLM", "EncoderClassifier", "EncoderDecoder", "EncoderModel"]
+__all__ = [
+    "DecoderLM", "EncoderClassifier", "EncoderDecoder", "EncoderModel", "filter_logits", "generate",
+]
