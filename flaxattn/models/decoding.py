@@ -18,7 +18,10 @@ keeps it and is padded with `pad_id` afterwards.
 Beam search scores a hypothesis `y` of `n` new tokens (its `eos_id` included) as
 `log p(y) / lp(n)` with the GNMT length penalty `lp(n) = ((5 + n) / 6) ** length_penalty` (Wu et al.
 2016, alpha = 0.6 in "Attention Is All You Need"). Hypotheses are sequences that end in `eos_id` within
-`max_new_tokens` tokens, or that reach `max_new_tokens` without it.
+`max_new_tokens` tokens, or that reach `max_new_tokens` without it. At each step the `num_beams` best
+extensions without `eos_id` stay live; an extension by `eos_id` becomes a finished hypothesis when it
+ranks among the `num_beams` best extensions (fairseq's and Hugging Face's rule, so that one beam decodes
+exactly as greedy). The search stops when no live beam can still beat the worst kept hypothesis.
 """
 
 from __future__ import annotations
@@ -314,9 +317,13 @@ def _beam_search(step, prompt, logits, cache, context, cache_axes, options: _Opt
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, beams, vocab)
     candidates = live_log_probs[:, :, None] + log_probs  # [batch, beams, vocab]
     if eos_id is not None:
-      # Each live beam ending here in eos is a finished hypothesis of index + 1 new tokens.
+      # A live beam ending here in eos is a finished hypothesis of index + 1 new tokens when it ranks
+      # among the best `beams` candidates (as fairseq and Hugging Face: one beam is then greedy).
+      kth_best = jax.lax.top_k(candidates.reshape(batch, beams * vocab), beams)[0][:, -1:]
       ended = _write_column(tokens, jnp.full((batch, beams), eos_id, jnp.int32), prompt_len + index)
-      ended_scores = candidates[:, :, eos_id] / length_penalty_factor(index + 1, alpha)
+      ended_scores = jnp.where(candidates[:, :, eos_id] >= kth_best,
+                               candidates[:, :, eos_id] / length_penalty_factor(index + 1, alpha),
+                               -jnp.inf)
       finished_tokens, finished_scores = _best(
           jnp.concatenate([finished_tokens, ended], axis=1),
           jnp.concatenate([finished_scores, ended_scores], axis=1), beams)
