@@ -159,7 +159,12 @@ class MultiHeadAttention(nnx.Module):
     self.in_features = in_features
     self.kv_features = in_features if kv_features is None else kv_features
     self.out_features = in_features if out_features is None else out_features
-    self.dropout_rate, self.softcap, self.implementation = dropout_rate, softcap, implementation
+    self.dropout_rate, self.softcap = dropout_rate, softcap
+    # jax.nn.dot_product_attention (behind 'xla') requires value_dim == head_dim and does not declare
+    # it to the dispatcher, so auto-selection could pick it; the reference handles any value_dim.
+    if implementation is None and value_dim not in (None, head_dim):
+      implementation = "reference"
+    self.implementation = implementation
     self.positions, self.rope_base = positions, rope_base
     self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
     self.dtype = dtype
