@@ -269,9 +269,10 @@ def _sample(step, prompt, logits, cache, context, rng, options: _Options):
       filtered = filter_logits(logits, temperature=options.temperature, top_k=options.top_k,
                                top_p=options.top_p)
       token = jax.random.categorical(jax.random.fold_in(rng, index), filtered).astype(jnp.int32)
-    log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
     token = jnp.where(finished, options.pad_id, token)
-    scores = scores + jnp.where(finished, 0.0, log_prob)
+    if options.return_scores:
+      log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+      scores = scores + jnp.where(finished, 0.0, log_prob)
     tokens = _write_column(tokens, token, prompt_len + index)
     if options.eos_id is not None:
       finished = finished | (token == options.eos_id)
