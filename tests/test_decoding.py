@@ -173,9 +173,10 @@ def test_second_call_with_the_same_shapes_compiles_nothing(lm):
       lambda event, seconds, **kwargs: compiles.append(event)
       if event == "/jax/core/compile/backend_compile_duration" else None)
   ids, lengths = right_padded(PROMPTS)
+  other_ids, other_lengths = right_padded([prompt[::-1] for prompt in PROMPTS[::-1]])
   generate(lm, ids, max_new_tokens=MAX_NEW, prompt_lengths=lengths)
   before = len(compiles)
-  generate(lm, (ids + 1) % VOCAB, max_new_tokens=MAX_NEW, prompt_lengths=lengths[::-1])
+  generate(lm, other_ids, max_new_tokens=MAX_NEW, prompt_lengths=other_lengths)
   assert len(compiles) == before
 
 
