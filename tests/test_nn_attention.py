@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from flaxattn.attention import Mask
-from flaxattn.nn import KVCache, MultiHeadAttention
+from flaxattn.nn import ContextCache, KVCache, MultiHeadAttention
+from flaxattn.nn.attention import mask_from_keras, mask_from_torch
 
 RNG = np.random.default_rng(2)
 
@@ -35,29 +36,41 @@ def torch_and_ours(embed, heads, kdim=None):
   return torch, ref, ours
 
 
-@pytest.mark.parametrize("masking", ["none", "key_padding", "causal", "both"])
+@pytest.mark.parametrize("masking", ["none", "key_padding", "causal", "both", "float"])
 def test_self_attention_matches_torch(masking):
   torch, ref, ours = torch_and_ours(16, 4)
   x = RNG.normal(size=(3, 6, 16)).astype(np.float32)
   lengths = np.array([6, 4, 1])
   padding = np.arange(6)[None, :] >= lengths[:, None]  # torch: True = ignore
   causal = np.triu(np.ones((6, 6), bool), 1)  # torch: True = blocked
-  kwargs, mask = {}, None
+  kwargs = {}
   if masking in ("key_padding", "both"):
-    kwargs["key_padding_mask"] = torch.from_numpy(padding)
+    kwargs["key_padding_mask"] = padding
   if masking in ("causal", "both"):
-    kwargs["attn_mask"] = torch.from_numpy(causal)
-  if masking == "key_padding":
-    mask = Mask(array=jnp.asarray(~padding)[:, None, None, :])
-  elif masking == "causal":
-    mask = Mask(causal=True)
-  elif masking == "both":
-    mask = Mask(causal=True, kv_lengths=jnp.asarray(lengths, jnp.int32))
+    kwargs["attn_mask"] = causal
+  if masking == "float":  # additive float masks: a key-padding penalty and a distance bias
+    kwargs["key_padding_mask"] = np.where(padding, -1e4, 0.0).astype(np.float32)
+    kwargs["attn_mask"] = -0.3 * np.abs(np.subtract.outer(np.arange(6), np.arange(6))).astype(np.float32)
   xt = torch.from_numpy(x)
-  want_out, want_weights = ref(xt, xt, xt, need_weights=True, average_attn_weights=False, **kwargs)
-  out, weights = ours(jnp.asarray(x), mask=mask, return_weights=True)
+  want_out, want_weights = ref(xt, xt, xt, need_weights=True, average_attn_weights=False,
+                               **{k: torch.from_numpy(v) for k, v in kwargs.items()})
+  mask, bias = mask_from_torch(**{k: jnp.asarray(v) for k, v in kwargs.items()})
+  out, weights = ours(jnp.asarray(x), mask=mask, bias=bias, return_weights=True)
   np.testing.assert_allclose(out, want_out.detach().numpy(), atol=1e-5)  # float32 both sides
   np.testing.assert_allclose(weights, want_weights.detach().numpy(), atol=1e-6)
+  if masking == "both":  # the same visibility as a structured mask
+    structured = ours(jnp.asarray(x), mask=Mask(causal=True, kv_lengths=jnp.asarray(lengths, jnp.int32)))
+    np.testing.assert_allclose(structured, out, atol=1e-6)
+
+
+def test_keras_masks():
+  attend = RNG.random((2, 3, 3)) > 0.3
+  mask = mask_from_keras(jnp.asarray(attend), use_causal_mask=True)
+  want = attend[:, None] & np.tril(np.ones((3, 3), bool))
+  np.testing.assert_array_equal(mask.materialize(3, 3), want)
+  assert mask_from_keras() is None
+  with pytest.raises(ValueError, match="attention_mask"):
+    mask_from_keras(jnp.ones((3, 3), bool))
 
 
 def test_cross_attention_with_kdim_matches_torch():
@@ -108,16 +121,38 @@ def test_gqa_softcap_qknorm_vs_numpy(kv_heads, softcap, qk_norm):
 def test_cache_matches_full_causal_pass(positions):
   module = MultiHeadAttention(4, 16, kv_heads=2, positions=positions, rngs=nnx.Rngs(0))
   x = jnp.asarray(RNG.normal(size=(2, 7, 16)), jnp.float32)
-  full = module(x, mask=Mask(causal=True))
+  graphdef, state = nnx.split(module)
+  full = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, mask=Mask(causal=True)))(state, x)
+  step = jax.jit(lambda s, x, pos, cache: nnx.merge(graphdef, s)(x, positions=pos, cache=cache))
   cache = module.init_cache(2, 9)
   pieces = []
   for start, stop in ((0, 3), (3, 4), (4, 7)):
     pos = jnp.broadcast_to(jnp.arange(start, stop), (2, stop - start))
-    out, cache = module(x[:, start:stop], positions=pos, cache=cache)
+    out, cache = step(state, x[:, start:stop], pos, cache)
     pieces.append(out)
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=1e-5)  # float32
   assert int(cache.index) == 7
   np.testing.assert_array_equal(cache.next_positions(), [7, 7])
+
+
+def test_context_cache_cross_attention_matches_uncached():
+  module = MultiHeadAttention(4, 16, kv_heads=2, kv_features=6, qk_norm=True, rngs=nnx.Rngs(2))
+  x = jnp.asarray(RNG.normal(size=(2, 3, 16)), jnp.float32)
+  context = jnp.asarray(RNG.normal(size=(2, 5, 6)), jnp.float32)
+  mask = Mask(array=jnp.array([[True] * 5, [True] * 2 + [False] * 3])[:, None, None, :])
+  expected = module(x, context, mask=mask)
+  out, cache = module(x[:, :2], context, mask=mask, cache=module.init_context_cache(2))
+  assert cache.filled and cache.key.shape == (2, 5, 2, 4)
+  np.testing.assert_allclose(out, expected[:, :2], atol=1e-6)  # the same float32 operations
+  # Filled: the context is no longer needed, and its keys/values are the cached ones.
+  out, _ = module(x[:, 2:], mask=mask, cache=cache)
+  np.testing.assert_allclose(out, expected[:, 2:], atol=1e-6)
+  with pytest.raises(ValueError, match="context of length 5"):
+    module(x, context[:, :4], cache=cache)
+  with pytest.raises(ValueError, match="needs the context"):
+    module(x, cache=ContextCache.create(2, 2, 4))
+  with pytest.raises(ValueError, match="length >= 1"):
+    module(x, context[:, :0])
 
 
 def test_keras_args_and_errors():

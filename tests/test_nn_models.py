@@ -64,8 +64,11 @@ def check_against_unpadded(logits, full_fn, row=1):
   np.testing.assert_allclose(logits[row, mask[row]], alone[0], **TOL)
 
 
-@pytest.mark.parametrize("positions,scan", [("rope", False), ("rope", True), ("alibi", False),
-                                            ("relative", True), ("learned", False)])
+@pytest.mark.parametrize("positions,scan", [
+    ("rope", False), ("rope", True),
+    pytest.param("alibi", False, marks=pytest.mark.slow),
+    pytest.param("relative", True, marks=pytest.mark.slow),
+    pytest.param("learned", False, marks=pytest.mark.slow)])
 def test_decoder_lm_cache_matches_full_forward(positions, scan):
   config = dataclasses.replace(LLAMA, positions=positions, scan_layers=scan,
                                tie_embeddings=positions != "learned")
@@ -81,17 +84,31 @@ def test_decoder_lm_cache_matches_full_forward(positions, scan):
   check_against_unpadded(incremental, lambda ids: np.asarray(call(model, ids)))
 
 
-def test_encoder_decoder_cache_matches_full_forward():
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_encoder_decoder_cache_matches_full_forward(scan):
   config = dataclasses.replace(BERT, positions="sinusoidal", pre_norm=True, final_norm=True,
-                               num_decoder_layers=3)
+                               num_decoder_layers=3, scan_layers=scan)
   model = EncoderDecoder(config, share_embeddings=False, source_vocab_size=19, rngs=nnx.Rngs(0))
   source = np.array([[3, 4, 5, 6], [7, 8, 0, 0], [9, 0, 0, 0]])
   source_mask = (source > 0).astype(np.int32)
   graphdef, state = nnx.split(model)
   encoded = jax.jit(lambda s, ids, m: nnx.merge(graphdef, s).encode(ids, m))(state, source, source_mask)
-  step = jax.jit(lambda s, ids, mask, cache: nnx.merge(graphdef, s).decode(
+  step = jax.jit(lambda s, encoded, ids, mask, cache: nnx.merge(graphdef, s).decode(
       ids, encoded, source_mask, mask, cache=cache))
-  incremental = decode_incrementally(functools.partial(step, state), model.init_cache(3, 12))
+  calls = []
+
+  def recording_step(ids, mask, cache):
+    # After the first call the cross-attention keys/values come from the cache: a zero `encoded`
+    # (same shape) must give the same logits, so the encoder output is not projected again.
+    real = step(state, encoded, ids, mask, cache)
+    if calls:
+      np.testing.assert_array_equal(step(state, jnp.zeros_like(encoded), ids, mask, cache)[0],
+                                    real[0])
+    calls.append(ids.shape)
+    return real
+
+  incremental = decode_incrementally(recording_step, model.init_cache(3, 12))
+  assert len(calls) == 5
   ids = np.concatenate([PROMPTS, NEW], 1)
   full = np.asarray(call(model, source, ids, source_mask,
                          np.concatenate([PROMPT_MASK, np.ones_like(NEW)], 1)))
@@ -100,6 +117,11 @@ def test_encoder_decoder_cache_matches_full_forward():
   # Source padding does not change a row's result.
   alone = np.asarray(call(model, source[2:, :1], ids[2:, valid[2]]))
   np.testing.assert_allclose(full[2, valid[2]], alone[0], **TOL)
+  # A source of another length than the one cached is an error, not a silent mix.
+  cache = step(state, encoded, PROMPTS[:, :1], PROMPT_MASK[:, :1], model.init_cache(3, 12))[1]
+  with pytest.raises(ValueError, match="context of length 4"):
+    jax.eval_shape(lambda: model.decode(PROMPTS[:, 1:2], encoded[:, :2], source_mask[:, :2],
+                                        cache=cache))
 
 
 def copy_scanned_to_unrolled(scanned, unrolled, stack="decoder"):
@@ -124,7 +146,7 @@ def test_scanned_equals_unrolled(remat):
   def loss(model, ids):
     return jnp.mean(model(ids) ** 2)
 
-  grads = [nnx.grad(loss)(m, ids) for m in (scanned, unrolled)]
+  grads = [nnx.jit(nnx.grad(loss))(m, ids) for m in (scanned, unrolled)]
   q_scanned = grads[0]["decoder"]["layers"]["attention"]["query"]["kernel"][...]
   q_unrolled = jnp.stack([grads[1]["decoder"]["layers"][i]["attention"]["query"]["kernel"][...]
                           for i in range(2)])
@@ -141,7 +163,7 @@ def test_bfloat16_compute_float32_params_close_to_float32():
   scale = float(jnp.std(logits32))
   assert float(jnp.max(jnp.abs(logits16 - logits32))) < 0.05 * scale + 0.02
   cache = model16.init_cache(3, 8)
-  assert cache[0].key.dtype == jnp.bfloat16
+  assert cache.self_attention[0].key.dtype == jnp.bfloat16
 
 
 def test_split_merge_jit_train_step_gradient():
@@ -207,3 +229,17 @@ def test_encoder_padding_invariance_and_classifier_pooling():
     model(ids, mask[:, :3])
   with pytest.raises(ValueError, match="input_ids"):
     model(ids.astype(np.float32))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_tree_mode_jit_and_grad_match_graph_mode(scan):
+  model = DecoderLM(dataclasses.replace(LLAMA, scan_layers=scan), rngs=nnx.Rngs(0))
+  ids = jnp.asarray(PROMPTS)
+  tree = nnx.jit(lambda m, ids: m(ids), graph=False)(model, ids)
+  np.testing.assert_allclose(tree, call(model, ids), **TOL)
+  loss = lambda m, ids: jnp.mean(m(ids) ** 2)
+  tree_grads = nnx.jit(nnx.grad(loss, graph=False), graph=False)(model, ids)
+  graphdef, params = nnx.split(model, nnx.Param)
+  graph_grads = jax.jit(jax.grad(lambda p: loss(nnx.merge(graphdef, p), ids)))(params)
+  tree_grads = nnx.state(tree_grads, nnx.Param)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tree_grads, graph_grads)

@@ -48,7 +48,7 @@ def reference(model_dir):
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("HF_HUB_OFFLINE", "1")
     encoder = sentence_transformers.SentenceTransformer(str(model_dir), device="cpu")
-  features = encoder.tokenize(SENTENCES)
+  features = encoder.preprocess(SENTENCES)
   with torch.no_grad():
     hidden = encoder[0].auto_model(
         input_ids=features["input_ids"], attention_mask=features["attention_mask"],

@@ -5,8 +5,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from flaxattn.models.common import (check_ids, outputs, self_attention_mask, token_positions,
-                                    valid_tokens)
+from flaxattn.models.common import check_ids, self_attention_mask, token_positions, valid_tokens
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import Dense
 from flaxattn.nn.pooling import POOLINGS, AttentionPooling, pool

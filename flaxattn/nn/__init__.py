@@ -1,19 +1,22 @@
 """Flax NNX modules on top of `flaxattn.attention`: attention, positions, norms, MLPs, blocks, stacks."""
 
-from flaxattn.nn.attention import KVCache, MultiHeadAttention
+from flaxattn.nn.attention import (ContextCache, KVCache, MultiHeadAttention, mask_from_keras,
+                                   mask_from_torch)
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import MLP, Dense, Embed, LayerNorm, RMSNorm
 from flaxattn.nn.pooling import AttentionPooling, mean_pool
 from flaxattn.nn.positions import (LearnedPositions, RelativePositionBias, alibi_bias, alibi_slopes,
                                    apply_rope, relative_position_bucket, sinusoidal)
+from flaxattn.nn.recurrent import GRU, LSTM, Recurrent, RecurrentAttentionEncoder, RecurrentCell
 from flaxattn.nn.sharding import constrain
 from flaxattn.nn.transformer import (Decoder, Embedder, Encoder, TransformerBlock, TransformerStack,
                                      positions_from_mask)
 
 __all__ = [
-    "AttentionPooling", "Decoder", "Dense", "Embed", "Embedder", "Encoder", "KVCache", "LayerNorm",
+    "AttentionPooling", "ContextCache", "Decoder", "GRU", "LSTM", "Recurrent", "RecurrentAttentionEncoder",
+    "RecurrentCell", "Dense", "Embed", "Embedder", "Encoder", "KVCache", "LayerNorm",
     "LearnedPositions", "MLP", "MultiHeadAttention", "RMSNorm", "RelativePositionBias",
     "TransformerBlock", "TransformerConfig", "TransformerStack", "alibi_bias", "alibi_slopes",
-    "apply_rope", "constrain", "mean_pool", "positions_from_mask", "relative_position_bucket",
-    "sinusoidal",
+    "apply_rope", "constrain", "mask_from_keras", "mask_from_torch", "mean_pool",
+    "positions_from_mask", "relative_position_bucket", "sinusoidal",
 ]

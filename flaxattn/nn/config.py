@@ -59,6 +59,8 @@ class TransformerConfig:
       `[embed, vocab]` kernel.
     scan_layers: True: one block's parameters stacked on a leading `layers` axis, applied with
       `jax.lax.scan` (compile time flat in depth); False: a Python list of blocks (unrolled).
+      On CPU the unrolled stack runs faster (a SmolLM2-sized decode step at batch 8 measured
+      66 ms unrolled vs 170 ms scanned): scan for compile time and training, unroll for decoding.
     remat: rematerialisation of each block in the backward pass: 'none', 'full' (save nothing),
       'dots' (save matmul outputs), 'dots_no_batch' (save matmuls without batch dimensions).
     dtype: compute dtype of activations (e.g. bfloat16). Norms and softmax accumulate in float32.

@@ -3,11 +3,13 @@
 Every parameter is created through `param`, which records its logical axis names (`embed`, `heads`,
 `kv_heads`, `head_dim`, `mlp`, `vocab`, `layers`, ...) as the Variable's `out_sharding` metadata; read
 them with `nnx.get_partition_spec(nnx.state(model))`, translated to mesh axes under
-`nnx.logical_axis_rules(rules)`. Parameters are created unsharded (`eager_sharding=False`): a model can
+`nnx.logical_axis_rules(rules)` (flax keeps a name without a rule as a mesh axis name, so give every
+name in `LOGICAL_AXES` a rule, `None` for replicated). Parameters are created unsharded (`eager_sharding=False`): a model can
 be built with or without a mesh, and the training code places the state from that metadata.
 
 Activations pass through `constrain(x, ("batch", "length", "embed"))`, which is a no-op unless both a
-mesh (`jax.set_mesh`) and logical axis rules (`nnx.logical_axis_rules`) are active.
+mesh (`jax.set_mesh`) and logical axis rules (`nnx.logical_axis_rules`) are active; there a name
+without a rule is replicated.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
 
+# Every logical axis name used in flaxattn; sharding rules map these to mesh axes.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers")
 
 
@@ -28,6 +31,9 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[s
   shape, axes = tuple(shape), tuple(axes)
   if len(shape) != len(axes):
     raise ValueError(f"axes {axes} must name every dimension of shape {shape}")
+  unknown = [name for name in axes if name is not None and name not in LOGICAL_AXES]
+  if unknown:
+    raise ValueError(f"axes {axes} name unknown logical axes {unknown}; known: {LOGICAL_AXES}")
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 

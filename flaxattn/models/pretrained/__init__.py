@@ -27,7 +27,7 @@ def load_pretrained(path: str | os.PathLike, **overrides):
   Args:
     path: a Hugging Face BERT checkpoint directory, or a `.gguf` file of a llama-architecture model.
     **overrides: `TransformerConfig` fields that keep the weights' meaning (`dtype`, `param_dtype`,
-      `attention_impl`, `scan_layers`, `remat`, dropout rates, `max_length`).
+      `attention_impl`, `scan_layers`, `remat`, dropout rates).
 
   Returns:
     `(model, tokenizer)`: an `EncoderModel` (`model(input_ids, attention_mask, token_type_ids)` ->
@@ -82,4 +82,4 @@ def _load_gguf(path: pathlib.Path, overrides: dict):
     raise ValueError(
         f"load_pretrained: {path} has general.architecture={architecture!r}; supported: "
         f"[{gguf_llama.ARCHITECTURE!r}]")
-  return gguf_llama.load(path, **overrides)
+  return gguf_llama.load(reader, path, **overrides)

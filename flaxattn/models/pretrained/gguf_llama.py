@@ -130,11 +130,11 @@ def decoder_params(checkpoint: Checkpoint, config: TransformerConfig) -> dict[st
   return params | stack_layers("decoder", layers, scanned=config.scan_layers)
 
 
-def load(path: pathlib.Path, **overrides) -> tuple[DecoderLM, tokenizers_lib.Tokenizer]:
-  """`DecoderLM` with the file's weights (dequantized to float32, stored as `param_dtype`) and its BPE
-  tokenizer. `overrides`: `TransformerConfig` fields that keep the weights' meaning (see
-  `weights.OVERRIDABLE`), e.g. `scan_layers=True`."""
-  reader = gguf.GGUFReader(str(path))
+def load(reader: "gguf.GGUFReader", path: pathlib.Path,
+         **overrides) -> tuple[DecoderLM, tokenizers_lib.Tokenizer]:
+  """`DecoderLM` with the weights of the GGUF file `reader` read from `path` (dequantized to float32,
+  stored as `param_dtype`) and its BPE tokenizer. `overrides`: `TransformerConfig` fields that keep the
+  weights' meaning (see `weights.OVERRIDABLE`), e.g. `scan_layers=True`."""
   metadata = read_metadata(reader)
   names = [tensor.name for tensor in reader.tensors]
   config = override(transformer_config(metadata, names, str(path)), overrides, str(path))

@@ -12,7 +12,7 @@ import numpy as np
 
 try:
   import tokenizers
-  from tokenizers import decoders, models, pre_tokenizers, processors
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 except ImportError as error:  # Optional dependency: only loading pretrained checkpoints needs it.
   raise ImportError(
       "flaxattn.models.pretrained needs the `tokenizers` package: pip install 'flaxattn[pretrained]'"
@@ -81,14 +81,22 @@ class Tokenizer:
 def wordpiece(vocab_path: str, *, lowercase: bool, max_length: int | None) -> Tokenizer:
   """BERT's WordPiece tokenizer from `vocab.txt` (one token a line, id = line number).
 
-  Uncased checkpoints (`lowercase=True`) also strip accents, as BERT's `BasicTokenizer` does.
+  BERT's text cleaning and CJK splitting; uncased checkpoints (`lowercase=True`) also strip accents, as
+  BERT's `BasicTokenizer` does. `encode` adds `[CLS] ... [SEP]`.
   """
-  backend = tokenizers.BertWordPieceTokenizer(str(vocab_path), lowercase=lowercase)
-  pad_id = backend.token_to_id("[PAD]")
-  if pad_id is None:
-    raise ValueError(f"vocab.txt at {vocab_path} has no [PAD] token")
-  # `BertWordPieceTokenizer` is a convenience wrapper; unwrap it to the plain `tokenizers.Tokenizer`.
-  return Tokenizer(backend._tokenizer, pad_id=pad_id, max_length=max_length)
+  backend = tokenizers.Tokenizer(models.WordPiece.from_file(str(vocab_path), unk_token="[UNK]"))
+  special = {token: backend.token_to_id(token)
+             for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
+  absent = [token for token, index in special.items() if index is None]
+  if absent:
+    raise ValueError(f"vocab.txt at {vocab_path} lacks the special tokens {absent}")
+  backend.add_special_tokens(list(special))
+  backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+  backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  backend.post_processor = processors.BertProcessing(
+      ("[SEP]", special["[SEP]"]), ("[CLS]", special["[CLS]"]))
+  backend.decoder = decoders.WordPiece()
+  return Tokenizer(backend, pad_id=special["[PAD]"], max_length=max_length)
 
 
 # Pre-tokenizer (how text is split into words before the merges) per GGUF `tokenizer.ggml.pre`. GPT-2's

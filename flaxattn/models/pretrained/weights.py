@@ -13,7 +13,7 @@ from flaxattn.nn import TransformerConfig
 
 # Config fields a caller may change when loading: they leave every parameter's shape and meaning alone.
 OVERRIDABLE = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat", "dropout_rate",
-               "attention_dropout_rate", "max_length")
+               "attention_dropout_rate")
 
 
 class Checkpoint:
@@ -29,9 +29,6 @@ class Checkpoint:
   def __init__(self, tensors: dict[str, np.ndarray], source: str, ignore: Iterable[str] = ()):
     self._tensors, self.source = tensors, str(source)
     self._unused = set(tensors) - set(ignore)
-
-  def __contains__(self, name: str) -> bool:
-    return name in self._tensors
 
   def take(self, name: str) -> np.ndarray:
     """The tensor `name`; raises `ValueError` naming the file if the checkpoint lacks it."""
