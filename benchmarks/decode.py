@@ -211,8 +211,8 @@ def markdown(result: dict) -> str:
       "",
       f"{result['new_tokens']} new tokens, median of {result['repeats']} runs after a warm-up, peers "
       f"interleaved; a transformers run stops after {result['max_seconds']:.0f} s (`max_time`; "
-      f"`new tokens` says how far it got). {result['threads']} threads each (XLA's pool, `torch.set_num_threads`), and "
-      "transformers with 1 thread too. "
+      f"`new tokens` says how far it got). {result['threads']} threads each (XLA's pool, "
+      "`torch.set_num_threads`), and transformers with 1 thread too. "
       f"Load average before/after: {result['load_before']} / {result['load_after']}: the machine is "
       "shared, so absolute numbers are noisy; the ratios come from one run.",
       "",
