@@ -197,3 +197,6 @@ def test_kvcache_is_a_pytree():
                                      jnp.array([[0, 1], [-1, 0]])))(cache)
   np.testing.assert_array_equal(moved.positions, [[0, 1, -1, -1, -1], [-1, 0, -1, -1, -1]])
   np.testing.assert_array_equal(moved.next_positions(), [2, 1])
+  with pytest.raises(ValueError, match="3 new tokens do not fit a cache of max_length=2"):
+    KVCache.create(1, 2, 1, 4).update(jnp.ones((1, 3, 1, 4)), jnp.ones((1, 3, 1, 4)),
+                                      jnp.zeros((1, 3), jnp.int32))

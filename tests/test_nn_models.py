@@ -124,6 +124,19 @@ def test_encoder_decoder_cache_matches_full_forward(scan):
                                         cache=cache))
 
 
+def test_learned_positions_bound_sequence_and_cache_length():
+  model = DecoderLM(BERT, rngs=nnx.Rngs(0))  # a table of max_length=16 positions
+  with pytest.raises(ValueError, match="sequence length 17 exceeds max_length=16"):
+    jax.eval_shape(lambda: model(np.zeros((1, 17), np.int32)))
+  with pytest.raises(ValueError, match="max_length=17 of the cache exceeds config.max_length=16"):
+    model.init_cache(1, 17)
+  with pytest.raises(ValueError, match="max_length must be a positive int"):
+    model.init_cache(1, 0)
+  assert model.init_cache(1).self_attention[0].key.shape[1] == 16
+  # RoPE has no table: a cache longer than config.max_length is fine.
+  assert DecoderLM(LLAMA, rngs=nnx.Rngs(0)).init_cache(1, 40).self_attention[0].key.shape[1] == 40
+
+
 def copy_scanned_to_unrolled(scanned, unrolled, stack="decoder"):
   """Loads the stacked `layers` parameters of a scanned model into an unrolled one."""
   stacked = nnx.state(getattr(scanned, stack).layers)

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxattn.attention import Mask
+from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.transformer import positions_from_mask
+
+
+def cache_length(config: TransformerConfig, max_length: int | None) -> int:
+  """The length of a new cache (default `config.max_length`), checked against the position table."""
+  length = config.max_length if max_length is None else max_length
+  if not isinstance(length, (int, np.integer)) or length < 1:
+    raise ValueError(f"max_length must be a positive int, got {length!r}")
+  if config.positions == "learned" and length > config.max_length:
+    raise ValueError(
+        f"max_length={length} of the cache exceeds config.max_length={config.max_length}, the "
+        "size of the learned position table: later tokens would have no position embedding")
+  return int(length)
 
 
 def check_ids(name: str, ids: jax.Array) -> None:

@@ -83,9 +83,13 @@ class KVCache:
   def update(self, key: jax.Array, value: jax.Array, positions: jax.Array) -> "KVCache":
     """Writes `key`/`value` `[batch, new, kv_heads, dim]` with `positions` `[batch, new]` at `index`.
 
-    Writing past `max_length` is not detected inside `jit` (the write would be clamped): size the
-    cache for prompt plus generated tokens.
+    More new tokens than slots raise ValueError; writing past `max_length` over several calls is not
+    detected inside `jit` (the write index is traced, the write would be clamped): size the cache
+    for prompt plus generated tokens.
     """
+    if key.shape[1] > self.key.shape[1]:
+      raise ValueError(
+          f"{key.shape[1]} new tokens do not fit a cache of max_length={self.key.shape[1]}")
     start = (0, self.index, 0, 0)
     return KVCache(
         key=jax.lax.dynamic_update_slice(self.key, key.astype(self.key.dtype), start),
