@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from flaxattn.attention import Mask
-from flaxattn.nn import KVCache, MultiHeadAttention
+from flaxattn.nn import ContextCache, KVCache, MultiHeadAttention
 from flaxattn.nn.attention import mask_from_keras, mask_from_torch
 
 RNG = np.random.default_rng(2)
@@ -135,6 +135,26 @@ def test_cache_matches_full_causal_pass(positions):
   np.testing.assert_array_equal(cache.next_positions(), [7, 7])
 
 
+def test_context_cache_cross_attention_matches_uncached():
+  module = MultiHeadAttention(4, 16, kv_heads=2, kv_features=6, qk_norm=True, rngs=nnx.Rngs(2))
+  x = jnp.asarray(RNG.normal(size=(2, 3, 16)), jnp.float32)
+  context = jnp.asarray(RNG.normal(size=(2, 5, 6)), jnp.float32)
+  mask = Mask(array=jnp.array([[True] * 5, [True] * 2 + [False] * 3])[:, None, None, :])
+  expected = module(x, context, mask=mask)
+  out, cache = module(x[:, :2], context, mask=mask, cache=module.init_context_cache(2))
+  assert cache.filled and cache.key.shape == (2, 5, 2, 4)
+  np.testing.assert_allclose(out, expected[:, :2], atol=1e-6)  # the same float32 operations
+  # Filled: the context is no longer needed, and its keys/values are the cached ones.
+  out, _ = module(x[:, 2:], mask=mask, cache=cache)
+  np.testing.assert_allclose(out, expected[:, 2:], atol=1e-6)
+  with pytest.raises(ValueError, match="context of length 5"):
+    module(x, context[:, :4], cache=cache)
+  with pytest.raises(ValueError, match="needs the context"):
+    module(x, cache=ContextCache.create(2, 2, 4))
+  with pytest.raises(ValueError, match="length >= 1"):
+    module(x, context[:, :0])
+
+
 def test_keras_args_and_errors():
   module = MultiHeadAttention.from_keras_args(2, 3, in_features=8, value_dim=5, output_shape=6,
                                               kv_features=4, rngs=nnx.Rngs(0))
@@ -177,3 +197,6 @@ def test_kvcache_is_a_pytree():
                                      jnp.array([[0, 1], [-1, 0]])))(cache)
   np.testing.assert_array_equal(moved.positions, [[0, 1, -1, -1, -1], [-1, 0, -1, -1, -1]])
   np.testing.assert_array_equal(moved.next_positions(), [2, 1])
+  with pytest.raises(ValueError, match="3 new tokens do not fit a cache of max_length=2"):
+    KVCache.create(1, 2, 1, 4).update(jnp.ones((1, 3, 1, 4)), jnp.ones((1, 3, 1, 4)),
+                                      jnp.zeros((1, 3), jnp.int32))

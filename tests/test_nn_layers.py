@@ -81,6 +81,12 @@ def test_dense_multi_axis_and_embed_attend():
   np.testing.assert_allclose(embed.attend(jnp.asarray(X, jnp.float32)), X @ table.T, atol=1e-4)
   with pytest.raises(ValueError, match="integer"):
     embed(jnp.zeros((2,), jnp.float32))
+  for bad in ([3, 10], [-1, 3]):  # past the table, and negative (NumPy-style take would wrap it)
+    with pytest.raises(ValueError, match=r"ids must be in \[0, 10\)"):
+      embed(jnp.array(bad))
+    # Under jit the values are unknown: the bad row is NaN, not another token's embedding.
+    rows = np.asarray(jax.jit(embed.__call__)(jnp.array(bad)))
+    assert np.isnan(rows[0 if bad[0] < 0 else 1]).all()
 
 
 @pytest.mark.parametrize("kwargs,match", [

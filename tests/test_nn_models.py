@@ -84,17 +84,31 @@ def test_decoder_lm_cache_matches_full_forward(positions, scan):
   check_against_unpadded(incremental, lambda ids: np.asarray(call(model, ids)))
 
 
-def test_encoder_decoder_cache_matches_full_forward():
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_encoder_decoder_cache_matches_full_forward(scan):
   config = dataclasses.replace(BERT, positions="sinusoidal", pre_norm=True, final_norm=True,
-                               num_decoder_layers=3)
+                               num_decoder_layers=3, scan_layers=scan)
   model = EncoderDecoder(config, share_embeddings=False, source_vocab_size=19, rngs=nnx.Rngs(0))
   source = np.array([[3, 4, 5, 6], [7, 8, 0, 0], [9, 0, 0, 0]])
   source_mask = (source > 0).astype(np.int32)
   graphdef, state = nnx.split(model)
   encoded = jax.jit(lambda s, ids, m: nnx.merge(graphdef, s).encode(ids, m))(state, source, source_mask)
-  step = jax.jit(lambda s, ids, mask, cache: nnx.merge(graphdef, s).decode(
+  step = jax.jit(lambda s, encoded, ids, mask, cache: nnx.merge(graphdef, s).decode(
       ids, encoded, source_mask, mask, cache=cache))
-  incremental = decode_incrementally(functools.partial(step, state), model.init_cache(3, 12))
+  calls = []
+
+  def recording_step(ids, mask, cache):
+    # After the first call the cross-attention keys/values come from the cache: a zero `encoded`
+    # (same shape) must give the same logits, so the encoder output is not projected again.
+    real = step(state, encoded, ids, mask, cache)
+    if calls:
+      np.testing.assert_array_equal(step(state, jnp.zeros_like(encoded), ids, mask, cache)[0],
+                                    real[0])
+    calls.append(ids.shape)
+    return real
+
+  incremental = decode_incrementally(recording_step, model.init_cache(3, 12))
+  assert len(calls) == 5
   ids = np.concatenate([PROMPTS, NEW], 1)
   full = np.asarray(call(model, source, ids, source_mask,
                          np.concatenate([PROMPT_MASK, np.ones_like(NEW)], 1)))
@@ -103,6 +117,29 @@ def test_encoder_decoder_cache_matches_full_forward():
   # Source padding does not change a row's result.
   alone = np.asarray(call(model, source[2:, :1], ids[2:, valid[2]]))
   np.testing.assert_allclose(full[2, valid[2]], alone[0], **TOL)
+  # A source of another length than the one cached is an error, not a silent mix.
+  cache = step(state, encoded, PROMPTS[:, :1], PROMPT_MASK[:, :1], model.init_cache(3, 12))[1]
+  with pytest.raises(ValueError, match="context of length 4"):
+    jax.eval_shape(lambda: model.decode(PROMPTS[:, 1:2], encoded[:, :2], source_mask[:, :2],
+                                        cache=cache))
+
+
+def test_learned_positions_bound_sequence_and_cache_length():
+  model = DecoderLM(BERT, rngs=nnx.Rngs(0))  # a table of max_length=16 positions
+  with pytest.raises(ValueError, match="sequence length 17 exceeds max_length=16"):
+    jax.eval_shape(lambda: model(np.zeros((1, 17), np.int32)))
+  with pytest.raises(ValueError, match="max_length=17 of the cache exceeds config.max_length=16"):
+    model.init_cache(1, 17)
+  with pytest.raises(ValueError, match="max_length must be a positive int"):
+    model.init_cache(1, 0)
+  # An additive mask (0 = attend, -inf = padding) would read inverted as 1/0 padding flags.
+  with pytest.raises(ValueError, match="attention_mask must hold 1/True"):
+    model(PROMPTS, np.where(PROMPT_MASK > 0, 0.0, -np.inf))
+  with pytest.raises(ValueError, match="positions must be integer"):
+    model(PROMPTS, positions=np.zeros(PROMPTS.shape, np.float32))
+  assert model.init_cache(1).self_attention[0].key.shape[1] == 16
+  # RoPE has no table: a cache longer than config.max_length is fine.
+  assert DecoderLM(LLAMA, rngs=nnx.Rngs(0)).init_cache(1, 40).self_attention[0].key.shape[1] == 40
 
 
 def copy_scanned_to_unrolled(scanned, unrolled, stack="decoder"):
@@ -144,7 +181,7 @@ def test_bfloat16_compute_float32_params_close_to_float32():
   scale = float(jnp.std(logits32))
   assert float(jnp.max(jnp.abs(logits16 - logits32))) < 0.05 * scale + 0.02
   cache = model16.init_cache(3, 8)
-  assert cache[0].key.dtype == jnp.bfloat16
+  assert cache.self_attention[0].key.dtype == jnp.bfloat16
 
 
 def test_split_merge_jit_train_step_gradient():

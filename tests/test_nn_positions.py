@@ -112,3 +112,7 @@ def test_learned_positions_lookup():
   module = P.LearnedPositions(6, 4, rngs=nnx.Rngs(0))
   pos = np.array([[0, 5, 2]])
   np.testing.assert_array_equal(module(jnp.asarray(pos)), np.asarray(module.embedding[...])[pos])
+  with pytest.raises(ValueError, match="sequence length 7 exceeds max_length=6"):
+    module(jnp.zeros((1, 7), jnp.int32))
+  with pytest.raises(ValueError, match="positions must be integer"):
+    module(jnp.zeros((1, 3), jnp.float32))

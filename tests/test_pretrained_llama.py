@@ -108,3 +108,31 @@ def test_greedy_continuation_matches_transformers(loaded, reference):
         prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
   expected = expected[0, prompt.shape[1]:].tolist()
   assert greedy(model, tokenizer.encode(PROMPT), NEW_TOKENS) == expected
+
+
+def test_batched_generate_matches_transformers_per_prompt(loaded, reference):
+  """`flaxattn.models.generate` (KV cache, one jitted loop) on prompts of different lengths in one
+  right-padded batch gives, row by row, transformers' greedy continuation of that prompt alone, up
+  to and including its end-of-sequence token, then padding."""
+  from flaxattn.models import generate
+
+  model, tokenizer = loaded
+  reference_model, reference_tokenizer = reference
+  eos_id, pad_id, new_tokens = reference_tokenizer.eos_token_id, 0, 24
+  prompts = [TEXTS[3], PROMPT, "def fibonacci(n):"]
+  expected = []
+  for text in prompts:
+    prompt = reference_tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+      tokens = reference_model.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
+                                        eos_token_id=eos_id, pad_token_id=eos_id)
+    continuation = tokens[0, prompt.shape[1]:].tolist()
+    expected.append(continuation + [pad_id] * (new_tokens - len(continuation)))
+  assert any(eos_id in row for row in expected), "no prompt reached end-of-sequence"
+  ids = [tokenizer.encode(text) for text in prompts]
+  batch = np.zeros((len(ids), max(map(len, ids))), np.int32)
+  for row, prompt in enumerate(ids):
+    batch[row, :len(prompt)] = prompt
+  tokens = generate(model, jnp.asarray(batch), max_new_tokens=new_tokens,
+                    prompt_lengths=[len(prompt) for prompt in ids], eos_id=eos_id, pad_id=pad_id)
+  np.testing.assert_array_equal(np.asarray(tokens)[:, batch.shape[1]:], np.array(expected))

@@ -95,7 +95,7 @@ def test_scanned_and_unrolled_loads_agree(bert_dir):
   scanned, _ = load_pretrained(bert_dir, scan_layers=True)
   ids, valid = tokenizer.encode_batch(["hello world", "the cats sat , hello !"])
   np.testing.assert_allclose(np.asarray(scanned(ids, attention_mask=valid)),
-                             np.asarray(unrolled(ids, attention_mask=valid)), rtol=0, atol=1e-6)
+                             np.asarray(unrolled(ids, attention_mask=valid)), rtol=1e-6, atol=1e-5)
 
 
 def test_unused_weight_is_named(tmp_path):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxattn.attention import reference, xla
+from flaxattn.attention import blockwise, reference, xla
 from flaxattn.attention.mask import Mask, as_mask
 from flaxattn.attention.spec import Call, Implementation
 
@@ -31,6 +31,10 @@ def register(implementation: Implementation, *, prefer_on: dict[str, int] | None
 
 register(reference.IMPLEMENTATION)
 register(xla.IMPLEMENTATION)
+# CPU: blockwise measured faster than xla at every length from 128 tokens (benchmarks/tune_blockwise.py)
+# and O(length) memory. GPU/TPU: after xla (untuned there), ahead of the O(length^2) reference for the
+# calls xla cannot run (softcap).
+register(blockwise.IMPLEMENTATION, prefer_on={"cpu": 0, "gpu": 1, "tpu": 1})
 
 
 def implementations() -> list[dict]:
@@ -44,6 +48,11 @@ def _platform() -> str:
 
 def _dtype_name(dtype) -> str:
   return jnp.dtype(dtype).name
+
+
+def _is_number(x) -> bool:
+  # bool is an int subclass, and np.isscalar accepts strings: neither is a meaningful scale.
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 def _validate(query, key, value, bias, mask: Mask | None, scale, softcap, dropout_rate, dropout_rng):
@@ -70,6 +79,8 @@ def _validate(query, key, value, bias, mask: Mask | None, scale, softcap, dropou
         f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}): "
         f"query {query.shape}, key {key.shape}")
   if bias is not None:
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise ValueError(f"bias must be floating point, got dtype {bias.dtype}")
     shape = tuple(np.shape(bias))
     target = (batch, heads, q_len, kv_len)
     if len(shape) > 4 or any(s not in (1, t) for s, t in zip(shape[::-1], target[::-1])):
@@ -77,12 +88,12 @@ def _validate(query, key, value, bias, mask: Mask | None, scale, softcap, dropou
           f"bias of shape {shape} does not broadcast to [batch, heads, q_len, kv_len] = {target}")
   if mask is not None:
     mask.validate(batch, heads, q_len, kv_len)
-  if scale is not None and not np.isscalar(scale):
+  if scale is not None and not _is_number(scale):
     raise ValueError(f"scale must be a Python number, got {scale!r}")
-  if softcap is not None and not (np.isscalar(softcap) and softcap > 0):
+  if softcap is not None and not (_is_number(softcap) and softcap > 0):
     raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+  if not (_is_number(dropout_rate) and 0.0 <= dropout_rate < 1.0):
+    raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
 

@@ -55,9 +55,10 @@ class Mask:
     if not isinstance(self.causal, (bool, np.bool_)):
       raise ValueError(f"Mask.causal must be a Python bool, got {self.causal!r}")
     if self.window is not None:
-      window = tuple(self.window)
+      window = tuple(self.window) if isinstance(self.window, (tuple, list)) else (self.window,)
       if len(window) != 2 or not all(
-          side is None or (isinstance(side, (int, np.integer)) and side >= 0) for side in window):
+          side is None or (isinstance(side, (int, np.integer)) and not isinstance(side, bool)
+                           and side >= 0) for side in window):
         raise ValueError(
             f"Mask.window must be (left, right) with non-negative ints or None, got {self.window!r}")
       object.__setattr__(self, "window", tuple(None if s is None else int(s) for s in window))
@@ -97,6 +98,10 @@ class Mask:
         raise ValueError(f"Mask.{name} must have shape {shape} (from query/key), got {value_shape}")
 
     check("q_segment_ids", self.q_segment_ids, (batch, q_len), "int")
+    if q_len != kv_len and np.shape(self.kv_segment_ids) == (batch, q_len):
+      raise ValueError(
+          f"Mask.kv_segment_ids must have shape {(batch, kv_len)} (from key), got {(batch, q_len)}: "
+          f"it defaults to q_segment_ids, so pass it explicitly when q_len != kv_len")
     check("kv_segment_ids", self.kv_segment_ids, (batch, kv_len), "int")
     check("q_lengths", self.q_lengths, (batch,), "int")
     check("kv_lengths", self.kv_lengths, (batch,), "int")
@@ -184,5 +189,6 @@ def as_mask(mask) -> Mask | None:
     return mask
   if hasattr(mask, "dtype") and jnp.result_type(mask) == jnp.bool_:
     return Mask(array=mask)
-  raise ValueError(
-      f"mask must be a flaxattn.attention.Mask, a boolean array or None, got {type(mask).__name__}")
+  dtype = f" of dtype {mask.dtype}" if hasattr(mask, "dtype") else ""
+  raise ValueError(f"mask must be a flaxattn.attention.Mask, a boolean array or None, got "
+                   f"{type(mask).__name__}{dtype}")

@@ -2,8 +2,12 @@
 `load_pretrained` for real checkpoints (BERT directories, llama GGUF files)."""
 
 from flaxattn.models.decoder import DecoderLM
+from flaxattn.models.decoding import filter_logits, generate
 from flaxattn.models.encoder import EncoderClassifier, EncoderModel
 from flaxattn.models.pretrained import load_pretrained
 from flaxattn.models.seq2seq import EncoderDecoder
 
-__all__ = ["DecoderLM", "EncoderClassifier", "EncoderDecoder", "EncoderModel", "load_pretrained"]
+__all__ = [
+    "DecoderLM", "EncoderClassifier", "EncoderDecoder", "EncoderModel", "filter_logits", "generate",
+    "load_pretrained",
+]

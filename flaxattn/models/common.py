@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxattn.attention import Mask
+from flaxattn.nn.config import TransformerConfig
+from flaxattn.nn.layers import concrete
 from flaxattn.nn.transformer import positions_from_mask
+
+
+def cache_length(config: TransformerConfig, max_length: int | None) -> int:
+  """The length of a new cache (default `config.max_length`), checked against the position table."""
+  length = config.max_length if max_length is None else max_length
+  if not isinstance(length, (int, np.integer)) or length < 1:
+    raise ValueError(f"max_length must be a positive int, got {length!r}")
+  if config.positions == "learned" and length > config.max_length:
+    raise ValueError(
+        f"max_length={length} of the cache exceeds config.max_length={config.max_length}, the "
+        "size of the learned position table: later tokens would have no position embedding")
+  return int(length)
 
 
 def check_ids(name: str, ids: jax.Array) -> None:
@@ -18,12 +33,21 @@ def check_ids(name: str, ids: jax.Array) -> None:
 
 
 def valid_tokens(name: str, ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array | None:
-  """`attention_mask` (1/True = real token, 0 = padding, `[batch, length]`) as bool, or None."""
+  """`attention_mask` (1/True = real token, 0 = padding, `[batch, length]`) as bool, or None.
+
+  Values other than 0/1 (e.g. an additive 0/-inf mask, which would read inverted) raise ValueError
+  when known (eager calls).
+  """
   if attention_mask is None:
     return None
   if tuple(jnp.shape(attention_mask)) != tuple(ids.shape):
     raise ValueError(
         f"{name} must match the ids' shape {tuple(ids.shape)}, got {tuple(jnp.shape(attention_mask))}")
+  values = concrete(attention_mask)
+  if values is not None and not np.isin(values, (0, 1)).all():
+    raise ValueError(
+        f"{name} must hold 1/True (real token) and 0/False (padding), got values "
+        f"{np.unique(values)[:5].tolist()}")
   return jnp.asarray(attention_mask).astype(bool)
 
 

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxattn.models.common import (check_ids, outputs, self_attention_mask, token_positions,
-                                    valid_tokens)
+from flaxattn.models.common import (cache_length, check_ids, outputs, self_attention_mask,
+                                    token_positions, valid_tokens)
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import Dense
 from flaxattn.nn.transformer import Decoder, Embedder
@@ -39,10 +39,10 @@ class DecoderLM(nnx.Module):
 
   def init_cache(self, batch: int, max_length: int | None = None, dtype: Any = None):
     """An empty cache for `batch` rows of up to `max_length` tokens (default `config.max_length`),
-    prompt included. A pytree: pass it through `jax.jit` like any array.
+    prompt included. A pytree: pass it through `jax.jit` like any array. With learned positions,
+    `max_length` may not exceed `config.max_length` (ValueError).
     """
-    return self.decoder.init_cache(batch, self.config.max_length if max_length is None else max_length,
-                                   dtype)
+    return self.decoder.init_cache(batch, cache_length(self.config, max_length), dtype)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, cache=None, deterministic: bool = True,

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxattn.models.common import (check_ids, context_mask, outputs, self_attention_mask,
-                                    token_positions, valid_tokens)
+from flaxattn.models.common import (cache_length, check_ids, context_mask, outputs,
+                                    self_attention_mask, token_positions, valid_tokens)
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import Dense
 from flaxattn.nn.transformer import Decoder, Embedder, Encoder
@@ -26,8 +26,10 @@ class EncoderDecoder(nnx.Module):
 
   `model(source_ids, target_ids, source_mask, target_mask)` -> logits `[batch, tgt_len, vocab]`;
   for decoding, `encoded = model.encode(source_ids, source_mask)` once, then
-  `logits, cache = model.decode(target_ids, encoded, source_mask, cache=cache)` per step (the
-  cross-attention keys/values are recomputed from `encoded` each step).
+  `logits, cache = model.decode(target_ids, encoded, source_mask, cache=cache)` per step. The first
+  call with a fresh cache projects the cross-attention keys/values of `encoded` into the cache; later
+  steps reuse them and only project their new queries (`encoded` must then be the same source: only
+  its shape is checked).
   """
 
   def __init__(self, config: TransformerConfig, *, share_embeddings: bool = True,
@@ -48,9 +50,11 @@ class EncoderDecoder(nnx.Module):
                           rngs=rngs))
 
   def init_cache(self, batch: int, max_length: int | None = None, dtype: Any = None):
-    """An empty decoder self-attention cache for `batch` targets of up to `max_length` tokens."""
-    return self.decoder.init_cache(batch, self.config.max_length if max_length is None else max_length,
-                                   dtype)
+    """An empty decoder cache for `batch` targets of up to `max_length` tokens: self-attention keys and
+    values, plus room for the cross-attention keys/values that the first `decode` call projects from
+    the encoder output (the source length is not needed here). With learned positions, `max_length`
+    may not exceed `config.max_length` (ValueError)."""
+    return self.decoder.init_cache(batch, cache_length(self.config, max_length), dtype)
 
   def encode(self, source_ids: jax.Array, source_mask: jax.Array | None = None, *,
              deterministic: bool = True, dropout_rng: jax.Array | None = None,

@@ -1,6 +1,7 @@
 """Flax NNX modules on top of `flaxattn.attention`: attention, positions, norms, MLPs, blocks, stacks."""
 
-from flaxattn.nn.attention import KVCache, MultiHeadAttention, mask_from_keras, mask_from_torch
+from flaxattn.nn.attention import (ContextCache, KVCache, MultiHeadAttention, mask_from_keras,
+                                   mask_from_torch)
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import MLP, Dense, Embed, LayerNorm, RMSNorm
 from flaxattn.nn.pooling import AttentionPooling, mean_pool
@@ -12,10 +13,10 @@ from flaxattn.nn.transformer import (Decoder, Embedder, Encoder, TransformerBloc
                                      positions_from_mask)
 
 __all__ = [
-    "AttentionPooling", "Decoder", "GRU", "LSTM", "Recurrent", "RecurrentAttentionEncoder",
+    "AttentionPooling", "ContextCache", "Decoder", "GRU", "LSTM", "Recurrent", "RecurrentAttentionEncoder",
     "RecurrentCell", "Dense", "Embed", "Embedder", "Encoder", "KVCache", "LayerNorm",
     "LearnedPositions", "MLP", "MultiHeadAttention", "RMSNorm", "RelativePositionBias",
     "TransformerBlock", "TransformerConfig", "TransformerStack", "alibi_bias", "alibi_slopes",
-    "apply_rope", "constrain", "mask_from_keras", "mask_from_torch", "mean_pool", "positions_from_mask", "relative_position_bucket",
-    "sinusoidal",
+    "apply_rope", "constrain", "mask_from_keras", "mask_from_torch", "mean_pool",
+    "positions_from_mask", "relative_position_bucket", "sinusoidal",
 ]

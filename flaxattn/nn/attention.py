@@ -28,6 +28,10 @@ state. Slots are written in order (one shared write index); each slot records it
 for empty slots and padding. A query at position `p` sees exactly the written keys with position
 `0 <= position <= p`, so padding anywhere (left-padded prompts, or right-padded prompts followed by
 generated tokens) is excluded and each row's positions stay its own.
+
+Cross-attention cache. The keys/values of a fixed context (an encoder's output) are the same at every
+decoding step: `cache=ContextCache` projects them once (from `context`, when the cache is empty) and
+later calls reuse them, projecting only the new queries.
 """
 
 from __future__ import annotations
@@ -79,9 +83,13 @@ class KVCache:
   def update(self, key: jax.Array, value: jax.Array, positions: jax.Array) -> "KVCache":
     """Writes `key`/`value` `[batch, new, kv_heads, dim]` with `positions` `[batch, new]` at `index`.
 
-    Writing past `max_length` is not detected inside `jit` (the write would be clamped): size the
-    cache for prompt plus generated tokens.
+    More new tokens than slots raise ValueError; writing past `max_length` over several calls is not
+    detected inside `jit` (the write index is traced, the write would be clamped): size the cache
+    for prompt plus generated tokens.
     """
+    if key.shape[1] > self.key.shape[1]:
+      raise ValueError(
+          f"{key.shape[1]} new tokens do not fit a cache of max_length={self.key.shape[1]}")
     start = (0, self.index, 0, 0)
     return KVCache(
         key=jax.lax.dynamic_update_slice(self.key, key.astype(self.key.dtype), start),
@@ -102,6 +110,33 @@ class KVCache:
   def next_positions(self) -> jax.Array:
     """int32 `[batch]`: the position the next real token of each row takes (tokens seen so far)."""
     return jnp.max(self.positions, axis=1) + 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ContextCache:
+  """The projected keys and values of a cross-attention layer's context.
+
+  Attributes:
+    key: `[batch, context_len, kv_heads, head_dim]`; `context_len` is 0 until filled.
+    value: `[batch, context_len, kv_heads, value_dim]`.
+  """
+
+  key: jax.Array
+  value: jax.Array
+
+  @classmethod
+  def create(cls, batch: int, kv_heads: int, head_dim: int, value_dim: int | None = None,
+             dtype: Any = jnp.float32) -> "ContextCache":
+    """An empty cache (context length 0), filled by the first call that is given the context."""
+    value_dim = head_dim if value_dim is None else value_dim
+    return cls(key=jnp.zeros((batch, 0, kv_heads, head_dim), dtype),
+               value=jnp.zeros((batch, 0, kv_heads, value_dim), dtype))
+
+  @property
+  def filled(self) -> bool:
+    """Whether the keys/values are there (static: decided by the shape, so usable under `jit`)."""
+    return self.key.shape[1] > 0
 
 
 def mask_from_keras(attention_mask: jax.Array | None = None,
@@ -214,10 +249,6 @@ class MultiHeadAttention(nnx.Module):
     self.kv_features = in_features if kv_features is None else kv_features
     self.out_features = in_features if out_features is None else out_features
     self.dropout_rate, self.softcap = dropout_rate, softcap
-    # jax.nn.dot_product_attention (behind 'xla') requires value_dim == head_dim and does not declare
-    # it to the dispatcher, so auto-selection could pick it; the reference handles any value_dim.
-    if implementation is None and value_dim not in (None, head_dim):
-      implementation = "reference"
     self.implementation = implementation
     self.positions, self.rope_base = positions, rope_base
     self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
@@ -265,9 +296,35 @@ class MultiHeadAttention(nnx.Module):
     return KVCache.create(batch, max_length, self.kv_heads, self.head_dim, self.value_dim,
                           self.dtype if dtype is None else dtype)
 
+  def init_context_cache(self, batch: int, dtype: Any = None) -> ContextCache:
+    """An empty `ContextCache` for this layer's cross-attention (dtype defaults to the compute dtype)."""
+    return ContextCache.create(batch, self.kv_heads, self.head_dim, self.value_dim,
+                               self.dtype if dtype is None else dtype)
+
+  def context_cache(self, context: jax.Array, dtype: Any = None) -> ContextCache:
+    """The keys/values of `context` `[batch, context_len, kv_features]` as a filled `ContextCache`."""
+    self._check_context(context, context.shape[0] if jnp.ndim(context) else 0)
+    key, value = self._project_kv(context)
+    dtype = self.dtype if dtype is None else dtype
+    return ContextCache(key=key.astype(dtype), value=value.astype(dtype))
+
+  def _check_context(self, context: jax.Array, batch: int) -> None:
+    if (context.ndim != 3 or context.shape[-1] != self.kv_features or context.shape[0] != batch
+        or context.shape[1] == 0):
+      raise ValueError(
+          f"context must be [{batch}, length >= 1, {self.kv_features}], got shape {context.shape}")
+
+  def _project_kv(self, source: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys (QK-normalised, not yet rotated) and values of `source` `[batch, length, features]`."""
+    key = constrain(self.key(source), ("batch", "length", "kv_heads", "head_dim"))
+    value = constrain(self.value(source), ("batch", "length", "kv_heads", "head_dim"))
+    if self.key_norm is not None:
+      key = self.key_norm(key)
+    return key, value
+
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: Mask | None = None,
                bias: jax.Array | None = None, positions: jax.Array | None = None,
-               cache: KVCache | None = None, deterministic: bool = True,
+               cache: KVCache | ContextCache | None = None, deterministic: bool = True,
                dropout_rng: jax.Array | None = None, return_weights: bool = False):
     """Attends from `x` to `context` (or to `x` itself).
 
@@ -279,8 +336,10 @@ class MultiHeadAttention(nnx.Module):
       bias: added to the logits, broadcastable to `[batch, heads, q_len, kv_len]`.
       positions: int `[batch, q_len]` positions of `x`'s tokens (default `0 .. q_len-1`); used by
         'rope'/'alibi' and by the cache (-1 marks padding, which sees and is seen by nothing).
-      cache: a `KVCache` (self-attention only): the new keys/values are appended and attention runs
-        over every slot written so far.
+      cache: a `KVCache` (self-attention): the new keys/values are appended and attention runs over
+        every slot written so far. Or a `ContextCache` (cross-attention): when empty it is filled
+        from `context`; when filled its keys/values are used and `context` may be None (if given,
+        only its shape is checked against the cache: its values are not read again).
       deterministic: False enables attention dropout (needs `dropout_rng`).
       return_weights: also return the attention weights `[batch, heads, q_len, kv_len]` (float32;
         needs an implementation that returns weights, e.g. 'reference').
@@ -289,36 +348,47 @@ class MultiHeadAttention(nnx.Module):
       `out [batch, q_len, out_features]`; with a cache `(out, new_cache)`; with `return_weights`
       the weights come last: `(out, weights)` or `(out, new_cache, weights)`.
     """
-    batch, q_len = x.shape[0], x.shape[1]
     if x.ndim != 3 or x.shape[-1] != self.in_features:
       raise ValueError(f"x must be [batch, length, {self.in_features}], got shape {x.shape}")
+    batch, q_len = x.shape[0], x.shape[1]
+    cross = context is not None or isinstance(cache, ContextCache)
     if context is not None:
-      if context.ndim != 3 or context.shape[-1] != self.kv_features or context.shape[0] != batch:
+      self._check_context(context, batch)
+    if cross and (isinstance(cache, KVCache) or self.positions != "none"):
+      raise ValueError(
+          "cross-attention (context given) takes no KVCache and no positions; got "
+          f"cache={type(cache).__name__}, positions={self.positions!r}")
+    if isinstance(cache, ContextCache):
+      if cache.key.shape[0] != batch:
+        raise ValueError(f"cache holds a batch of {cache.key.shape[0]}, but x has batch {batch}")
+      if not cache.filled and context is None:
+        raise ValueError("an empty ContextCache needs the context to fill it")
+      if cache.filled and context is not None and context.shape[1] != cache.key.shape[1]:
         raise ValueError(
-            f"context must be [{batch}, length, {self.kv_features}], got shape {context.shape}")
-      if cache is not None or self.positions != "none":
-        raise ValueError(
-            "cross-attention (context given) takes no cache and no positions; got "
-            f"cache={'a KVCache' if cache is not None else None}, positions={self.positions!r}")
-    if cache is not None and mask is not None:
-      raise ValueError("mask must be None when a cache is given: visibility comes from the cache")
+            f"cache holds keys/values for a context of length {cache.key.shape[1]}, got a context "
+            f"of length {context.shape[1]}")
+    if isinstance(cache, KVCache) and mask is not None:
+      raise ValueError("mask must be None when a KVCache is given: visibility comes from the cache")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
     elif tuple(positions.shape) != (batch, q_len):
       raise ValueError(f"positions must be [batch, q_len] = {(batch, q_len)}, got {positions.shape}")
 
-    source = x if context is None else context
     query = constrain(self.query(x), ("batch", "length", "heads", "head_dim"))
-    key = constrain(self.key(source), ("batch", "length", "kv_heads", "head_dim"))
-    value = constrain(self.value(source), ("batch", "length", "kv_heads", "head_dim"))
     if self.query_norm is not None:
-      query, key = self.query_norm(query), self.key_norm(key)
+      query = self.query_norm(query)
+    if isinstance(cache, ContextCache):
+      if not cache.filled:
+        cache = self.context_cache(context, cache.key.dtype)
+      key, value = cache.key.astype(self.dtype), cache.value.astype(self.dtype)
+    else:
+      key, value = self._project_kv(x if context is None else context)
     if self.positions == "rope":
       query = apply_rope(query, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
       key = apply_rope(key, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
 
     kv_positions = positions
-    if cache is not None:
+    if isinstance(cache, KVCache):
       cache = cache.update(key, value, positions)
       key, value = cache.key.astype(self.dtype), cache.value.astype(self.dtype)
       kv_positions = cache.positions

@@ -11,11 +11,20 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flaxattn.nn.sharding import param
 
 default_kernel_init = nnx.initializers.lecun_normal()
+
+
+def concrete(x) -> np.ndarray | None:
+  """`x`'s values when known now (not traced under `jit`), for checks that need them; else None."""
+  try:
+    return np.asarray(x)
+  except jax.errors.TracerArrayConversionError:
+    return None
 
 
 def _tuple(x) -> tuple[int, ...]:
@@ -90,10 +99,21 @@ class Embed(nnx.Module):
                            (num_embeddings, features), (vocab_axis, "embed"), param_dtype)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    """`ids`: int `[...]` -> `[..., features]` in the compute dtype."""
+    """`ids`: int `[...]` in `[0, num_embeddings)` -> `[..., features]` in the compute dtype.
+
+    Ids outside the table raise ValueError when their values are known (eager calls); under `jit`
+    they give NaN rows rather than another token's embedding (a negative id would otherwise wrap
+    around to the end of the table).
+    """
     if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
       raise ValueError(f"Embed expects integer ids, got dtype {jnp.result_type(ids)}")
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    values = concrete(ids)
+    if values is not None and values.size and (
+        values.min() < 0 or values.max() >= self.num_embeddings):
+      raise ValueError(
+          f"ids must be in [0, {self.num_embeddings}), got values in [{values.min()}, {values.max()}]")
+    ids = jnp.where(ids < 0, self.num_embeddings, ids)
+    return jnp.take(self.embedding[...], ids, axis=0, mode="fill").astype(self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """`x`: `[..., features]` -> logits `[..., num_embeddings]` against the table (tied output)."""

@@ -43,9 +43,20 @@ class LearnedPositions(nnx.Module):
   def __call__(self, positions: jax.Array) -> jax.Array:
     """`positions`: int `[batch, length]` in `[0, max_length)` -> `[batch, length, features]`.
 
-    Positions outside the table are clipped (padding positions of -1 read row 0, which is harmless
-    because padding is masked); a sequence longer than `max_length` is the caller's error.
+    A `length` over `max_length` raises ValueError. The values themselves may be traced, so they are
+    clipped into the table: padding's -1 reads row 0 (harmless, padding is masked), and a position
+    past the table would read the last row. The models rule that out for decoding: their
+    `init_cache` refuses a cache longer than the table, and positions count only the tokens a
+    cache holds.
     """
+    if jnp.ndim(positions) != 2 or not jnp.issubdtype(jnp.result_type(positions), jnp.integer):
+      raise ValueError(
+          f"positions must be integer [batch, length], got shape {tuple(jnp.shape(positions))} "
+          f"dtype {jnp.result_type(positions)}")
+    if positions.shape[1] > self.max_length:
+      raise ValueError(
+          f"sequence length {positions.shape[1]} exceeds max_length={self.max_length} of the learned "
+          "position table")
     return jnp.take(self.embedding[...], jnp.clip(positions, 0, self.max_length - 1),
                     axis=0).astype(self.dtype)
 

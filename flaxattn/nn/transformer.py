@@ -11,6 +11,7 @@ is passed and/or weights are asked for (the `MultiHeadAttention` convention).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxattn.attention import Mask
-from flaxattn.nn.attention import KVCache, MultiHeadAttention
+from flaxattn.nn.attention import ContextCache, KVCache, MultiHeadAttention
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import MLP, Embed, dropout, make_norm
 from flaxattn.nn.positions import LearnedPositions, RelativePositionBias, sinusoidal
@@ -40,6 +41,22 @@ def positions_from_mask(valid: jax.Array, start: jax.Array | int = 0) -> jax.Arr
   """
   counted = jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1 + jnp.reshape(start, (-1, 1))
   return jnp.where(valid, counted, -1).astype(jnp.int32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecoderCache:
+  """A decoder stack's cache, from `TransformerStack.init_cache`; callers treat it as opaque.
+
+  Attributes:
+    self_attention: a `KVCache` per layer: one with a leading `[layers]` axis when scanned, a tuple
+      when unrolled.
+    context: with cross-attention, a `ContextCache` per layer in the same layout (empty until the
+      first call with a context projects its keys/values), else None.
+  """
+
+  self_attention: Any
+  context: Any
 
 
 class Embedder(nnx.Module):
@@ -66,6 +83,8 @@ class Embedder(nnx.Module):
     for name, array in (("positions", positions), ("token_type_ids", token_type_ids)):
       if array is not None and tuple(array.shape) != tuple(ids.shape):
         raise ValueError(f"{name} must match the ids' shape {tuple(ids.shape)}, got {tuple(array.shape)}")
+      if array is not None and not jnp.issubdtype(array.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer, got dtype {array.dtype}")
     x = self.token(ids)
     if self.config.positions == "learned":
       x = x + self.position(positions)
@@ -112,9 +131,12 @@ class TransformerBlock(nnx.Module):
   def __call__(self, x: jax.Array, *, positions: jax.Array, mask: Mask | None = None,
                bias: jax.Array | None = None, context: jax.Array | None = None,
                context_mask: Mask | None = None, cache: KVCache | None = None,
-               deterministic: bool = True, dropout_rng: jax.Array | None = None,
-               return_weights: bool = False):
+               context_cache: ContextCache | None = None, deterministic: bool = True,
+               dropout_rng: jax.Array | None = None, return_weights: bool = False):
     """One block on `x` `[batch, length, d_model]`.
+
+    `cache` is the self-attention `KVCache`; `context_cache` a filled `ContextCache` of the
+    cross-attention keys/values (then `context` is not projected again and may be None).
 
     Returns `(x, cache, weights)`: the new cache (None without one) and `(self, cross)` attention
     weights `[batch, heads, q_len, kv_len]` (None when not asked for, or no cross-attention).
@@ -143,16 +165,18 @@ class TransformerBlock(nnx.Module):
 
     def cross_attend(h):
       nonlocal cross_weights
-      result = self.cross_attention(h, context, mask=context_mask, deterministic=deterministic,
-                                    dropout_rng=keys[2], return_weights=return_weights)
+      result = self.cross_attention(h, context, mask=context_mask, cache=context_cache,
+                                    deterministic=deterministic, dropout_rng=keys[2],
+                                    return_weights=return_weights)
+      result = result if isinstance(result, tuple) else (result,)
       if return_weights:
-        result, cross_weights = result
-      return result
+        cross_weights = result[-1]
+      return result[0]
 
     x = sublayer(x, self.attention_norm, self_attend, keys[1])
     if self.cross_attention is not None:
-      if context is None:
-        raise ValueError("this block has cross-attention: context must be given")
+      if context is None and context_cache is None:
+        raise ValueError("this block has cross-attention: context (or context_cache) must be given")
       x = sublayer(x, self.cross_norm, cross_attend, keys[3])
     x = sublayer(x, self.mlp_norm, self.mlp, keys[4])
     x = constrain(x, ("batch", "length", "embed"))
@@ -189,21 +213,44 @@ class TransformerStack(nnx.Module):
                                  dtype=config.dtype, param_dtype=config.param_dtype, rngs=rngs)
                        if config.final_norm else None)
 
-  def init_cache(self, batch: int, max_length: int, dtype: Any = None):
-    """An empty cache for every layer: a `KVCache` with a leading `[layers]` axis when scanned, a
-    tuple of per-layer `KVCache`s when unrolled. Treat it as opaque; `next_positions` reads it.
+  def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> DecoderCache:
+    """An empty `DecoderCache` for `batch` rows of up to `max_length` tokens (dtype defaults to the
+    compute dtype). With cross-attention it also holds each layer's context keys/values, projected
+    on the first call and reused by the later ones. Treat it as opaque; `next_positions` reads it.
     """
     config = self.config
-    one = lambda: KVCache.create(batch, max_length, config.kv_heads, config.features_per_head,
-                                 dtype=config.dtype if dtype is None else dtype)
+    dtype = config.dtype if dtype is None else dtype
+    caches = [lambda: KVCache.create(batch, max_length, config.kv_heads, config.features_per_head,
+                                     dtype=dtype)]
+    if self.has_cross_attention:
+      caches.append(lambda: ContextCache.create(batch, config.kv_heads, config.features_per_head,
+                                                dtype=dtype))
     if config.scan_layers:
-      return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers,) + a.shape), one())
-    return tuple(one() for _ in range(self.num_layers))
+      stacked = [jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers,) + a.shape), one())
+                 for one in caches]
+    else:
+      stacked = [tuple(one() for _ in range(self.num_layers)) for one in caches]
+    return DecoderCache(stacked[0], stacked[1] if self.has_cross_attention else None)
 
-  def next_positions(self, cache) -> jax.Array:
+  def _first_layer(self, caches):
+    return jax.tree.map(lambda a: a[0], caches) if self.config.scan_layers else caches[0]
+
+  def next_positions(self, cache: DecoderCache) -> jax.Array:
     """int32 `[batch]`: the position each row's next real token takes, given this stack's cache."""
-    first = jax.tree.map(lambda a: a[0], cache) if self.config.scan_layers else cache[0]
-    return first.next_positions()
+    return self._first_layer(cache.self_attention).next_positions()
+
+  def _context_caches(self, caches, context: jax.Array | None):
+    """The per-layer `ContextCache`s, projected from `context` when still empty."""
+    if self._first_layer(caches).filled:
+      return caches
+    if context is None:
+      raise ValueError("the cache holds no context keys/values yet: context must be given")
+    dtype = self._first_layer(caches).key.dtype
+    if not self.config.scan_layers:
+      return tuple(block.cross_attention.context_cache(context, dtype) for block in self.layers)
+    graphdef, state = nnx.split(self.layers)
+    return jax.lax.map(
+        lambda layer: nnx.merge(graphdef, layer).cross_attention.context_cache(context, dtype), state)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, mask: Mask | None = None,
                context: jax.Array | None = None, context_mask: Mask | None = None, cache=None,
@@ -216,26 +263,33 @@ class TransformerStack(nnx.Module):
       mask: self-attention `Mask` (without a cache).
       context, context_mask: encoder output `[batch, src_len, d_model]` and its mask, for
         cross-attention.
-      cache: from `init_cache` (causal stacks only).
+      cache: from `init_cache` (causal stacks only). With cross-attention, the first call fills the
+        cache's context keys/values from `context`; later calls reuse them (`context` is then only
+        shape-checked, and may be None).
       return_weights: also return `{'self': per-layer weights, 'cross': ...}`, each a tuple of
         `[batch, heads, q_len, kv_len]` arrays, one per layer.
     """
     config = self.config
     if cache is not None and not self.causal:
       raise ValueError("a cache is only for causal (decoder) stacks")
+    if cache is not None and not isinstance(cache, DecoderCache):
+      raise ValueError(f"cache must come from init_cache (a DecoderCache), got {type(cache).__name__}")
+    context_caches = None
+    if cache is not None and self.has_cross_attention:
+      context_caches = self._context_caches(cache.context, context)
+    cache = None if cache is None else cache.self_attention
     if self.relative_bias is None:
       bias = None
     elif cache is None:
       bias = self.relative_bias(positions, positions)
     else:
-      first = jax.tree.map(lambda a: a[0], cache) if config.scan_layers else cache[0]
-      bias = self.relative_bias(positions, first.positions_after(positions))
+      bias = self.relative_bias(positions, self._first_layer(cache).positions_after(positions))
 
-    def run_block(graphdef, x, layer_state, layer_cache, rng):
+    def run_block(graphdef, x, layer_state, layer_cache, layer_context_cache, rng):
       block = nnx.merge(graphdef, layer_state)
       return block(x, positions=positions, mask=mask, bias=bias, context=context,
-                   context_mask=context_mask, cache=layer_cache, deterministic=deterministic,
-                   dropout_rng=rng, return_weights=return_weights)
+                   context_mask=context_mask, cache=layer_cache, context_cache=layer_context_cache,
+                   deterministic=deterministic, dropout_rng=rng, return_weights=return_weights)
 
     if config.remat != "none":
       run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[config.remat],
@@ -247,19 +301,20 @@ class TransformerStack(nnx.Module):
 
       # The stacked cache rides in the carry and each layer's slice is updated in place: as a
       # scanned input/output it is copied whole every step (SmolLM2-sized decoding, batch 8, CPU:
-      # 1.6x slower step).
+      # 1.6x slower step). The context keys/values are only read, so they are a scanned input.
       def body(carry, xs):
         x, cache = carry
-        layer_state, index, rng = xs
+        layer_state, index, rng, layer_context_cache = xs
         layer_cache = None if cache is None else jax.tree.map(lambda a: a[index], cache)
-        x, layer_cache, weights = run_block(graphdef, x, layer_state, layer_cache, rng)
+        x, layer_cache, weights = run_block(graphdef, x, layer_state, layer_cache,
+                                            layer_context_cache, rng)
         if cache is not None:
           cache = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, index, 0),
                                cache, layer_cache)
         return (x, cache), weights
 
-      (x, cache), weights = jax.lax.scan(body, (x, cache),
-                                         (state, jnp.arange(self.num_layers), rngs))
+      (x, cache), weights = jax.lax.scan(
+          body, (x, cache), (state, jnp.arange(self.num_layers), rngs, context_caches))
       if return_weights:
         weights = [tuple(w[i] for i in range(self.num_layers)) if w is not None else None
                    for w in weights]
@@ -269,6 +324,7 @@ class TransformerStack(nnx.Module):
         graphdef, state = nnx.split(block)
         x, layer_cache, layer_weights = run_block(
             graphdef, x, state, None if cache is None else cache[i],
+            None if context_caches is None else context_caches[i],
             None if rngs is None else rngs[i])
         new_cache.append(layer_cache)
         per_layer.append(layer_weights)
@@ -278,6 +334,8 @@ class TransformerStack(nnx.Module):
                   for kind in (0, 1)])
     if self.final_norm is not None:
       x = self.final_norm(x)
+    if cache is not None:
+      cache = DecoderCache(cache, context_caches)
     outputs = (x,) + ((cache,) if cache is not None else ())
     if return_weights:
       named = {"self": weights[0]}
