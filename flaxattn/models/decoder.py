@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flaxattn.attention import Mask
 from flaxattn.models.common import (cache_length, check_ids, outputs, self_attention_mask,
                                     token_positions, valid_tokens)
 from flaxattn.nn.config import TransformerConfig
@@ -45,7 +46,7 @@ class DecoderLM(nnx.Module):
     return self.decoder.init_cache(batch, cache_length(self.config, max_length), dtype)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-               positions: jax.Array | None = None, cache=None, deterministic: bool = True,
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None, cache=None, deterministic: bool = True,
                dropout_rng: jax.Array | None = None, return_attention_weights: bool = False):
     """Next-token logits.
 
@@ -54,6 +55,9 @@ class DecoderLM(nnx.Module):
       attention_mask: `[batch, length]`, 1 = real token, 0 = padding, or None (all real).
       positions: int `[batch, length]`; default: real tokens counted from 0, or from the cache's
         count (-1 marks padding).
+      segment_ids: int `[batch, length]` for packed rows (several documents in one row): tokens attend
+        only within their own segment (0 marks padding). Give `positions` restarting at 0 in each
+        document with it. Not with a cache.
       cache: from `init_cache`; the call appends these tokens and returns the new cache.
       return_attention_weights: also return a tuple of per-layer weights `[batch, heads, q, kv]` (with
         a cache, `kv` is the cache length).
@@ -68,7 +72,16 @@ class DecoderLM(nnx.Module):
       positions = token_positions(input_ids, valid, start)
     keys = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     x = self.embedder(input_ids, positions, deterministic=deterministic, dropout_rng=keys[0])
-    mask = None if cache is not None else self_attention_mask(valid, causal=True)
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError("segment_ids (packed rows) cannot be combined with a cache")
+      if tuple(jnp.shape(segment_ids)) != tuple(input_ids.shape):
+        raise ValueError(f"segment_ids must match the ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(jnp.shape(segment_ids))}")
+      segments = jnp.asarray(segment_ids, jnp.int32)
+      mask = Mask(causal=True, q_segment_ids=segments, kv_segment_ids=segments)
+    else:
+      mask = None if cache is not None else self_attention_mask(valid, causal=True)
     result = self.decoder(x, positions=positions, mask=mask, cache=cache,
                           deterministic=deterministic, dropout_rng=keys[1],
                           return_weights=return_attention_weights)

@@ -7,7 +7,8 @@ them over gradient-accumulation microbatches and normalise once per token of the
 Batches (dicts of arrays; `weights` are 1 for a counted target, 0 for padding or a target that
 crosses a packed-document boundary):
   lm: `inputs`, `targets`, `weights` int `[batch, length]`; optional `mask` `[batch, length]`
-    (1 = real input token; None: all real).
+    (1 = real input token; None: all real); packed rows also carry `segment_ids` (1, 2, ... per
+    document, 0 = padding) and `positions` (restarting at 0 in each document).
   seq2seq: `source`, `source_mask` `[batch, src_len]`; `target_inputs`, `target_mask`, `targets`,
     `weights` `[batch, tgt_len]`.
   classification: `inputs`, `mask` `[batch, length]`; `labels` int `[batch]`; optional `weights`
@@ -62,7 +63,8 @@ def token_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array, *,
 
 def lm_loss(model, batch, *, dropout_rng=None, **options) -> dict[str, jax.Array]:
   """Next-token loss sums of a `DecoderLM` on an lm batch (dropout on when `dropout_rng` is given)."""
-  logits = model(batch["inputs"], batch.get("mask"), deterministic=dropout_rng is None,
+  logits = model(batch["inputs"], batch.get("mask"), positions=batch.get("positions"),
+                 segment_ids=batch.get("segment_ids"), deterministic=dropout_rng is None,
                  dropout_rng=dropout_rng)
   return token_sums(logits, batch["targets"], batch["weights"], **options)
 
