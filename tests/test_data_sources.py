@@ -20,7 +20,7 @@ def test_tsv_csv_jsonl_txt_read(tmp_path):
   tsv = write(tmp_path / "a.tsv", b'text\tlabel\nhello "world\t1\r\nbye\t0\n')
   records, report = sources.read_records(tsv, fields=["text", "label"])
   assert records == [{"text": 'hello "world', "label": "1"}, {"text": "bye", "label": "0"}]
-  assert (report.lines, report.records, report.skipped_total) == (3, 2, 0)
+  assert (report.lines, report.records, report.total_bad) == (3, 2, 0)
   assert report.summary().endswith("2 records from 3 lines, nothing skipped")
 
   csv_file = write(tmp_path / "a.csv", '\ufeffid,text\n1,"two\nlines, quoted"\n2,plain\n'.encode())

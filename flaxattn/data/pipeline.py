@@ -366,9 +366,6 @@ def _check_arguments(format, lengths, batch_size, process_index, process_count, 
   if packing and bucket_boundaries:
     raise ValueError("packing and bucket_boundaries exclude each other (packed rows are full-length), "
                      f"got bucket_boundaries={bucket_boundaries!r}")
-  if packing and not train and process_count > 1:
-    # Packed evaluation gives a data-dependent number of batches per process; processes must agree.
-    raise ValueError(f"packed evaluation is single-process only, got process_count={process_count}")
 
 
 def make_dataset(examples, *, format: str, lengths: Mapping[str, int], batch_size: int, train: bool,  # pylint: disable=redefined-builtin
@@ -433,14 +430,45 @@ def make_dataset(examples, *, format: str, lengths: Mapping[str, int], batch_siz
     return examples_stream.map(make_row).batch(
         batch_size, drop_remainder=True, batch_fn=lambda rows: _stack(rows, batch_size))
 
-  padding_row = _pack_row([], lengths["tokens"], pad_id) if packing else make_row(None)
-  batch_fn = lambda rows: _stack(rows, batch_size, padding_row)
   if packing:
-    fitted = shard.map_with_index(lambda index, example: fit(example, index)).to_iter_dataset()
-    return _PackIterDataset(fitted, lengths["tokens"], pad_id).batch(batch_size, batch_fn=batch_fn)
+    return _packed_evaluation(source, fit, lengths["tokens"], batch_size, pad_id, process_index,
+                              process_count)
+  padding_row = make_row(None)
   # Every process reads the same number of rows (the largest share); the rows past its share, and
   # dropped examples, are weight-0 padding.
   per_process = math.ceil(len(source) / process_count)
   rows = grain.MapDataset.range(per_process).map(
       lambda index: make_row(fit(shard[index], index) if index < shard_size else None))
-  return rows.to_iter_dataset().batch(batch_size, batch_fn=batch_fn)
+  return rows.to_iter_dataset().batch(
+      batch_size, batch_fn=lambda rows: _stack(rows, batch_size, padding_row))
+
+
+def _packed_evaluation(source, fit: _Fitter, length: int, batch_size: int, pad_id: int,
+                       process_index: int, process_count: int) -> grain.IterDataset:
+  """Evaluation batches of packed rows, the same number on every process.
+
+  How many rows packing makes depends on the data, so every process packs the whole split (read once,
+  here: evaluation splits are small) with the same greedy plan and takes every `process_count`-th row;
+  `stats` counts the examples of this process's share (`examples[process_index::process_count]`).
+  """
+  documents, plan, used = [], [], length
+  for index in range(len(source)):
+    shard_index, owner = divmod(index, process_count)
+    fitted = fit(source[index], shard_index if owner == process_index else None)
+    if fitted is None or len(fitted["tokens"]) < 2:  # Dropped, or no target: takes no room.
+      continue
+    count = len(fitted["tokens"]) - 1
+    if used + count > length:
+      plan.append([])
+      used = 0
+    plan[-1].append(len(documents))
+    documents.append(fitted["tokens"])
+    used += count
+  own_rows = plan[process_index::process_count]
+  per_process = math.ceil(len(plan) / process_count)
+  padding_row = _pack_row([], length, pad_id)
+  rows = grain.MapDataset.range(per_process).map(
+      lambda row: _pack_row([documents[i] for i in own_rows[row]], length, pad_id)
+      if row < len(own_rows) else padding_row)
+  return rows.to_iter_dataset().batch(
+      batch_size, batch_fn=lambda rows: _stack(rows, batch_size, padding_row))

@@ -58,7 +58,8 @@ class SourceReport:
   locations: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
   @property
-  def skipped_total(self) -> int:
+  def total_bad(self) -> int:
+    """Lines skipped, all reasons together."""
     return sum(self.skipped.values())
 
   def add(self, reason: str, line: int) -> None:
@@ -76,7 +77,7 @@ class SourceReport:
       shown = ", ".join(map(str, lines[:_LOCATIONS_IN_SUMMARY]))
       more = f" and {len(lines) - _LOCATIONS_IN_SUMMARY} more" if len(lines) > _LOCATIONS_IN_SUMMARY else ""
       parts.append(f"{reason}: {count} (line{'s' if count > 1 else ''} {shown}{more})")
-    return f"{text}; skipped {self.skipped_total}: " + "; ".join(parts)
+    return f"{text}; skipped {self.total_bad}: " + "; ".join(parts)
 
 
 def _format_of(path: pathlib.Path, format: str | None) -> str:  # pylint: disable=redefined-builtin
