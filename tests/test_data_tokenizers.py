@@ -166,7 +166,10 @@ def test_build_tokenizer_caches_and_reloads(tmp_path, bert_vocab):
 def test_build_tokenizer_errors(tmp_path):
   with pytest.raises(ValueError, match="kind must be one of .* got 'bpe'"):
     tok.build_tokenizer("bpe", directory=tmp_path)
-  with pytest.raises(ValueError, match="no tokenizer.model in .* and no texts"):
+  without_cache = tok.build_tokenizer("word", directory=None, texts=lambda: TEXTS)
+  assert without_cache.encode("the cat") == tok.WordTokenizer.build(TEXTS).encode("the cat")
+  assert not list(tmp_path.iterdir()), "directory=None saves nothing"
+  with pytest.raises(ValueError, match="no tokenizer.model in directory=.* and no texts"):
     tok.build_tokenizer("sentencepiece", directory=tmp_path, vocab_size=64)
   with pytest.raises(ValueError, match="needs vocab_size"):
     tok.build_tokenizer("sentencepiece", directory=tmp_path, texts=lambda: TEXTS)

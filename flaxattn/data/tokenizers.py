@@ -362,7 +362,8 @@ def build_tokenizer(kind: str, *, directory, texts: Callable[[], Iterable[str]] 
 
   Args:
     kind: 'byte', 'word', 'sentencepiece' or 'wordpiece'.
-    directory: where the tokenizer is cached (e.g. the workdir).
+    directory: where the tokenizer is cached (e.g. the workdir); None: nothing is cached, loaded or
+      saved (a 'word' or 'sentencepiece' tokenizer is trained every time).
     texts: a zero-argument callable returning the training texts; called only when a 'word' or
       'sentencepiece' tokenizer must be trained (nothing is read when one is cached).
     vocab_size: SentencePiece pieces in all; for 'word', the most ids (None: every word).
@@ -376,9 +377,9 @@ def build_tokenizer(kind: str, *, directory, texts: Callable[[], Iterable[str]] 
   Returns:
     The tokenizer, saved in `directory` (`tokenizer.json` plus its model file).
   """
-  directory = pathlib.Path(directory)
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+  directory = None if directory is None else pathlib.Path(directory)
   if kind == "byte":
     tokenizer = ByteTokenizer()
   elif kind == "wordpiece":
@@ -386,15 +387,16 @@ def build_tokenizer(kind: str, *, directory, texts: Callable[[], Iterable[str]] 
       raise ValueError("kind='wordpiece' needs model_path, the BERT vocab.txt")
     tokenizer = WordPieceTokenizer(model_path, lowercase=lowercase)
   else:
-    cached = directory / (WORDS_FILE if kind == "word" else SENTENCEPIECE_FILE)
+    file_name = WORDS_FILE if kind == "word" else SENTENCEPIECE_FILE
+    cached = None if directory is None else directory / file_name
     source = pathlib.Path(model_path) if model_path is not None else cached
-    if source.exists():
+    if source is not None and source.exists():
       tokenizer = WordTokenizer.load(source) if kind == "word" else SentencePieceTokenizer(source)
     elif model_path is not None:
       raise ValueError(f"model_path {str(model_path)!r} does not exist")
     elif texts is None:
-      raise ValueError(f"no {cached.name} in {str(directory)!r} and no texts to train a {kind!r} "
-                       "tokenizer on")
+      raise ValueError(f"no {file_name} in directory={None if directory is None else str(directory)!r} "
+                       f"and no texts to train a {kind!r} tokenizer on")
     elif kind == "word":
       tokenizer = WordTokenizer.build(texts(), max_size=vocab_size, min_count=min_count,
                                       specials=word_specials)
@@ -406,7 +408,8 @@ def build_tokenizer(kind: str, *, directory, texts: Callable[[], Iterable[str]] 
           character_coverage=character_coverage, seed=seed)
   # Re-saving a cached model rewrites the same bytes; it also adds `tokenizer.json` next to a model
   # file that was put there by hand.
-  tokenizer.save(directory)
+  if directory is not None:
+    tokenizer.save(directory)
   return tokenizer
 
 
