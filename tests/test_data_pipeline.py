@@ -269,7 +269,7 @@ def test_iterator_state_round_trips_through_json(case):
   assert_batches_equal(take(restored, 4), expected)
 
 
-def test_examples_may_be_a_grain_map_dataset_or_lazy_sequence():
+def test_examples_may_be_a_grain_map_dataset_or_lazy_sequence_read_in_any_thread():
   import grain  # pylint: disable=import-outside-toplevel
 
   class Lazy:
@@ -283,6 +283,9 @@ def test_examples_may_be_a_grain_map_dataset_or_lazy_sequence():
   reference = list(pipeline.make_dataset(CLASSIFICATION, **options))
   assert_batches_equal(list(pipeline.make_dataset(Lazy(), **options)), reference)
   assert_batches_equal(list(pipeline.make_dataset(grain.MapDataset.source(CLASSIFICATION), **options)),
+                       reference)
+  in_thread = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  assert_batches_equal(list(pipeline.make_dataset(CLASSIFICATION, read_options=in_thread, **options)),
                        reference)
 
 

@@ -103,6 +103,8 @@ def test_header_and_argument_errors(tmp_path):
     sources.read_records(tsv, format="xml")
   with pytest.raises(ValueError, match="on_bad_line must be one of .* got 'ignore'"):
     sources.read_records(tsv, on_bad_line="ignore")
+  with pytest.raises(ValueError, match=r"single field 'text', got fields=\['label'\]"):
+    sources.read_records(write(tmp_path / "t.txt", b"a\n"), fields=["label"])
   with pytest.raises(FileNotFoundError, match="no data file at"):
     sources.read_records(tmp_path / "missing.tsv")
 

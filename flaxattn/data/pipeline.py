@@ -372,7 +372,8 @@ def make_dataset(examples, *, format: str, lengths: Mapping[str, int], batch_siz
                  bos_id: int, pad_id: int = 0, seed: int = 0, process_index: int = 0,
                  process_count: int = 1, packing: bool = False,
                  bucket_boundaries: Sequence[int] | None = None, overlong: str = "truncate",
-                 stats: LengthStats | None = None) -> grain.IterDataset:
+                 stats: LengthStats | None = None,
+                 read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
   """A grain dataset of batches (see the module docstring for the example and batch formats).
 
   Args:
@@ -397,9 +398,12 @@ def make_dataset(examples, *, format: str, lengths: Mapping[str, int], batch_siz
       seq2seq: its longer side) and batches are padded to that bucket's lengths (each field capped at its
       full length); longer examples go to a last, full-length bucket.
     overlong: examples longer than `lengths` (lm: more than L + 1 tokens) are cut to the length
-      ('truncate'; lm keeps the first L + 1 tokens) or left out ('drop'; in evaluation they become
-      weight-0 rows). Either way `stats` counts them.
+      ('truncate'; lm keeps the first L + 1 tokens; a cut seq2seq target loses its eos) or left out
+      ('drop'; in evaluation they become weight-0 rows). Either way `stats` counts them.
     stats: a `LengthStats` to count into (its summary is worth logging); None: counted internally.
+    read_options: grain's reading threads and prefetch buffer for the examples (None: grain's
+      default, 16 threads reading up to 500 examples ahead); `grain.ReadOptions(num_threads=0)` reads
+      in the calling thread.
 
   Returns:
     A `grain.IterDataset` of batches; `iter()` of it has `get_state()` / `set_state()`.
@@ -420,7 +424,7 @@ def make_dataset(examples, *, format: str, lengths: Mapping[str, int], batch_siz
     # Positions of the first epoch are distinct examples: those count, later epochs do not.
     fitted = shard.shuffle(seed).repeat(None).map_with_index(
         lambda index, example: fit(example, index))
-    examples_stream = fitted.to_iter_dataset()  # Dropped examples (None) are skipped here.
+    examples_stream = fitted.to_iter_dataset(read_options)  # Dropped examples (None) are skipped.
     if packing:
       return _PackIterDataset(examples_stream, lengths["tokens"], pad_id).batch(
           batch_size, drop_remainder=True, batch_fn=lambda rows: _stack(rows, batch_size))
@@ -432,19 +436,20 @@ def make_dataset(examples, *, format: str, lengths: Mapping[str, int], batch_siz
 
   if packing:
     return _packed_evaluation(source, fit, lengths["tokens"], batch_size, pad_id, process_index,
-                              process_count)
+                              process_count, read_options)
   padding_row = make_row(None)
   # Every process reads the same number of rows (the largest share); the rows past its share, and
   # dropped examples, are weight-0 padding.
   per_process = math.ceil(len(source) / process_count)
   rows = grain.MapDataset.range(per_process).map(
       lambda index: make_row(fit(shard[index], index) if index < shard_size else None))
-  return rows.to_iter_dataset().batch(
+  return rows.to_iter_dataset(read_options).batch(
       batch_size, batch_fn=lambda rows: _stack(rows, batch_size, padding_row))
 
 
 def _packed_evaluation(source, fit: _Fitter, length: int, batch_size: int, pad_id: int,
-                       process_index: int, process_count: int) -> grain.IterDataset:
+                       process_index: int, process_count: int,
+                       read_options: grain.ReadOptions | None) -> grain.IterDataset:
   """Evaluation batches of packed rows, the same number on every process.
 
   How many rows packing makes depends on the data, so every process packs the whole split (read once,
@@ -470,5 +475,5 @@ def _packed_evaluation(source, fit: _Fitter, length: int, batch_size: int, pad_i
   rows = grain.MapDataset.range(per_process).map(
       lambda row: _pack_row([documents[i] for i in own_rows[row]], length, pad_id)
       if row < len(own_rows) else padding_row)
-  return rows.to_iter_dataset().batch(
+  return rows.to_iter_dataset(read_options).batch(
       batch_size, batch_fn=lambda rows: _stack(rows, batch_size, padding_row))

@@ -136,6 +136,8 @@ def read_records(path, *, format: str | None = None, fields: Sequence[str] | Non
   if not path.is_file():
     raise FileNotFoundError(f"no data file at {str(path)!r}")
   required = list(fields or ())
+  if format == "txt" and set(required) - {"text"}:
+    raise ValueError(f"a txt file's records have the single field 'text', got fields={required!r}")
   report = SourceReport(path=str(path), format=format)
 
   def bad(reason: str, line: int, detail: str = "") -> None:
