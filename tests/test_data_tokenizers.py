@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -98,13 +99,16 @@ def test_sentencepiece_round_trip_and_determinism(model_type, unigram, tmp_path)
     assert (tmp_path / "bpe.model").read_bytes() == tokenizer.model_proto
 
 
-def test_sentencepiece_errors():
+def test_sentencepiece_errors(monkeypatch):
   with pytest.raises(ValueError, match="model_type must be 'unigram' or 'bpe', got 'char'"):
     tok.SentencePieceTokenizer.train(TEXTS, vocab_size=64, model_type="char")
   with pytest.raises(ValueError, match="SentencePiece training failed"):
     tok.SentencePieceTokenizer.train(["ab ab"], vocab_size=5000)
   with pytest.raises(ValueError, match="exactly one of model_path and model_proto"):
     tok.SentencePieceTokenizer()
+  monkeypatch.setitem(sys.modules, "sentencepiece", None)   # as if not installed
+  with pytest.raises(ImportError, match=r"pip install 'flaxattn\[data\]'"):
+    tok.SentencePieceTokenizer.train(TEXTS, vocab_size=64)
 
 
 @pytest.fixture(scope="module")

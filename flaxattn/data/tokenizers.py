@@ -64,6 +64,16 @@ def _as_id_list(ids, vocab_size: int) -> list[int]:
   return array.tolist()
 
 
+def _sentencepiece():
+  """The `sentencepiece` module (an optional dependency: the 'data' extra)."""
+  try:
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError("SentencePiece tokenizers need the `sentencepiece` package: "
+                      "pip install 'flaxattn[data]'") from error
+  return sentencepiece
+
+
 def _check_text(text) -> str:
   if not isinstance(text, str):
     raise ValueError(f"text must be a str, got {type(text).__name__}")
@@ -230,7 +240,7 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_path=None, *, model_proto: bytes | None = None):
     """Loads a `.model` file (`model_path`) or its serialised bytes (`model_proto`), exactly one."""
-    import sentencepiece  # pylint: disable=import-outside-toplevel  # Optional: the 'data' extra.
+    sentencepiece = _sentencepiece()
     if (model_path is None) == (model_proto is None):
       raise ValueError(f"give exactly one of model_path and model_proto, got model_path={model_path!r} "
                        f"and model_proto of {None if model_proto is None else len(model_proto)} bytes")
@@ -269,7 +279,7 @@ class SentencePieceTokenizer:
       seed: SentencePiece's random seed.
       **options: further `SentencePieceTrainer` flags (e.g. `user_defined_symbols`).
     """
-    import sentencepiece  # pylint: disable=import-outside-toplevel
+    sentencepiece = _sentencepiece()
     if model_type not in ("unigram", "bpe"):
       raise ValueError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
     if not isinstance(vocab_size, int) or vocab_size < 5:
