@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -160,6 +161,7 @@ class WordTokenizer:
     self.unk_id = None if self.specials["unk"] is None else self._ids[self.specials["unk"]]
     self.unknown_count = 0
     self.encoded_count = 0
+    self._count_lock = threading.Lock()  # Pipelines may encode from several reading threads.
 
   @property
   def vocab_size(self) -> int:
@@ -197,16 +199,18 @@ class WordTokenizer:
 
   def encode(self, text: str) -> list[int]:
     """Ids of the whitespace-separated words of `text`; unknown words give `unk_id` (counted)."""
-    ids = []
+    ids, unknown = [], 0
     for word in _check_text(text).split():
       index = self._ids.get(word)
       if index is None:
         if self.unk_id is None:
           raise ValueError(f"word {word!r} is not in the vocabulary and this tokenizer has no unk token")
         index = self.unk_id
-        self.unknown_count += 1
+        unknown += 1
       ids.append(index)
-    self.encoded_count += len(ids)
+    with self._count_lock:
+      self.unknown_count += unknown
+      self.encoded_count += len(ids)
     return ids
 
   def decode(self, ids) -> str:
