@@ -105,3 +105,39 @@ def test_errors_name_the_lengths():
     metrics.bleu("a hypothesis", "a reference")
   with pytest.raises(ValueError, match="dtype float"):
     metrics.accuracy([0.0, 1.0], [0, 1])
+
+
+def test_tfidf_logistic_regression_against_direct_sklearn():
+  from sklearn.feature_extraction.text import TfidfVectorizer
+  from sklearn.linear_model import LogisticRegression
+
+  from flaxattn.train.baselines import tfidf_logistic_regression
+  rng = np.random.default_rng(0)
+  cue_words = [["awful", "terrible", "bad"], ["okay", "fine", "plain"], ["great", "lovely", "good"]]
+  filler = ["the", "a", "day", "movie", "was", "it", "and", "very", "this"]
+
+  def make(count):
+    labels = rng.integers(0, 3, count)
+    # One cue word among fillers; 10% of texts carry another class's cue, so the task is not trivial.
+    cues = np.where(rng.random(count) < 0.1, rng.integers(0, 3, count), labels)
+    texts = [" ".join(list(rng.choice(filler, 5)) + [str(rng.choice(cue_words[cue]))])
+             for cue in cues]
+    return texts, labels
+
+  train_texts, train_labels = make(240)
+  test_texts, test_labels = make(90)
+  result = tfidf_logistic_regression(train_texts, train_labels, test_texts, test_labels,
+                                     c_grid=(0.3, 10.0))
+  assert set(result) == {"accuracy", "macro_f1", "C"} and result["C"] in (0.3, 10.0)
+  assert result["accuracy"] > 0.7
+  # The same model built directly with scikit-learn gives the same predictions and scores.
+  vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
+  classifier = LogisticRegression(C=result["C"], max_iter=2000)
+  classifier.fit(vectorizer.fit_transform(train_texts), train_labels)
+  predictions = classifier.predict(vectorizer.transform(test_texts))
+  assert result["accuracy"] == pytest.approx(
+      sklearn_metrics.accuracy_score(test_labels, predictions), abs=1e-12)
+  assert result["macro_f1"] == pytest.approx(
+      sklearn_metrics.f1_score(test_labels, predictions, average="macro"), abs=1e-12)
+  with pytest.raises(ValueError, match="240 and 239"):
+    tfidf_logistic_regression(train_texts, train_labels[:-1], test_texts, test_labels)
