@@ -1,7 +1,12 @@
-"""A generated corpus for end-to-end training runs that need no download: a random Markov language.
+"""Generated data that needs no download: a random Markov language and synthetic tasks.
 
-Every batch is a pure function of `(seed, split, index)`, so the iterator position is one integer
-and a resumed run sees exactly the batches an uninterrupted one would.
+- `MarkovCorpus`: language-model batches for end-to-end training runs.
+- `listops`: the Long Range Arena's ListOps classification task.
+- `sequence_task`: copy, reverse and associative recall.
+
+Every batch or example is a pure function of `(seed, split, index)`, so an iterator position is one
+integer, a resumed run sees exactly the data an uninterrupted one would, and processes can generate
+their own shares independently.
 """
 
 from __future__ import annotations
@@ -53,8 +58,7 @@ class MarkovCorpus:
     Returns an lm batch (`flaxattn.train.losses`): `inputs`, `targets` int32 and `weights` float32,
     each `[rows, seq_len]`.
     """
-    if split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_split(split, SPLITS)
     rng = np.random.default_rng((self.seed, SPLITS.index(split), index))
     tokens = np.empty((batch_size, self.seq_len + 1), np.int32)
     tokens[:, 0] = rng.integers(0, self.vocab_size, batch_size)
@@ -67,7 +71,7 @@ class MarkovCorpus:
             "weights": np.ones(tokens[:, 1:].shape, np.float32)}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generated task data: random-access sequences whose example `i` is a pure function of
 # `(seed, split, i)`, so any example can be produced on its own, in any order, by any process.
 
@@ -98,9 +102,10 @@ class GeneratedExamples(Sequence):
     return self._make_example(index % self._num_examples)
 
 
-def _check_split(split: str) -> None:
-  if split not in TASK_SPLITS:
-    raise ValueError(f"split must be one of {TASK_SPLITS}, got {split!r}")
+def check_split(split: str, splits: tuple[str, ...] = TASK_SPLITS) -> None:
+  """Raises `ValueError` naming `split` unless it is one of `splits`."""
+  if split not in splits:
+    raise ValueError(f"split must be one of {splits}, got {split!r}")
 
 
 def _example_rng(task: str, seed: int, split: str, index: int) -> random.Random:
@@ -117,7 +122,7 @@ LISTOPS_END = "]"
 LISTOPS_DIGITS = tuple(str(digit) for digit in range(10))
 # Every token that can occur in a ListOps text, operators first.
 LISTOPS_TOKENS = LISTOPS_OPERATORS + (LISTOPS_END,) + LISTOPS_DIGITS
-# LRA's generator makes a node an operator with this probability (when above the depth limit).
+# LRA's generator makes a node an operator with this probability (when shallower than max_depth).
 _LISTOPS_OPERATOR_PROBABILITY = 0.25
 # Rejection sampling gives up after this many trees per example rather than loop forever on bounds
 # that are feasible but practically never met.
@@ -160,7 +165,8 @@ def _grow_listops_tree(rng: random.Random, depth: int, max_depth: int, max_args:
 
 
 def listops_max_possible_length(max_depth: int, max_args: int) -> int:
-  """Tokens in the largest tree the generator can make: every node above `max_depth` an operator."""
+  """Tokens in the largest tree the generator can make: every node above the digit level an operator
+  with `max_args` arguments."""
   length = 1
   for _ in range(max_depth - 1):
     length = 2 + max_args * length
@@ -176,10 +182,10 @@ def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 5
   (sum modulo 10) each take 2 to `max_args` arguments and close with `]`; tokens are separated by
   single spaces (`LISTOPS_TOKENS` lists them all); `label` in 0-9 is the expression's value.
 
-  Generation follows LRA's generator (`lra_benchmarks/data/listops.py`, the paper's section 4.1:
-  "sequence lengths up to 2K", "maximum depth of 10"): starting with the root at depth 1, a node
-  above `max_depth` is an operator with probability 0.25 (else a uniform digit), with a uniform
-  argument count in [2, `max_args`] and a uniform operator; a node at depth `max_depth` is a digit.
+  Generation follows LRA's generator (`lra_benchmarks/data/listops.py`; the paper describes lengths
+  up to 2K and a maximum depth of 10): starting with the root at depth 1, a node shallower than
+  `max_depth` is an operator with probability 0.25 (else a uniform digit), with a uniform argument
+  count in [2, `max_args`] and a uniform operator; a node at depth `max_depth` is a digit.
   Hence `depth` counts node levels, digits included, and brackets nest at most `max_depth - 1` deep.
   Trees whose token count falls outside [`min_length`, `max_length`] are rejected and redrawn, as LRA
   does (LRA's bounds are exclusive, these inclusive; growth stops early once a tree passes
@@ -199,7 +205,7 @@ def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 5
     A random-access sequence (`GeneratedExamples`) of `num_examples` dicts; example `i` is generated
     when indexed, identically every time.
   """
-  _check_split(split)
+  check_split(split)
   if max_args < 2:
     raise ValueError(f"max_args must be at least 2, got {max_args!r}")
   if max_depth < 1:
@@ -259,7 +265,7 @@ def sequence_task(name: str, split: str, num_examples: int, *, length: int, voca
   """
   if name not in SEQUENCE_TASKS:
     raise ValueError(f"name must be one of {SEQUENCE_TASKS}, got {name!r}")
-  _check_split(split)
+  check_split(split)
   content_ids = vocab_size - FIRST_CONTENT_ID
   if content_ids < 2:
     raise ValueError(f"vocab_size must be at least {FIRST_CONTENT_ID + 2}, got {vocab_size!r}")
