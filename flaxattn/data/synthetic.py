@@ -11,6 +11,7 @@ their own shares independently.
 
 from __future__ import annotations
 
+import functools
 import operator
 import random
 from collections.abc import Callable, Sequence
@@ -173,6 +174,22 @@ def listops_max_possible_length(max_depth: int, max_args: int) -> int:
   return length
 
 
+def _listops_example(index: int, *, seed: int, split: str, min_length: int, max_length: int,
+                     max_depth: int, max_args: int) -> dict:
+  """ListOps example `index`: trees are drawn until one has `min_length`-`max_length` tokens."""
+  rng = _example_rng("listops", seed, split, index)
+  for _ in range(_LISTOPS_MAX_ATTEMPTS):
+    tokens: list[str] = []
+    try:
+      label = _grow_listops_tree(rng, 1, max_depth, max_args, max_length, tokens)
+    except _TreeTooLong:
+      continue
+    if len(tokens) >= min_length:
+      return {"text": " ".join(tokens), "label": label}
+  raise RuntimeError(f"no ListOps tree with {min_length}-{max_length} tokens in "
+                     f"{_LISTOPS_MAX_ATTEMPTS} draws (max_depth={max_depth}, max_args={max_args})")
+
+
 def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 500,
             max_length: int = 2000, max_depth: int = 10, max_args: int = 10) -> GeneratedExamples:
   """ListOps as in the Long Range Arena: nested list operations over digits, label the value.
@@ -218,20 +235,10 @@ def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 5
     raise ValueError(f"min_length={min_length} exceeds the longest tree possible with max_depth="
                      f"{max_depth} and max_args={max_args}: {largest} tokens")
 
-  def make_example(index: int) -> dict:
-    rng = _example_rng("listops", seed, split, index)
-    for _ in range(_LISTOPS_MAX_ATTEMPTS):
-      tokens: list[str] = []
-      try:
-        label = _grow_listops_tree(rng, 1, max_depth, max_args, max_length, tokens)
-      except _TreeTooLong:
-        continue
-      if len(tokens) >= min_length:
-        return {"text": " ".join(tokens), "label": label}
-    raise RuntimeError(f"no ListOps tree with {min_length}-{max_length} tokens in "
-                       f"{_LISTOPS_MAX_ATTEMPTS} draws (max_depth={max_depth}, max_args={max_args})")
-
-  return GeneratedExamples(num_examples, make_example)
+  # A partial of a module-level function, not a closure, so the sequence pickles (grain workers).
+  return GeneratedExamples(num_examples, functools.partial(
+      _listops_example, seed=seed, split=split, min_length=min_length, max_length=max_length,
+      max_depth=max_depth, max_args=max_args))
 
 
 # Copy, reverse and associative recall: quick checks that a model can move information by attention.
@@ -239,6 +246,23 @@ def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 5
 SEQUENCE_TASKS = ("copy", "reverse", "recall")
 # Token ids below this are reserved: 0 pad, 1 unk, 2 bos, 3 eos.
 FIRST_CONTENT_ID = 4
+
+
+def _sequence_task_example(index: int, *, name: str, seed: int, split: str, length: int,
+                           vocab_size: int) -> dict:
+  """Example `index` of copy, reverse or recall (arguments checked by `sequence_task`)."""
+  rng = np.random.default_rng(_example_rng(name, seed, split, index).getrandbits(128))
+  if name == "recall":
+    num_pairs = (length - 1) // 2
+    keys = rng.choice(vocab_size - FIRST_CONTENT_ID, num_pairs, replace=False) + FIRST_CONTENT_ID
+    values = rng.integers(FIRST_CONTENT_ID, vocab_size, num_pairs)
+    query = rng.integers(num_pairs)
+    source = np.empty(length, np.int32)
+    source[0:-1:2], source[1:-1:2], source[-1] = keys, values, keys[query]
+    return {"source": source, "target": values[query:query + 1].astype(np.int32)}
+  source = rng.integers(FIRST_CONTENT_ID, vocab_size, length).astype(np.int32)
+  target = source.copy() if name == "copy" else source[::-1].copy()
+  return {"source": source, "target": target}
 
 
 def sequence_task(name: str, split: str, num_examples: int, *, length: int, vocab_size: int,
@@ -279,17 +303,6 @@ def sequence_task(name: str, split: str, num_examples: int, *, length: int, voca
   elif length < 1:
     raise ValueError(f"length must be positive, got {length!r}")
 
-  def make_example(index: int) -> dict:
-    rng = np.random.default_rng(_example_rng(name, seed, split, index).getrandbits(128))
-    if name == "recall":
-      keys = rng.choice(content_ids, num_pairs, replace=False) + FIRST_CONTENT_ID
-      values = rng.integers(FIRST_CONTENT_ID, vocab_size, num_pairs)
-      query = rng.integers(num_pairs)
-      source = np.empty(length, np.int32)
-      source[0:-1:2], source[1:-1:2], source[-1] = keys, values, keys[query]
-      return {"source": source, "target": values[query:query + 1].astype(np.int32)}
-    source = rng.integers(FIRST_CONTENT_ID, vocab_size, length).astype(np.int32)
-    target = source.copy() if name == "copy" else source[::-1].copy()
-    return {"source": source, "target": target}
-
-  return GeneratedExamples(num_examples, make_example)
+  return GeneratedExamples(num_examples, functools.partial(
+      _sequence_task_example, name=name, seed=seed, split=split, length=length,
+      vocab_size=vocab_size))
