@@ -265,8 +265,8 @@ def _heatmaps(matrices: Sequence[np.ndarray], panel_titles: Sequence[str], row_l
     ax.set_title(panel_titles[index], fontsize=10)
     col_step = _set_ticks(ax, col_labels, vertical=True)
     row_step = _set_ticks(ax, row_labels, vertical=False)
-    ax.set_xlabel(col_name + (f" (every {col_step}th labelled)" if col_step > 1 else ""), fontsize=8)
-    ax.set_ylabel(row_name + (f" (every {row_step}th labelled)" if row_step > 1 else ""), fontsize=8)
+    ax.set_xlabel(col_name + (f" (1 in {col_step} labelled)" if col_step > 1 else ""), fontsize=8)
+    ax.set_ylabel(row_name + (f" (1 in {row_step} labelled)" if row_step > 1 else ""), fontsize=8)
   figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="weight")
   figure.suptitle(title, fontsize=12)
   return figure
