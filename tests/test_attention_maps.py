@@ -131,6 +131,8 @@ def test_attention_weights_rejects_bad_inputs():
     attention_weights(model, input_ids=IDS, attention_mask=np.r_[2, np.zeros(6, int)])
   with pytest.raises(ValueError, match="more than config.max_length=32"):
     attention_weights(EncoderClassifier(BERT, 2, rngs=nnx.Rngs(0)), input_ids=np.ones(33, int))
+  with pytest.raises(ValueError, match=r"input_ids must be in \[0, 40\), got values in \[1, 40\]"):
+    attention_weights(model, input_ids=np.r_[IDS, 40])
   with pytest.raises(ValueError, match="got Figure"):
     attention_weights(Figure(), input_ids=IDS)
 

@@ -77,7 +77,8 @@ def plot_learning_curves(metrics_jsonl_path: str, png_path: str, *, log_loss: bo
   names = []
   for record in records:
     names.extend(name for name in record if name.startswith("eval_") and name not in names)
-  others = [name for name in names if name != "eval_loss"]
+  # Metrics logged with non-numeric values only (none today) would make empty panels: skipped.
+  others = [name for name in names if name != "eval_loss" and _series(records, name)[0].size]
   loss_curves = [name for name in ("loss", "eval_loss") if _series(records, name)[0].size]
   if not loss_curves and not others:
     raise ValueError(f"{metrics_jsonl_path} holds no numeric 'loss' or 'eval_*' values to plot")
