@@ -136,7 +136,13 @@ def attention_weights(model, **inputs) -> dict[str, list[np.ndarray]]:
     if name in arrays and not arrays[name].any():
       raise ValueError(f"{name} marks no real token: there is nothing to attend")
   config = _model_config(model)
+  # Under jax.jit an out-of-range id would embed as NaN rather than raise: check here.
   for name in required:
+    vocab = (model.source_embedder.token.num_embeddings
+             if name == "source_ids" and model.source_embedder is not None else config.vocab_size)
+    if arrays[name].min() < 0 or arrays[name].max() >= vocab:
+      raise ValueError(f"{name} must be in [0, {vocab}), got values in [{arrays[name].min()}, "
+                       f"{arrays[name].max()}]")
     if config.positions == "learned" and arrays[name].shape[1] > config.max_length:
       raise ValueError(
           f"{name} has {arrays[name].shape[1]} tokens, more than config.max_length="
@@ -265,8 +271,8 @@ def _heatmaps(matrices: Sequence[np.ndarray], panel_titles: Sequence[str], row_l
     ax.set_title(panel_titles[index], fontsize=10)
     col_step = _set_ticks(ax, col_labels, vertical=True)
     row_step = _set_ticks(ax, row_labels, vertical=False)
-    ax.set_xlabel(col_name + (f" (every {col_step}th labelled)" if col_step > 1 else ""), fontsize=8)
-    ax.set_ylabel(row_name + (f" (every {row_step}th labelled)" if row_step > 1 else ""), fontsize=8)
+    ax.set_xlabel(col_name + (f" (1 in {col_step} labelled)" if col_step > 1 else ""), fontsize=8)
+    ax.set_ylabel(row_name + (f" (1 in {row_step} labelled)" if row_step > 1 else ""), fontsize=8)
   figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="weight")
   figure.suptitle(title, fontsize=12)
   return figure
@@ -274,7 +280,8 @@ def _heatmaps(matrices: Sequence[np.ndarray], panel_titles: Sequence[str], row_l
 
 def plot_attention(weights: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str],
                    path: str, *, title: str, heads: Sequence[int] | None = None, max_heads: int = 8,
-                   include_mean: bool = True) -> str:
+                   include_mean: bool = True, row_name: str = "query token",
+                   col_name: str = "key token") -> str:
   """Labelled heatmaps of one layer's attention, one panel per head (plus the head mean), as PNG.
 
   Args:
@@ -287,7 +294,9 @@ def plot_attention(weights: np.ndarray, row_labels: Sequence[str], col_labels: S
     heads: head indices to draw; None = the first `max_heads` (the title says when not all are
       shown).
     max_heads: the most heads drawn by default.
-    include_mean: add a panel with the mean over all heads (not only the drawn ones).
+    include_mean: add a panel with the mean over all heads (not only the drawn ones), when there
+      is more than one.
+    row_name, col_name: the axis titles.
 
   Returns:
     `path`.
@@ -310,13 +319,13 @@ def plot_attention(weights: np.ndarray, row_labels: Sequence[str], col_labels: S
     raise ValueError(f"heads must be a non-empty list of indices in [0, {count}), got {heads}")
   matrices = [weights[head] for head in heads]
   panel_titles = [f"head {head}" for head in heads] if count > 1 else [""]
-  if include_mean:
+  if include_mean and count > 1:
     matrices.append(weights.mean(axis=0))
     panel_titles.append(f"mean of {count} heads")
   if len(heads) < count:
     title = f"{title} ({len(heads)} of {count} heads shown)"
   figure = _heatmaps(matrices, panel_titles, row_labels, col_labels, title=title,
-                     row_name="query token", col_name="key token")
+                     row_name=row_name, col_name=col_name)
   return _save(figure, path)
 
 
@@ -442,7 +451,8 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
   def rollout_map(name: str, layers, labels, what: str):
     path = os.path.join(directory, f"{prefix}_{name}_rollout.png")
     paths.append(plot_attention(rollout(layers), labels, labels, path,
-                                title=f"{prefix}: {what} rollout over {len(layers)} layers"))
+                                title=f"{prefix}: {what} rollout over {len(layers)} layers",
+                                row_name="output token (last layer)", col_name="input token"))
 
   if kind is not EncoderDecoder:
     ids, labels = _tokenize(tokenizer, text_or_pair, "text_or_pair")
