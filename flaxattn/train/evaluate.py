@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from flaxattn import parallel
@@ -98,13 +99,18 @@ class Evaluator:
     return result
 
   def translate(self, params, sources: list[str], *, method: str = "beam") -> list[str]:
-    """Beam-search (or greedy) outputs for source texts, decoded to text."""
+    """Beam-search (or greedy) outputs for source texts, decoded to text. Sources longer than
+    `data.source_len` are cut to it (the model was trained on no longer ones); their number is
+    kept in `self.truncated_sources` and logged."""
     tokenizer, model = self.task.tokenizer, nnx.merge(self.graphdef, params)
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    outputs = []
+    limit = self.task.lengths["source"] - len(eos)
+    outputs, self.truncated_sources = [], 0
     for begin in range(0, len(sources), self.batch_size):
       chunk = sources[begin:begin + self.batch_size]
-      ids = [tokenizer.encode(text)[:self.task.lengths["source"] - len(eos)] + eos for text in chunk]
+      encoded = [tokenizer.encode(text) for text in chunk]
+      self.truncated_sources += sum(len(ids) > limit for ids in encoded)
+      ids = [sequence[:limit] + eos for sequence in encoded]
       # A fixed-shape batch (padded rows and columns) so every chunk reuses one compilation.
       batch = np.full((self.batch_size, self.task.lengths["source"]), tokenizer.pad_id, np.int32)
       mask = np.zeros_like(batch)
@@ -121,6 +127,9 @@ class Evaluator:
         tokens = tokens[:, 0]
       outputs.extend(tokenizer.decode(_until_eos(row[1:], tokenizer.eos_id))
                      for row in tokens[:len(chunk)])
+    if self.truncated_sources:
+      logging.warning("%d of %d sources were longer than %d tokens and cut to it",
+                      self.truncated_sources, len(sources), limit)
     return outputs
 
   def generation_metrics(self, params, split: str, max_examples: int = 0) -> dict[str, float]:
@@ -133,7 +142,8 @@ class Evaluator:
     self.last_outputs = list(zip(sources, references, hypotheses))
     result = {"bleu": task_metrics.bleu(hypotheses, references),
               "chrf": task_metrics.chrf(hypotheses, references),
-              "decoded_examples": float(count)}
+              "decoded_examples": float(count),
+              "truncated_sources": float(self.truncated_sources)}
     result.update(task_metrics.rouge(hypotheses, references))
     return result
 
