@@ -124,6 +124,10 @@ class RunEvaluator:
     return result
 
 
+# Longer inputs make unreadable heatmaps; the report draws the first validation examples below it.
+_READABLE_TOKENS = 48
+
+
 def _example_input(task: tasks.Task, example: dict):
   """What `attention_report` takes for one raw example: the text, or a (source, target) pair."""
   return (example["source"], example["target"]) if task.kind == "seq2seq" else example["text"]
@@ -131,15 +135,25 @@ def _example_input(task: tasks.Task, example: dict):
 
 def attention_images(run: Run, graphdef, params, directory: str, *, examples: int,
                      split: str = "validation", texts: list | None = None) -> dict[str, str]:
-  """Attention heatmaps (per layer, rollout, cross-attention alignments) of the first `examples`
-  examples of `split` (or of `texts`), written under `directory`; returns tag -> PNG path."""
+  """Attention heatmaps (per layer, rollout, cross-attention alignments) written under
+  `directory` for `texts`, or else for the first `examples` examples of `split` short enough to
+  read as a heatmap (at most `_READABLE_TOKENS` tokens, within the model's lengths). Returns
+  tag -> PNG path."""
   from flaxattn.models.attention_maps import attention_report  # Deferred: matplotlib.
   task = run.task
   model = nnx.merge(graphdef, jax.device_get(params))
-  inputs = texts if texts is not None else [
-      _example_input(task, task.raw[split][i]) for i in range(min(examples, len(task.raw[split])))]
+  if texts is None:
+    limit = min(_READABLE_TOKENS, *task.lengths.values())
+    fits = lambda text: len(task.tokenizer.encode(text)) + 2 <= limit
+    texts = []
+    for example in task.raw[split]:
+      if len(texts) == examples:
+        break
+      text = _example_input(task, example)
+      if all(fits(part) for part in ((text,) if isinstance(text, str) else text)):
+        texts.append(text)
   images = {}
-  for index, text in enumerate(inputs):
+  for index, text in enumerate(texts):
     paths = attention_report(model, task.tokenizer, text, directory, prefix=f"example{index}")
     images.update({f"attention/example{index}/{os.path.splitext(os.path.basename(path))[0]}": path
                    for path in paths})
