@@ -17,7 +17,7 @@ from flaxattn.models.attention_maps import (attention_report, attention_weights,
                                             plot_alignment, plot_attention, png_to_array, rollout)
 from flaxattn.nn import TransformerConfig
 
-# GQA + partial RoPE; the configured kernel ('xla') returns no weights, so the override is exercised.
+# GQA + partial RoPE; the configured kernel ('xla') returns no weights: the override is exercised.
 LLAMA = TransformerConfig(
     vocab_size=40, d_model=16, num_heads=4, num_kv_heads=2, mlp_dim=32, num_layers=2,
     activation="silu", gated_mlp=True, norm="rmsnorm", use_bias=False, positions="rope",
@@ -56,21 +56,31 @@ def test_decoder_weights_match_numpy_softmax_of_the_layers_queries_and_keys():
   weights = attention_weights(model, input_ids=IDS)["self"]
   assert model.decoder.layers[0].attention.implementation == "xla"  # the model is left as it was
   length, positions = len(IDS), np.arange(len(IDS))
-  x = model.embedder(IDS[None], positions[None])
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def queries_and_keys(state):
+    """Each layer's projected (not yet rotated) queries and keys, from its own input."""
+    model = nnx.merge(graphdef, state)
+    x = model.embedder(IDS[None], positions[None])
+    projected = []
+    for block in model.decoder.layers:
+      hidden = block.attention_norm(x)
+      projected.append((block.attention.query(hidden)[0], block.attention.key(hidden)[0]))
+      x = block(x, positions=positions[None], mask=Mask(causal=True))[0]
+    return projected
+
   causal = np.tril(np.ones((length, length), bool))
-  for index, block in enumerate(model.decoder.layers):
-    hidden = block.attention_norm(x)
-    query = np.asarray(block.attention.query(hidden)[0], np.float64)
-    key = np.asarray(block.attention.key(hidden)[0], np.float64)
-    query = rope_numpy(query, positions, LLAMA.rotary_dim)
-    key = np.repeat(rope_numpy(key, positions, LLAMA.rotary_dim), 2, axis=1)  # 2 query heads per kv
+  for index, (query, key) in enumerate(jax.device_get(queries_and_keys(state))):
+    query = rope_numpy(np.asarray(query, np.float64), positions, LLAMA.rotary_dim)
+    key = rope_numpy(np.asarray(key, np.float64), positions, LLAMA.rotary_dim)
+    key = np.repeat(key, 2, axis=1)  # 2 query heads per key/value head
     logits = np.einsum("thd,shd->hts", query, key) / np.sqrt(query.shape[-1])
     logits = np.where(causal, logits, -np.inf)
     expected = np.exp(logits - logits.max(-1, keepdims=True))
     expected /= expected.sum(-1, keepdims=True)
     assert weights[index].dtype == np.float32 and weights[index].shape == (4, length, length)
     np.testing.assert_allclose(weights[index], expected, **TOL)
-    x = block(x, positions=positions[None], mask=Mask(causal=True))[0]
 
   # Left padding is removed: the same weights as the unpadded sequence.
   padded = attention_weights(model, input_ids=np.concatenate([[0, 0], IDS])[None],
@@ -138,7 +148,8 @@ def test_attention_weights_rejects_bad_inputs():
 
 
 def test_rollout_hand_computed():
-  first = np.array([[[1.0, 0.0], [0.5, 0.5]], [[1.0, 0.0], [0.1, 0.9]]])  # head mean [[1, 0], [.3, .7]]
+  # Head mean [[1, 0], [.3, .7]].
+  first = np.array([[[1.0, 0.0], [0.5, 0.5]], [[1.0, 0.0], [0.1, 0.9]]])
   second = np.array([[[0.6, 0.4], [0.2, 0.8]]] * 2)
   # Residual: A1 = ([[1, 0], [.3, .7]] + I) / rows = [[1, 0], [.15, .85]],
   # A2 = [[.8, .2], [.1, .9]]; rollout = A2 @ A1.

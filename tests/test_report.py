@@ -21,7 +21,8 @@ def write_metrics(path, records):
 
 
 RECORDS = ([{"step": step, "loss": 3.0 / step, "tokens_per_s": 100.0} for step in range(1, 11)]
-           + [{"step": 10, "loss": 0.3, "eval_loss": 0.5, "eval_accuracy": 0.7, "eval_macro_f1": 0.6}])
+           + [{"step": 10, "loss": 0.3, "eval_loss": 0.5, "eval_accuracy": 0.7,
+               "eval_macro_f1": 0.6}])
 RECORDS[4].update(eval_loss=0.9, eval_accuracy=0.4, eval_macro_f1=0.3)
 
 
@@ -62,7 +63,8 @@ def test_write_report(tmp_path):
                     images=[str(image)], notes=["trained on 2 CPU cores"])
   assert md == str(workdir / "report.md")
   text = (workdir / "report.md").read_text()
-  for expected in ("# Sentiment", "| metric | value |", "| eval_accuracy | 0.8125 |", "| steps | 300 |",
+  for expected in ("# Sentiment", "| metric | value |", "| eval_accuracy | 0.8125 |",
+                   "| steps | 300 |",
                    "| eval_loss | nan |", "| name | tiny\\|encoder |", "## Baselines",
                    "| model | accuracy | macro_f1 |", "| tf-idf + logreg | 0.61 |  |",
                    "| flaxattn | 0.8125 | 0.79 |", "![curve (final)](<figures/curve (final).png>)",

@@ -1,7 +1,8 @@
 """Looking inside the models' attention: per-layer weights, attention rollout, labelled heatmaps.
 
 `attention_weights(model, **inputs)` runs one example through a `DecoderLM`, `EncoderModel`,
-`EncoderClassifier` or `EncoderDecoder` and returns its attention weights per layer, padding removed;
+`EncoderClassifier` or `EncoderDecoder` and returns its attention weights per layer, padding
+removed;
 `rollout` combines a stack of self-attention layers into one token-to-input attribution (Abnar &
 Zuidema 2020, "Quantifying Attention Flow in Transformers"); `plot_attention` / `plot_alignment`
 draw them as heatmaps with the tokens on both axes; `attention_report` does all of it for a text and
@@ -20,7 +21,6 @@ import os
 import tempfile
 import unicodedata
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import matplotlib.image
@@ -214,7 +214,8 @@ def _set_ticks(axis, labels: Sequence[str], *, vertical: bool) -> int:
   count = len(labels)
   step = max(1, math.ceil(count / MAX_TICK_LABELS))
   positions = list(range(0, count, step))
-  texts = [_printable(labels[i]) if step == 1 else f"{i}:{_printable(labels[i])}" for i in positions]
+  texts = [_printable(labels[i]) if step == 1 else f"{i}:{_printable(labels[i])}"
+           for i in positions]
   size = 9 if count <= 20 else 7 if count <= 40 else 6
   # parse_math=False: token text such as "$" must not start a mathtext expression.
   text_options = dict(fontsize=size, parse_math=False)
@@ -230,18 +231,24 @@ def _panel_inches(count: int) -> float:
   return float(np.clip(0.16 * min(count, MAX_TICK_LABELS) + 1.4, 2.5, 9.0))
 
 
-def _save(figure: Figure, path: str) -> str:
-  """Writes `figure` as PNG to `path` atomically (a reader never sees half a file)."""
+def write_atomically(path: str, write, *, binary: bool = False) -> None:
+  """Calls `write(file)` on a temporary file beside `path`, then renames it over `path`, so a reader
+  (TensorBoard, a report viewer) never sees half a file. Creates the parent directories."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(suffix=".png", dir=directory)
+  handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
   try:
-    with os.fdopen(handle, "wb") as f:
-      figure.savefig(f, format="png", dpi=_DPI)
+    with os.fdopen(handle, "wb" if binary else "w") as f:
+      write(f)
     os.replace(temporary, path)
   except BaseException:
     os.unlink(temporary)
     raise
+
+
+def _save(figure: Figure, path: str) -> str:
+  """Writes `figure` to `path` as PNG, atomically; returns `path`."""
+  write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=_DPI), binary=True)
   return path
 
 
@@ -344,7 +351,8 @@ def plot_alignment(cross_weights: Sequence[np.ndarray] | np.ndarray, source_labe
   Returns:
     `path`.
   """
-  layers = [np.asarray(cross_weights)] if isinstance(cross_weights, np.ndarray) else list(cross_weights)
+  layers = ([np.asarray(cross_weights)] if isinstance(cross_weights, np.ndarray)
+            else list(cross_weights))
   if not layers or any(np.ndim(layer) != 3 or np.shape(layer) != np.shape(layers[0])
                        for layer in layers):
     raise ValueError("cross_weights must be one or more [heads, target_len, source_len] arrays of "

@@ -13,14 +13,13 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from flaxattn.models.attention_maps import png_to_array
+from flaxattn.models.attention_maps import png_to_array, write_atomically
 
 
 def read_metrics(metrics_jsonl_path: str) -> list[dict]:
@@ -37,7 +36,8 @@ def read_metrics(metrics_jsonl_path: str) -> list[dict]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as error:
-        raise ValueError(f"{metrics_jsonl_path}:{number}: not JSON ({error.msg}): {line[:80]!r}") from None
+        raise ValueError(
+            f"{metrics_jsonl_path}:{number}: not JSON ({error.msg}): {line[:80]!r}") from None
       if not isinstance(record, dict) or "step" not in record:
         raise ValueError(f"{metrics_jsonl_path}:{number}: expected a JSON object with a 'step', "
                          f"got {line[:80]!r}")
@@ -107,22 +107,8 @@ def plot_learning_curves(metrics_jsonl_path: str, png_path: str, *, log_loss: bo
     ax.set_axis_off()
   default_title = os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl_path)))
   figure.suptitle(default_title if title is None else title)
-  _write_atomically(png_path, lambda f: figure.savefig(f, format="png"), binary=True)
+  write_atomically(png_path, lambda f: figure.savefig(f, format="png"), binary=True)
   return png_path
-
-
-def _write_atomically(path: str, write, *, binary: bool = False) -> None:
-  """Calls `write(file)` on a temporary file next to `path`, then renames it over `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-  try:
-    with os.fdopen(handle, "wb" if binary else "w") as f:
-      write(f)
-    os.replace(temporary, path)
-  except BaseException:
-    os.unlink(temporary)
-    raise
 
 
 def _plain(value):
@@ -214,8 +200,8 @@ def write_report(workdir: str, *, title: str, metrics: Mapping,
   text = "\n".join(lines).rstrip("\n") + "\n"
   record = json.dumps(_plain(dict(metrics)), indent=2, sort_keys=False, allow_nan=False)
   md_path = os.path.join(workdir, "report.md")
-  _write_atomically(md_path, lambda f: f.write(text))
-  _write_atomically(os.path.join(workdir, "report.json"), lambda f: f.write(record + "\n"))
+  write_atomically(md_path, lambda f: f.write(text))
+  write_atomically(os.path.join(workdir, "report.json"), lambda f: f.write(record + "\n"))
   return md_path
 
 
