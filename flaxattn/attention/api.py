@@ -140,6 +140,12 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
       weights=bool(return_weights),
       dtype=_dtype_name(query.dtype),
       platform=_platform(),
+      q_len=query.shape[1],
+      kv_len=key.shape[1],
+      heads=query.shape[2],
+      kv_heads=key.shape[2],
+      head_dim=query.shape[3],
+      value_dim=value.shape[3],
   )
   impl = _select(implementation, call)
   return impl.fn(query, key, value, mask=mask, bias=bias, scale=scale,
