@@ -50,6 +50,19 @@ def load_tokamax() -> SimpleNamespace | None:
                          version=getattr(tokamax, "__version__", "unknown"))
 
 
+def _absl_flags_parsed() -> None:
+  """Marks absl flags parsed (with their defaults) unless the program already parsed them.
+
+  tokamax reads its options from absl flags and, finding them unparsed, parses `sys.argv` itself:
+  that fails in any program whose command line is not absl's (pytest, notebooks, argparse scripts).
+  Programs run with `absl.app.run` (flaxattn.main) have parsed them already and keep their values.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
 def _constraints(call: Call) -> str | None:
   if load_tokamax() is None:
     return "this machine: tokamax is not installed (pip install 'flaxattn[gpu]')"
@@ -99,6 +112,7 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
   loaded = load_tokamax()
   if loaded is None:
     raise ValueError("implementation='tokamax' needs tokamax: pip install 'flaxattn[gpu]'")
+  _absl_flags_parsed()
   batch, q_len = query.shape[:2]
   kv_len = key.shape[1]
   k_start, k_end, bool_mask, sees_any, exact = tokamax_mask(mask, batch, q_len, kv_len)
