@@ -320,9 +320,10 @@ def test_tokamax_split_segments_give_nan_not_wrong_numbers():
   problem = Problem(1, 16, 16, 2, 2, 8, 8,
                     parts=MaskParts(q_segment_ids=ids, kv_segment_ids=ids))
   query, key, value, _, _ = _inputs(problem)
-  out = np.asarray(tokamax_attention.attention(
-      query, key, value, mask=_mask(problem.parts), bias=None, scale=8 ** -0.5, softcap=None,
-      dropout_rate=0.0, dropout_rng=None, return_weights=False, implementation="xla"))
+  attend = jax.jit(lambda query, key, value, mask: tokamax_attention.attention(
+      query, key, value, mask=mask, bias=None, scale=8 ** -0.5, softcap=None, dropout_rate=0.0,
+      dropout_rng=None, return_weights=False, implementation="xla"))
+  out = np.asarray(attend(query, key, value, _mask(problem.parts)))
   split = ids[0] == 0
   assert np.all(np.isnan(out[0, split])) and not np.any(np.isnan(out[0, ~split]))
   expected, _ = _expected(problem)
@@ -387,3 +388,36 @@ def test_splash_interpret_matches_oracle(name):
   with pltpu.force_tpu_interpret_mode():
     actual = _run(splash.attention, problem)
   _assert_matches_oracle(actual, problem, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/gpu_attention.py: plumbing only (the figures need a GPU)
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+  """Tiny run on this CPU: numbers for blockwise, a declined-with-reason row for cuDNN, and the
+  RESULTS.md section replaced in place (text around it kept)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+
+  script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_attention.py"
+  spec = importlib.util.spec_from_file_location("gpu_attention_benchmark", script)
+  benchmark = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(benchmark)
+
+  out = tmp_path / "RESULTS.md"
+  out.write_text(f"# Results\n\nbefore\n\n{benchmark.SECTION_BEGIN}\nold\n{benchmark.SECTION_END}\n"
+                 "\nafter\n")
+  report = benchmark.main(["--lengths", "32", "--impls", "blockwise,cudnn", "--causal", "yes",
+                           "--heads", "2", "--head-dim", "16", "--repeats", "1",
+                           "--matmul-size", "64", "--out", str(out)])
+  assert report["environment"]["device"] and report["environment"]["matmul_tflops"] > 0
+  blockwise, declined = report["results"]
+  assert blockwise["implementation"] == "blockwise" and blockwise["length"] == 32
+  assert blockwise["forward"] > 0 and blockwise["forward_backward"] > 0
+  assert "cudnn" in declined["error"] and "platform 'cpu'" in declined["error"]
+  text = out.read_text()
+  assert text.startswith("# Results\n\nbefore\n\n") and text.endswith("\nafter\n")
+  assert "old" not in text and text.count(benchmark.SECTION_BEGIN) == 1
+  assert f"Device: {report['environment']['device']}" in text
+  assert "| blockwise | 32 | yes |" in text and "| cudnn | 32 | yes | ValueError" in text
