@@ -116,8 +116,11 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
   batch, q_len = query.shape[:2]
   kv_len = key.shape[1]
   k_start, k_end, bool_mask, sees_any, exact = tokamax_mask(mask, batch, q_len, kv_len)
-  names = GPU_ORDER if implementation is None else (
-      (implementation,) if isinstance(implementation, str) else tuple(implementation))
+  if implementation is None:
+    # A kernel whose own import failed (e.g. Mosaic GPU on an older jaxlib) is absent from the ops.
+    names = tuple(name for name in GPU_ORDER if name in loaded.ops)
+  else:
+    names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
   unknown = [name for name in names if name not in loaded.ops]
   if unknown:
     raise ValueError(f"tokamax {loaded.version} has no attention op {unknown[0]!r}; it has "
