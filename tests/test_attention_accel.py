@@ -421,3 +421,53 @@ def test_gpu_benchmark_smoke(tmp_path):
   assert "old" not in text and text.count(benchmark.SECTION_BEGIN) == 1
   assert f"Device: {report['environment']['device']}" in text
   assert "| blockwise | 32 | yes |" in text and "| cudnn | 32 | yes | ValueError" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the public API, as if on the accelerator (the dispatcher told the platform is gpu/tpu)
+
+
+@pytest.mark.skipif(tokamax_attention.load_tokamax() is None, reason="tokamax is not installed")
+def test_gpu_dispatch_end_to_end_falls_back_through_tokamax_ops(monkeypatch):
+  """On a 'gpu' call with segment ids the dispatcher picks tokamax; here its Mosaic and Triton ops
+  decline (no GPU), so its default order ends at tokamax's XLA op, which runs: same numbers."""
+  monkeypatch.setattr(api, "_platform", lambda: "gpu")
+  ids = _ids((0, 5), (1, 7))
+  problem = Problem(1, 12, 12, 2, 1, 8, 8, parts=MaskParts(causal=True, q_segment_ids=ids,
+                                                           kv_segment_ids=ids), softcap=4.0)
+  chosen = []
+  monkeypatch.setitem(api._REGISTRY, "tokamax", dataclasses.replace(
+      tokamax_attention.IMPLEMENTATION,
+      fn=lambda *args, **kwargs: chosen.append("tokamax") or tokamax_attention.attention(
+          *args, **kwargs)))
+
+  def through_api(query, key, value, *, mask, bias, scale, softcap, **_):
+    return dot_product_attention(query, key, value, mask=mask, bias=bias, scale=scale,
+                                 softcap=softcap)
+
+  _assert_matches_oracle(_run(through_api, problem), problem, "gpu dispatch")
+  assert chosen == ["tokamax"]
+
+
+@pytest.mark.slow
+def test_tpu_dispatch_end_to_end_runs_splash(monkeypatch):
+  """On a 'tpu' call the dispatcher picks splash; in interpret mode it matches the oracle."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+
+  monkeypatch.setattr(api, "_platform", lambda: "tpu")
+  problem = Problem(1, 128, 128, 2, 1, 64, 64, parts=MaskParts(
+      causal=True, kv_lengths=np.array([100], np.int32)), softcap=10.0)
+
+  chosen = []
+  monkeypatch.setitem(api._REGISTRY, "splash", dataclasses.replace(
+      splash.IMPLEMENTATION,
+      fn=lambda *args, **kwargs: chosen.append("splash") or splash.attention(*args, **kwargs)))
+
+  def through_api(query, key, value, *, mask, bias, scale, softcap, **_):
+    return dot_product_attention(query, key, value, mask=mask, bias=bias, scale=scale,
+                                 softcap=softcap)
+
+  with pltpu.force_tpu_interpret_mode():
+    actual = _run(through_api, problem)
+  _assert_matches_oracle(actual, problem, "tpu dispatch")
+  assert chosen == ["splash"]

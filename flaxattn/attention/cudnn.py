@@ -87,11 +87,12 @@ def cudnn_arguments(query, key, value, *, mask: Mask | None, bias, scale: float)
     # The queries that see no key form a suffix of each row here (padding queries, and under a window
     # the queries more than `left` past the last key): declaring them query padding keeps cuDNN off
     # fully masked rows, whose softmax it may leave NaN. A row without keys keeps one key so the
-    # kernel never meets an empty sequence; its queries are all padding then.
+    # kernel never meets an empty sequence; its queries are all padding then. Lengths past the end
+    # are clipped: cuDNN reads that many keys.
     keywords["query_seq_lengths"] = jnp.sum(sees_any, axis=1, dtype=jnp.int32)
     kv_lengths = (jnp.full((batch,), kv_len, jnp.int32) if mask.kv_lengths is None
                   else jnp.asarray(mask.kv_lengths, jnp.int32))
-    keywords["key_value_seq_lengths"] = jnp.maximum(kv_lengths, 1)
+    keywords["key_value_seq_lengths"] = jnp.clip(kv_lengths, 1, kv_len)
   if bias is not None:
     # cuDNN wants the bias in the input dtype and whole along both sequence axes.
     keywords["bias"] = jnp.broadcast_to(

@@ -30,8 +30,8 @@ from flaxattn.attention import rows
 from flaxattn.attention.mask import Mask
 from flaxattn.attention.spec import Call, Implementation
 
-# tokamax op names tried in order on a GPU: the first that does not raise NotImplementedError runs
-# (tokamax's own default order; "xla" is its dense fallback for shapes the kernels decline).
+# tokamax op names tried in order on a GPU: the first op that accepts the call runs (tokamax's own
+# default order; "xla" is its dense fallback for shapes the kernels decline).
 GPU_ORDER = ("mosaic_gpu", "triton", "xla")
 
 
