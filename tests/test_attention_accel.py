@@ -471,3 +471,43 @@ def test_tpu_dispatch_end_to_end_runs_splash(monkeypatch):
     actual = _run(through_api, problem)
   _assert_matches_oracle(actual, problem, "tpu dispatch")
   assert chosen == ["splash"]
+
+
+@pytest.mark.slow
+def test_splash_under_a_mesh_runs_per_device():
+  """Batch over 'data', heads over 'tensor' (Explicit axes): splash runs inside a shard_map, one
+  (batch, kv head) slice per device, and matches the oracle; a length-sharded query is refused."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+
+  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  ids = np.concatenate([_ids((0, 60), (1, 68)), _ids((4, 128))])
+  problem = Problem(2, 128, 128, 4, 2, 64, 64, parts=MaskParts(
+      causal=True, q_segment_ids=ids, kv_segment_ids=ids, kv_lengths=np.array([128, 90], np.int32)))
+  query, key, value, _, d_out = _inputs(problem)
+  mask = _mask(problem.parts)
+
+  def attend(query, key, value, mask):
+    return splash.attention(query, key, value, mask=mask, bias=None, scale=64 ** -0.5, softcap=None,
+                            dropout_rate=0.0, dropout_rng=None, return_weights=False)
+
+  @jax.jit
+  def forward_backward(query, key, value, mask, d_out):
+    out, vjp = jax.vjp(lambda q, k, v: attend(q, k, v, mask), query, key, value)
+    return out, vjp(d_out)
+
+  per_head = jax.sharding.NamedSharding(mesh, P("data", None, "tensor", None))
+  per_batch = jax.sharding.NamedSharding(mesh, P("data"))
+  with jax.set_mesh(mesh), pltpu.force_tpu_interpret_mode():
+    placed = [jax.device_put(x, per_head) for x in (query, key, value, d_out)]
+    placed_mask = jax.tree.map(
+        lambda x: jax.device_put(x, per_batch if x.ndim == 1 else jax.sharding.NamedSharding(
+            mesh, P("data", None))), mask)
+    assert "shard_map" in str(jax.make_jaxpr(attend)(*placed[:3], placed_mask))
+    out, grads = forward_backward(*placed[:3], placed_mask, placed[3])
+    assert out.sharding.spec == P("data", None, "tensor", None)
+    by_length = jax.device_put(query, jax.sharding.NamedSharding(mesh, P(None, "data")))
+    with pytest.raises(ValueError, match=r"splash' needs query unsharded along its length"):
+      attend(by_length, by_length, by_length, Mask(causal=True))
+  _assert_matches_oracle((out, (*grads, None)), problem, "sharded splash")
