@@ -232,9 +232,10 @@ def test_sees_any_key_and_segment_ranges_against_numpy():
                       kv_lengths=rng.integers(0, kv_len + 1, size=batch).astype(np.int32))
     visible = numpy_visible(parts, batch, 1, q_len, kv_len)[:, 0]
     mask = _mask(parts)
-    np.testing.assert_array_equal(rows.sees_any_key(mask, batch, q_len, kv_len), visible.any(-1))
+    sees_any = jax.jit(rows.sees_any_key, static_argnums=(1, 2, 3))(mask, batch, q_len, kv_len)
+    np.testing.assert_array_equal(sees_any, visible.any(-1))
 
-    start, end, contiguous = map(np.asarray, rows.segment_key_ranges(q_ids, kv_ids))
+    start, end, contiguous = map(np.asarray, jax.jit(rows.segment_key_ranges)(q_ids, kv_ids))
     same = q_ids[:, :, None] == kv_ids[:, None, :]
     for b in range(batch):
       for i in range(q_len):
