@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from flaxattn.attention import rows
+from flaxattn.attention import placement, rows
 from flaxattn.attention.mask import Mask
 from flaxattn.attention.spec import Call, Implementation
 
@@ -132,64 +132,24 @@ def _segment_ids(mask: Mask, batch: int, q_len: int, kv_len: int, padded_q: int,
   return jnp.where(q_valid, q_ids, no_query), jnp.where(kv_valid, kv_ids, no_key)
 
 
-def _device_placement(query, key, value):
-  """`(mesh, axes, batch_axes, head_axes)` when traced for several devices outside a shard_map.
-
-  A Pallas TPU kernel cannot be partitioned by XLA ("Mosaic kernels cannot be automatically
-  partitioned"), so under a multi-device mesh `attention` runs it inside `jax.shard_map` over the
-  mesh's non-manual `axes`, split along batch and heads as the inputs are sharded (Explicit mesh
-  axes carry their partition spec in the type; Auto axes give none, and the inputs are then
-  gathered, which is correct but slower). Returns None on one device or inside a full shard_map.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  free_axes = frozenset(mesh.axis_names) - frozenset(mesh.manual_axes)
-  if mesh.empty or not free_axes or all(mesh.shape[axis] == 1 for axis in free_axes):
-    return None
-  specs = {}
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    spec = tuple(jax.typeof(x).sharding.spec)
-    spec = spec + (None,) * (4 - len(spec))
-    if spec[1] is not None or spec[3] is not None:
-      raise ValueError(
-          f"implementation='splash' needs {name} unsharded along its length and head_dim axes, got "
-          f"partition spec {spec}: shard batch and heads only (sequence sharding needs ring "
-          f"attention)")
-    specs[name] = spec
-  if not specs["query"][0] == specs["key"][0] == specs["value"][0] or not (
-      specs["query"][2] == specs["key"][2] == specs["value"][2]):
-    raise ValueError(
-        f"implementation='splash' needs query, key and value sharded alike along batch and heads, "
-        f"got {specs['query']}, {specs['key']}, {specs['value']}")
-  return mesh, free_axes, specs["query"][0], specs["query"][2]
-
-
 def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softcap, dropout_rate: float,
               dropout_rng, return_weights: bool):
   """Arguments as `flaxattn.attention.dot_product_attention`, already validated.
 
-  Under a multi-device mesh the kernel runs per device inside `jax.shard_map` (see
-  `_device_placement`); batch and heads may be sharded, lengths and head_dim may not.
+  Under a multi-device mesh the kernel runs per device inside `jax.shard_map`
+  (`placement.run_per_device`); batch and heads may be sharded, lengths and head_dim may not.
 
   Returns `[batch, q_len, heads, value_dim]` in the query dtype.
   """
   del bias, dropout_rate, dropout_rng, return_weights  # Declined: the dispatcher never passes them.
-  mask = mask if mask is not None else Mask()
-  placement = _device_placement(query, key, value)
   run = functools.partial(_attention_on_device, scale=scale, softcap=softcap)
-  if placement is None:
-    return run(query, key, value, mask)
-  mesh, axes, batch_axes, head_axes = placement
-  P = jax.sharding.PartitionSpec  # pylint: disable=invalid-name
-  per_head = P(batch_axes, None, head_axes, None)
-  # Mask arrays (segment ids [batch, length], lengths [batch]) follow the batch.
-  mask_specs = jax.tree.map(lambda leaf: P(batch_axes, *(None,) * (jnp.ndim(leaf) - 1)), mask)
-  run = jax.shard_map(run, mesh=mesh, in_specs=(per_head, per_head, per_head, mask_specs),
-                      out_specs=per_head, axis_names=axes, check_vma=False)
-  return run(query, key, value, mask)
+  return placement.run_per_device(run, query, key, value, mask if mask is not None else Mask(),
+                                  None, name="splash")
 
 
-def _attention_on_device(query, key, value, mask: Mask, *, scale: float, softcap):
-  """`attention` on one device's (or the whole) arrays."""
+def _attention_on_device(query, key, value, mask: Mask, bias, *, scale: float, softcap):
+  """`attention` on one device's (or the whole) arrays; `bias` is always None here."""
+  del bias
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
 
   batch, q_len, heads, _ = query.shape

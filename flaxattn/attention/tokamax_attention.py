@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 
-from flaxattn.attention import rows
+from flaxattn.attention import placement, rows
 from flaxattn.attention.mask import Mask
 from flaxattn.attention.spec import Call, Implementation
 
@@ -106,16 +106,14 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
 
   `implementation`: a tokamax op name ('mosaic_gpu', 'triton', 'cudnn', 'xla', 'xla_chunked') or
   names tried in order; None means `GPU_ORDER`. On a CPU only 'xla' and 'xla_chunked' run (the
-  tests use them to check this wrapper).
+  tests use them to check this wrapper). Under a multi-device mesh the op runs per device inside
+  `jax.shard_map` (`placement.run_per_device`): batch and heads may be sharded, lengths may not.
   """
   del dropout_rate, dropout_rng, return_weights  # Declined: the dispatcher never passes them.
   loaded = load_tokamax()
   if loaded is None:
     raise ValueError("implementation='tokamax' needs tokamax: pip install 'flaxattn[gpu]'")
   _absl_flags_parsed()
-  batch, q_len = query.shape[:2]
-  kv_len = key.shape[1]
-  k_start, k_end, bool_mask, sees_any, exact = tokamax_mask(mask, batch, q_len, kv_len)
   if implementation is None:
     # A kernel whose own import failed (e.g. Mosaic GPU on an older jaxlib) is absent from the ops.
     names = tuple(name for name in GPU_ORDER if name in loaded.ops)
@@ -125,6 +123,18 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
   if unknown:
     raise ValueError(f"tokamax {loaded.version} has no attention op {unknown[0]!r}; it has "
                      f"{sorted(loaded.ops)}")
+  run = functools.partial(_attention_on_device, scale=scale, softcap=softcap, names=names,
+                          loaded=loaded)
+  return placement.run_per_device(run, query, key, value, mask if mask is not None else Mask(),
+                                  bias, name="tokamax")
+
+
+def _attention_on_device(query, key, value, mask: Mask, bias, *, scale: float, softcap,
+                         names: tuple[str, ...], loaded: SimpleNamespace):
+  """`attention` on one device's (or the whole) arrays, with the op names resolved."""
+  batch, q_len = query.shape[:2]
+  kv_len = key.shape[1]
+  k_start, k_end, bool_mask, sees_any, exact = tokamax_mask(mask, batch, q_len, kv_len)
   errors = []
   for name in names:
     try:
