@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 from types import SimpleNamespace
 
-import jax
 import jax.numpy as jnp
 
 from flaxattn.attention import placement, rows
