@@ -431,7 +431,7 @@ def test_gpu_benchmark_smoke(tmp_path):
 @pytest.mark.skipif(tokamax_attention.load_tokamax() is None, reason="tokamax is not installed")
 def test_gpu_dispatch_end_to_end_falls_back_through_tokamax_ops(monkeypatch):
   """On a 'gpu' call with segment ids the dispatcher picks tokamax; here its Mosaic and Triton ops
-  decline (no GPU), so its default order ends at tokamax's XLA op, which runs: same numbers."""
+  decline (no GPU), so its default order ends at tokamax's chunked XLA op, which runs."""
   monkeypatch.setattr(api, "_platform", lambda: "gpu")
   ids = _ids((0, 5), (1, 7))
   problem = Problem(1, 12, 12, 2, 1, 8, 8, parts=MaskParts(causal=True, q_segment_ids=ids,

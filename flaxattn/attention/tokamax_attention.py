@@ -29,9 +29,10 @@ from flaxattn.attention import placement, rows
 from flaxattn.attention.mask import Mask
 from flaxattn.attention.spec import Call, Implementation
 
-# tokamax op names tried in order on a GPU: the first op that accepts the call runs (tokamax's own
-# default order; "xla" is its dense fallback for shapes the kernels decline).
-GPU_ORDER = ("mosaic_gpu", "triton", "xla")
+# tokamax op names tried in order on a GPU: the first op that accepts the call runs. tokamax's own
+# default ends with its dense "xla" op; "xla_chunked" keeps the declared O(length) memory for the
+# shapes both flash kernels decline.
+GPU_ORDER = ("mosaic_gpu", "triton", "xla_chunked")
 
 
 @functools.lru_cache(maxsize=None)
