@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxattn.attention import blockwise, reference, xla
+from flaxattn.attention import blockwise, cudnn, reference, splash, tokamax_attention, xla
 from flaxattn.attention.mask import Mask, as_mask
 from flaxattn.attention.spec import Call, Implementation
 
@@ -35,6 +35,13 @@ register(xla.IMPLEMENTATION)
 # and O(length) memory. GPU/TPU: after xla (untuned there), ahead of the O(length^2) reference for the
 # calls xla cannot run (softcap).
 register(blockwise.IMPLEMENTATION, prefer_on={"cpu": 0, "gpu": 1, "tpu": 1})
+# Accelerator kernels, each registered for its own platform only (their declarations and
+# `constraints` decline every other platform, so auto-selection never picks them elsewhere). GPU:
+# cuDNN first for the calls it runs (fused, fastest where it applies), then tokamax for the rest
+# (segment ids, softcap; declines itself when not installed). TPU: splash first.
+register(cudnn.IMPLEMENTATION, prefer_on={"gpu": 0})
+register(tokamax_attention.IMPLEMENTATION, prefer_on={"gpu": 1})
+register(splash.IMPLEMENTATION, prefer_on={"tpu": 0})
 
 
 def implementations() -> list[dict]:
@@ -140,6 +147,12 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
       weights=bool(return_weights),
       dtype=_dtype_name(query.dtype),
       platform=_platform(),
+      q_len=query.shape[1],
+      kv_len=key.shape[1],
+      heads=query.shape[2],
+      kv_heads=key.shape[2],
+      head_dim=query.shape[3],
+      value_dim=value.shape[3],
   )
   impl = _select(implementation, call)
   return impl.fn(query, key, value, mask=mask, bias=bias, scale=scale,

@@ -8,7 +8,11 @@ from typing import Callable
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-  """The features one attention call needs (built by the dispatcher from its arguments)."""
+  """The features one attention call needs (built by the dispatcher from its arguments).
+
+  The static shape fields (0 when unknown) let an implementation with shape limits (cuDNN's head_dim,
+  a kernel's aligned diagonal) decline a call in `Implementation.constraints`.
+  """
 
   masks: frozenset[str]
   bias: bool
@@ -17,6 +21,12 @@ class Call:
   weights: bool
   dtype: str
   platform: str
+  q_len: int = 0
+  kv_len: int = 0
+  heads: int = 0
+  kv_heads: int = 0
+  head_dim: int = 0
+  value_dim: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +48,9 @@ class Implementation:
   platforms: frozenset[str]
   memory: str
   notes: str = ""
+  # Extra, implementation-specific limits checked after the declared features: `constraints(call)`
+  # returns the unsupported feature in words, or None. Also where an optional dependency is missing.
+  constraints: Callable[[Call], str | None] | None = None
 
   def unsupported(self, call: Call) -> str | None:
     """The first feature of `call` this implementation lacks, in words; None if it can run it."""
@@ -51,6 +64,8 @@ class Implementation:
     for feature in ("bias", "softcap", "dropout", "weights"):
       if getattr(call, feature) and not getattr(self, feature):
         return {"weights": "return_weights=True"}.get(feature, feature)
+    if self.constraints is not None:
+      return self.constraints(call)
     return None
 
   def describe(self) -> dict:
