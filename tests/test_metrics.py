@@ -132,7 +132,7 @@ def test_tfidf_logistic_regression_against_direct_sklearn():
   assert result["accuracy"] > 0.7
   # The same model built directly with scikit-learn gives the same predictions and scores.
   vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-  classifier = LogisticRegression(C=result["C"], max_iter=2000)
+  classifier = LogisticRegression(C=result["C"], solver="saga", max_iter=2000, random_state=0)
   classifier.fit(vectorizer.fit_transform(train_texts), train_labels)
   predictions = classifier.predict(vectorizer.transform(test_texts))
   assert result["accuracy"] == pytest.approx(
