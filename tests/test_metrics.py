@@ -23,6 +23,8 @@ def test_accuracy_and_confusion_matrix_against_sklearn():
       sklearn_metrics.accuracy_score(labels, pred), abs=1e-12)
   assert metrics.accuracy(pred.reshape(10, 20), labels.reshape(10, 20)) == pytest.approx(
       np.mean(pred == labels), abs=1e-12)
+  assert metrics.macro_f1(pred > 1, labels > 1, 2) == pytest.approx(
+      sklearn_metrics.f1_score(labels > 1, pred > 1, average="macro"), abs=1e-12)
   np.testing.assert_array_equal(metrics.confusion_matrix(pred, labels, 5),
                                 sklearn_metrics.confusion_matrix(labels, pred, labels=range(5)))
 
