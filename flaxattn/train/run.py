@@ -252,6 +252,6 @@ def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, 
   metrics = {key: value for key, value in {**record, **final}.items()
              if key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss"))}
   report.write_report(workdir, title=f"{config.data.name} ({run.kind})", metrics=metrics,
-                      tables=tables, images=[os.path.relpath(p, workdir) for p in images],
+                      tables=tables, images=images,
                       notes=notes)
   return {key: value for key, value in final.items()}
