@@ -242,12 +242,14 @@ def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, 
     for split, stats in run.task.stats.items():
       notes.append(f"{split}: {stats.summary()}")
     if config.report.baseline == "tfidf":
-      from flaxattn.train.baselines import tfidf_logistic_regression
-      raw = run.task.raw
+      from flaxattn.train.baselines import TFIDF_C_GRID, tfidf_logistic_regression
+      raw, c_grid = run.task.raw, TFIDF_C_GRID
       for split in ("validation", "test"):
         scores = tfidf_logistic_regression(
             [e["text"] for e in raw["train"]], [e["label"] for e in raw["train"]],
-            [e["text"] for e in raw[split]], [e["label"] for e in raw[split]], seed=config.seed)
+            [e["text"] for e in raw[split]], [e["label"] for e in raw[split]], seed=config.seed,
+            num_classes=len(run.task.class_names), c_grid=c_grid)
+        c_grid = (scores["C"],)  # Chosen on the training split alone: no second search.
         final.update({f"baseline_tfidf_{split}_{name}": float(v) for name, v in scores.items()})
   metrics = {key: value for key, value in {**record, **final}.items()
              if key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss"))}
