@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxattn.attention import blockwise, reference, xla
+from flaxattn.attention import blockwise, reference, ring, xla
 from flaxattn.attention.mask import Mask, as_mask
 from flaxattn.attention.spec import Call, Implementation
 
@@ -35,6 +35,8 @@ register(xla.IMPLEMENTATION)
 # and O(length) memory. GPU/TPU: after xla (untuned there), ahead of the O(length^2) reference for the
 # calls xla cannot run (softcap).
 register(blockwise.IMPLEMENTATION, prefer_on={"cpu": 0, "gpu": 1, "tpu": 1})
+# Only by name: it needs the sequence sharded over a mesh's context axis, a choice for the caller.
+register(ring.IMPLEMENTATION)
 
 
 def implementations() -> list[dict]:
@@ -44,6 +46,12 @@ def implementations() -> list[dict]:
 
 def _platform() -> str:
   return jax.default_backend()
+
+
+def _mesh_axes() -> frozenset[str]:
+  """Axis names of the mesh set with `jax.set_mesh` (inside `jit` too); empty without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return frozenset() if mesh.empty else frozenset(mesh.axis_names)
 
 
 def _dtype_name(dtype) -> str:
@@ -140,6 +148,9 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
       weights=bool(return_weights),
       dtype=_dtype_name(query.dtype),
       platform=_platform(),
+      q_len=query.shape[1],
+      kv_len=key.shape[1],
+      mesh_axes=_mesh_axes(),
   )
   impl = _select(implementation, call)
   return impl.fn(query, key, value, mask=mask, bias=bias, scale=scale,
