@@ -29,7 +29,7 @@ Sharding. The function runs under `jax.shard_map` over the mesh set with `jax.se
 `jax.sharding.get_abstract_mesh()`): length over `context`; batch over `data` and `fsdp` and heads
 over `tensor` where those axes exist and divide the sizes (the `context` preset of
 `flaxattn.parallel.rules` lays activations out exactly so, so nothing moves on entry). Other axes see
-the same work repeated.
+the same work repeated. On Explicit mesh axes the arguments are resharded to that layout first.
 
 Supported: causal and segment-id masks (packing; padding as its own segment id), GQA/MQA, softcap,
 float32/bfloat16/float16. Not supported (the dispatcher says so): `q_len != kv_len`, bias, window,
@@ -132,8 +132,13 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
     out = _ring_attention(query, key, value, q_seg, kv_seg, ring)
     return _from_zigzag(out, ring) if causal else out
 
-  return jax.shard_map(local, in_specs=(spec,) * 3 + (segment_spec,) * len(segments),
-                       out_specs=spec)(query, key, value, *segments)
+  in_specs = (spec,) * 3 + (segment_spec,) * len(segments)
+  arguments = (query, key, value, *segments)
+  if jax.sharding.AxisType.Explicit in mesh.axis_types:
+    # Explicit axes make the sharding part of the type: shard_map takes arguments laid out as
+    # in_specs say, so lay them out so (a no-op when they already are).
+    arguments = tuple(jax.sharding.reshard(x, s) for x, s in zip(arguments, in_specs))
+  return jax.shard_map(local, in_specs=in_specs, out_specs=spec)(*arguments)
 
 
 def _dividing_axes(mesh, names, *sizes):
