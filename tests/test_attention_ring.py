@@ -39,6 +39,14 @@ class Case:
   softcap: float | None = None
   dtype: str = "float32"
 
+  @property
+  def label(self) -> str:
+    """A short test id, e.g. `context4-causal-segments-heads4x2-len64-float32`."""
+    parts = [f"context{self.context}", "causal" if self.causal else "full",
+             *(["segments"] if self.segments else []), f"heads{self.heads}x{self.kv_heads}",
+             f"len{self.length}", *([f"softcap{self.softcap}"] if self.softcap else []), self.dtype]
+    return "-".join(parts)
+
 
 def _mesh(context: int, axis_type=jax.sharding.AxisType.Auto, devices: int = 8):
   assert jax.device_count() == 8, "tests/conftest.py sets up 8 CPU devices"
@@ -78,10 +86,12 @@ def _run(case: Case, implementation: str = "ring", mesh=None):
   arguments = (inputs["query"], inputs["key"], inputs["value"], inputs["d_out"], mask)
   if mesh is None:
     return *jax.jit(forward_and_vjp)(*arguments), ""
+  # Laid out as the `context` preset shards activations: batch over data (where it divides; else
+  # replicated, as ring attention then leaves it), length over context.
+  batch_axis = "data" if case.batch % mesh.shape["data"] == 0 else None
   with jax.set_mesh(mesh):
-    # Laid out as the `context` preset shards activations: batch over data, length over context.
     sharded = jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(
-        mesh, P("data", "context", *([None] * (x.ndim - 2))))), arguments)
+        mesh, P(batch_axis, "context", *([None] * (x.ndim - 2))))), arguments)
     compiled = jax.jit(forward_and_vjp).lower(*sharded).compile()
     out, grads = compiled(*sharded)
   return out, grads, compiled.as_text()
@@ -118,13 +128,14 @@ def test_causal_segments_gqa_on_four_devices():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [
+    # Batch 2 on data=4: not divisible, so replicated over data.
     Case(context=2, causal=True, segments=True, heads=4, kv_heads=4),
     Case(context=8, causal=True, segments=True, heads=4, kv_heads=1),
     Case(context=8, causal=True, segments=False, softcap=5.0),
     Case(context=2, causal=False, segments=True),
     Case(context=4, causal=False, segments=False, heads=2, kv_heads=1, length=128),
     Case(context=4, causal=True, segments=True, dtype="bfloat16"),
-], ids=str)
+], ids=lambda case: case.label)
 def test_matches_oracle(case):
   _assert_ring_communication(_check_against_oracle(case))
 
@@ -132,7 +143,7 @@ def test_matches_oracle(case):
 @pytest.mark.slow
 def test_explicit_mesh_axes_and_replicated_inputs():
   # Explicit axes: the wrapper reshards its arguments; here they arrive replicated.
-  case = Case(context=2, causal=True, segments=True)
+  case = Case(context=4, causal=True, segments=True)
   mesh = _mesh(case.context, jax.sharding.AxisType.Explicit)
   inputs, segment_ids = _inputs(case)
   mask = Mask(causal=True, q_segment_ids=jnp.asarray(segment_ids))

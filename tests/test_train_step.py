@@ -1,6 +1,8 @@
 """Losses and schedules against float64 NumPy; optimizers' weight-decay mask; the train step on
-meshes (8,1,1,1), (2,2,2,1), (1,2,2,2) and with gradient accumulation against one device."""
+meshes (8,1,1,1), (2,2,2,1), (1,2,2,2), with gradient accumulation, and with ring attention over a
+context axis of 4, against one device."""
 
+import dataclasses
 import functools
 import math
 
@@ -104,12 +106,12 @@ def setup():
   return schedule, tx, batch, loss_fn
 
 
-def run_steps(setup, sizes, devices=None, grad_accum_steps=1):
+def run_steps(setup, sizes, devices=None, grad_accum_steps=1, config=CONFIG):
   schedule, tx, batch, loss_fn = setup
   mesh = parallel.make_mesh(sizes, devices)
   rules = parallel.make_rules("context")
   graphdef, state, shardings = train.init_train_state(
-      lambda rngs: DecoderLM(CONFIG, rngs=rngs), tx, 0, mesh, rules)
+      lambda rngs: DecoderLM(config, rngs=rngs), tx, 0, mesh, rules)
   batch_shardings = parallel.batch_shardings({k: v.shape for k, v in batch.items()}, mesh, rules)
   train_step, _ = train.jit_steps(
       train.make_train_step(graphdef, tx, loss_fn, schedule, grad_accum_steps=grad_accum_steps),
@@ -146,3 +148,11 @@ def test_train_step_fsdp_tp_and_accumulation_equal_one_device(setup, one_device)
   assert losses[-1] < losses[0]
   assert_same_training(run_steps(setup, {"data": 2, "fsdp": 2, "tensor": 2}, grad_accum_steps=2),
                        one_device)
+
+
+@pytest.mark.slow
+def test_ring_attention_context_parallel_equals_one_device(setup, one_device):
+  # The sequence (16 tokens) split over 4 devices: 2 x 4 zig-zag chunks of 2 tokens; the batch over
+  # 2. One device runs the default (blockwise) kernel on the whole sequence.
+  ring_config = dataclasses.replace(CONFIG, attention_impl="ring")
+  assert_same_training(run_steps(setup, {"data": 2, "context": 4}, config=ring_config), one_device)
