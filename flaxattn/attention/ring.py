@@ -3,14 +3,15 @@
 Each of the `C` devices of the `context` axis holds `length / C` queries, keys and values. The key/value
 blocks travel around the ring (`lax.ppermute` to the next device, `C - 1` hops); each device attends its
 queries to every block as it passes, with the blockwise kernel (`blockwise.forward_with_lse`), and
-merges the partial results by their log-sum-exp (an online softmax over blocks). No device ever holds
-more than two key/value blocks, and nothing is all-gathered.
+merges the partial results by their log-sum-exp (an online softmax over blocks). A device holds two
+key/value blocks at a time (the one it attends to and the one arriving); nothing is all-gathered.
 
 Backward (a `jax.custom_vjp`, not autodiff through the forward loop). Only the output and the per-row
 log-sum-exp are saved. The key/value blocks travel the ring again, now with their `dk`/`dv`
 accumulators: each device adds its queries' share (`blockwise.backward_from_lse`, which recomputes
 the tile weights from the saved log-sum-exp) and passes block and accumulators on; one last hop brings
-each accumulator home. `dq` stays on its device.
+each accumulator home. `dq` stays on its device. Accumulators are float32 whatever the input dtype
+(so bfloat16 gradients are rounded once, at the end, at the cost of float32 traffic).
 
 Overlap. Each step sends the held block on before attending to it, so the transfer can run during the
 step's compute; the price is one more hop than strictly needed (the last block received is not used).
