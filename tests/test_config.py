@@ -11,6 +11,8 @@ import flaxattn.attention
 from flaxattn.config import base_config, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from experiments import lm_tiny  # noqa: E402  (the experiment file, as flaxattn.main loads it)
 
 
 def tiny():
@@ -20,6 +22,11 @@ def tiny():
   config.data.seq_len = 32
   config.batch_size = 8
   return config
+
+
+@pytest.mark.parametrize("variant", ["sharded", "ring"])
+def test_lm_tiny_mesh_variants_are_valid_on_8_devices(variant):
+  validate(lm_tiny.get_config(variant))
 
 
 def test_valid_configs_pass():
