@@ -86,12 +86,15 @@ def _run(case: Case, implementation: str = "ring", mesh=None):
   arguments = (inputs["query"], inputs["key"], inputs["value"], inputs["d_out"], mask)
   if mesh is None:
     return *jax.jit(forward_and_vjp)(*arguments), ""
-  # Laid out as the `context` preset shards activations: batch over data (where it divides; else
-  # replicated, as ring attention then leaves it), length over context.
-  batch_axis = "data" if case.batch % mesh.shape["data"] == 0 else None
+  # Laid out as the `context` preset shards activations: batch over data/fsdp (where it divides;
+  # else replicated, as ring attention then leaves it), length over context, heads over tensor.
+  batch_axis = next((axis for axis in ("data", "fsdp") if axis in mesh.axis_names
+                     and case.batch % mesh.shape[axis] == 0), None)
+  head_axis = "tensor" if "tensor" in mesh.axis_names else None
+  place = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
+      mesh, P(batch_axis, "context", head_axis, None) if x.ndim == 4 else P(batch_axis, "context")))
   with jax.set_mesh(mesh):
-    sharded = jax.tree.map(lambda x: jax.device_put(x, jax.sharding.NamedSharding(
-        mesh, P(batch_axis, "context", *([None] * (x.ndim - 2))))), arguments)
+    sharded = jax.tree.map(place, arguments)
     compiled = jax.jit(forward_and_vjp).lower(*sharded).compile()
     out, grads = compiled(*sharded)
   return out, grads, compiled.as_text()
@@ -138,6 +141,14 @@ def test_causal_segments_gqa_on_four_devices():
 ], ids=lambda case: case.label)
 def test_matches_oracle(case):
   _assert_ring_communication(_check_against_oracle(case))
+
+
+@pytest.mark.slow
+def test_batch_over_fsdp_and_heads_over_tensor():
+  mesh = jax.make_mesh((2, 2, 2), ("fsdp", "tensor", "context"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  _assert_ring_communication(_check_against_oracle(
+      Case(context=2, causal=True, segments=True, heads=4, kv_heads=2), mesh=mesh))
 
 
 @pytest.mark.slow
