@@ -216,6 +216,16 @@ def _front_pad(x, rows: int, value=0.0):
   return jnp.pad(x, [(0, 0), (rows, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
 
 
+def _diagonal_blocks(ring: _Ring, half: int) -> dict[str, int]:
+  """Tile sizes for a device's own block under a causal mask: at most one zig-zag chunk (`half`
+  positions) each way, so that the fully masked chunk pair (first chunk's queries, second chunk's
+  keys) is made of whole tiles, which the blockwise kernel skips."""
+  default_q, default_kv = blockwise.DEFAULT_BLOCKS.get(jax.default_backend(),
+                                                      blockwise.DEFAULT_BLOCKS["cpu"])
+  return dict(block_q=min(ring.block_q or default_q, half),
+              block_kv=min(ring.block_kv or default_kv, half))
+
+
 def _visit_forward(ring: _Ring, q, q_seg, held, step, index):
   """This device's queries against the held key/value block (from device `index - step`).
 
@@ -227,9 +237,10 @@ def _visit_forward(ring: _Ring, q, q_seg, held, step, index):
                               block_q=ring.block_q, block_kv=ring.block_kv)
   if not ring.causal:
     return forward(q, k, v, mask=_segment_mask(q_seg, kv_seg))
-  if isinstance(step, int) and step == 0:
-    return forward(q, k, v, mask=_segment_mask(q_seg, kv_seg, causal=True))
   half = q.shape[1] // 2
+  if isinstance(step, int) and step == 0:
+    return forward(q, k, v, mask=_segment_mask(q_seg, kv_seg, causal=True),
+                   **_diagonal_blocks(ring, half))
 
   def from_earlier_device():  # Its first chunk precedes both of ours; its second follows both.
     return forward(q, k[:, :half], v[:, :half],
@@ -250,9 +261,10 @@ def _visit_backward(ring: _Ring, q, q_seg, out, lse, d_out, held, step, index):
                                block_q=ring.block_q, block_kv=ring.block_kv)
   if not ring.causal:
     return backward(q, k, v, out, lse, d_out, mask=_segment_mask(q_seg, kv_seg))
-  if isinstance(step, int) and step == 0:
-    return backward(q, k, v, out, lse, d_out, mask=_segment_mask(q_seg, kv_seg, causal=True))
   half = q.shape[1] // 2
+  if isinstance(step, int) and step == 0:
+    return backward(q, k, v, out, lse, d_out, mask=_segment_mask(q_seg, kv_seg, causal=True),
+                    **_diagonal_blocks(ring, half))
   back_pad = lambda x: jnp.pad(x, [(0, 0), (0, half), (0, 0), (0, 0)])
 
   def from_earlier_device():
