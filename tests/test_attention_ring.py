@@ -36,6 +36,7 @@ class Case:
   length: int = 64
   batch: int = 2
   head_dim: int = 16
+  value_dim: int = 16
   softcap: float | None = None
   dtype: str = "float32"
 
@@ -44,7 +45,8 @@ class Case:
     """A short test id, e.g. `context4-causal-segments-heads4x2-len64-float32`."""
     parts = [f"context{self.context}", "causal" if self.causal else "full",
              *(["segments"] if self.segments else []), f"heads{self.heads}x{self.kv_heads}",
-             f"len{self.length}", *([f"softcap{self.softcap}"] if self.softcap else []), self.dtype]
+             f"len{self.length}", *([f"value_dim{self.value_dim}"] if self.value_dim != 16 else []),
+             *([f"softcap{self.softcap}"] if self.softcap else []), self.dtype]
     return "-".join(parts)
 
 
@@ -58,8 +60,8 @@ def _inputs(case: Case, seed: int = 0):
   rng = np.random.default_rng(seed)
   shapes = dict(query=(case.batch, case.length, case.heads, case.head_dim),
                 key=(case.batch, case.length, case.kv_heads, case.head_dim),
-                value=(case.batch, case.length, case.kv_heads, case.head_dim),
-                d_out=(case.batch, case.length, case.heads, case.head_dim))
+                value=(case.batch, case.length, case.kv_heads, case.value_dim),
+                d_out=(case.batch, case.length, case.heads, case.value_dim))
   inputs = {name: jnp.asarray(rng.normal(size=shape), case.dtype) for name, shape in shapes.items()}
   segment_ids = None
   if case.segments:
@@ -109,7 +111,7 @@ def _check_against_oracle(case: Case, mesh=None):
       exact["query"], exact["key"], exact["value"], softcap=case.softcap, d_out=exact["d_out"],
       visible=numpy_visible(parts, case.batch, case.heads, case.length, case.length))
   tolerance = TOLERANCES[case.dtype]
-  assert out.shape == inputs["query"].shape and out.dtype == inputs["query"].dtype
+  assert out.shape == inputs["d_out"].shape and out.dtype == inputs["query"].dtype
   assert_close(out, expected["out"], tolerance["out"], f"output of {case}")
   for name, grad in zip(("query", "key", "value"), grads):
     assert grad.shape == inputs[name].shape and grad.dtype == inputs[name].dtype, name
@@ -134,7 +136,7 @@ def test_causal_segments_gqa_on_four_devices():
     # Batch 2 on data=4: not divisible, so replicated over data.
     Case(context=2, causal=True, segments=True, heads=4, kv_heads=4),
     Case(context=8, causal=True, segments=True, heads=4, kv_heads=1),
-    Case(context=8, causal=True, segments=False, softcap=5.0),
+    Case(context=8, causal=True, segments=False, softcap=5.0, value_dim=8),
     Case(context=2, causal=False, segments=True),
     Case(context=4, causal=False, segments=False, heads=2, kv_heads=1, length=128),
     Case(context=4, causal=True, segments=True, dtype="bfloat16"),
