@@ -172,7 +172,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   is built or compiled: unknown keys (with a did-you-mean), wrong types, model shapes (heads vs
   kv_heads), a mesh that does not match the devices, sharding rules that leave a mesh axis idle or
   do not divide the batch, an attention implementation this platform cannot run, sequence
-  length vs the model's positions."""
+  length vs the model's positions, and what ring attention needs (a context axis > 1 that splits
+  the sequence into 2 x context chunks)."""
   from flaxattn.attention import implementations  # Deferred: keeps `import flaxattn.config` light.
   from flaxattn.parallel import make_rules, mesh_shape, unused_mesh_axes
   from flaxattn.train.optim import OPTIMIZERS, SCHEDULES
@@ -263,3 +264,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if seq_len % shards("length"):
     raise ValueError(f"config.data.seq_len={seq_len} must be divisible by the {shards('length')} "
                      "sequence (context) shards")
+  if model.attention_impl == "ring":
+    _validate_ring(config, shape, dict(rules)["length"])
+
+
+def _validate_ring(config, mesh: dict[str, int], length_axes) -> None:
+  """What ring attention (`flaxattn.attention.ring`) needs: a context axis to ring over, the
+  sequence sharded over it, and a length that splits into the 2 x context zig-zag chunks of the
+  decoder's causal attention."""
+  context = mesh["context"]
+  if context < 2:
+    raise ValueError(f"config.model.attention_impl='ring' needs config.mesh.context > 1 (the devices "
+                     f"the sequence is split over), got {context}")
+  length_axes = (length_axes,) if isinstance(length_axes, str) else length_axes or ()
+  if "context" not in length_axes:
+    raise ValueError(
+        f"config.model.attention_impl='ring' needs the sequence sharded over the context axis, but "
+        f"config.sharding.preset={config.sharding.preset!r} (overrides "
+        f"{config.sharding.overrides!r}) maps 'length' to {tuple(length_axes)}; use preset 'context' "
+        "or override 'length=context'")
+  seq_len = config.data.seq_len
+  if seq_len % (2 * context):
+    raise ValueError(f"config.data.seq_len={seq_len} must be divisible by 2 x config.mesh.context="
+                     f"{context} (ring attention's zig-zag chunks)")

@@ -52,7 +52,8 @@ class TransformerConfig:
     attention_dropout_rate: dropout on the attention weights (needs an implementation with dropout,
       i.e. 'reference').
     attention_impl: a name from `flaxattn.attention.implementations()`, or None to let the dispatcher
-      pick per call.
+      pick per call. 'ring' splits the sequence over the mesh's `context` axis (context
+      parallelism; the model must run inside `jax.set_mesh`, as the training steps do).
     qk_norm: RMS-normalise queries and keys per head before the dot product (OLMo 2, Gemma 3).
     softcap: soft-cap the attention logits at this value (`c * tanh(logits / c)`, Gemma 2); None = off.
     tie_embeddings: output logits use the input embedding table (`Embed.attend`) instead of a separate
