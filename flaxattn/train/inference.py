@@ -27,13 +27,18 @@ def restore(config, workdir: str) -> tuple[Run, object, object, object]:
   abstract = nnx.eval_shape(lambda: run.make_model(nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   shardings = parallel.param_shardings(abstract_params, run.mesh, run.rules)
-  saved = load_params(workdir)
-  expected = jax.tree.map(np.shape, nnx.to_pure_dict(abstract_params))
-  if jax.tree.map(np.shape, saved) != expected:
-    raise ValueError(f"the checkpoint in {workdir} does not fit the model of its config.json "
-                     "(parameter names or shapes differ)")
-  placed = jax.tree.map(lambda value, sharding: jax.device_put(value, sharding), saved,
-                        nnx.to_pure_dict(shardings))
+  # Orbax gives list indices back as strings ('0'); compare and place by path.
+  saved = _by_path(load_params(workdir))
+  expected = _by_path(nnx.to_pure_dict(abstract_params))
+  if {path: np.shape(v) for path, v in saved.items()} != {
+      path: np.shape(v) for path, v in expected.items()}:
+    missing, unused = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    raise ValueError(f"the checkpoint in {workdir} does not fit the model of its config.json: "
+                     f"missing {missing[:5]}, unused {unused[:5]}, or shapes differ")
+  target_shardings = _by_path(nnx.to_pure_dict(shardings))
+  placed = jax.tree_util.tree_map_with_path(
+      lambda path, _: jax.device_put(saved[_path_key(path)], target_shardings[_path_key(path)]),
+      nnx.to_pure_dict(abstract_params))
   nnx.replace_by_pure_dict(abstract_params, placed)
   params = nnx.as_pure(abstract_params)
   jitted = jax.jit(make_eval_step(graphdef, run.loss_fn))
@@ -42,6 +47,15 @@ def restore(config, workdir: str) -> tuple[Run, object, object, object]:
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
       return jitted(params, batch)
   return run, graphdef, params, eval_step
+
+
+def _path_key(path) -> str:
+  return "/".join(str(getattr(entry, "key", entry)) for entry in path)
+
+
+def _by_path(tree) -> dict:
+  """`{'a/0/b': leaf}` of a nested dict, whatever the type of its keys."""
+  return {_path_key(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def evaluate_checkpoint(config, workdir: str, splits: list[str] | None = None) -> dict[str, dict]:
