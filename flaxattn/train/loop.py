@@ -142,7 +142,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if step % config.log_every == 0 or last or evaluating:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
-        tokens_per_s = sum(float(m["tokens"]) for m in fetched) / elapsed
+        # Classification weighs examples, not tokens: each one is `seq_len` input tokens.
+        tokens_per_s = (sum(float(m["tokens"]) for m in fetched) * run.tokens_per_weight / elapsed)
         record = {"step": step, **{name: float(value) for name, value in fetched[-1].items()},
                   "tokens_per_s": tokens_per_s, "steps_per_s": len(fetched) / elapsed,
                   "mfu": tokens_per_s * flops_per_token / peak_flops}

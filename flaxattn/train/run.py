@@ -72,6 +72,11 @@ class Run:
                              process_count=jax.process_count())
 
   @property
+  def tokens_per_weight(self) -> int:
+    """Input tokens per unit of loss weight: `seq_len` per example for classification, else 1."""
+    return self.seq_len if self.kind == "classification" else 1
+
+  @property
   def eval_batch_size(self) -> int:
     return self.config.eval.batch_size or self.config.batch_size
 
