@@ -76,7 +76,10 @@ class Evaluator:
     start = time.perf_counter()
     sums, predictions, labels, weights = [], [], [], []
     for local, batch in self.batches(split, max_batches):
-      sums.append(self.eval_step(params, batch))
+      # One eval program in flight at a time: with many queued on simulated CPU devices under
+      # load, XLA's all-reduce rendezvous was seen to time out (7 of 8 device threads arrived) and
+      # abort the process. Waiting costs little here: a batch's compute dwarfs its dispatch.
+      sums.append(jax.block_until_ready(self.eval_step(params, batch)))
       if self.kind == "classification":
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
           predictions.append(np.asarray(jax.device_get(self._predict(params, batch))))
