@@ -82,7 +82,8 @@ class Task:
     forever with `train`, else one ordered pass whose last batch is padded with weight-0 rows."""
     if split not in self.examples:
       raise ValueError(f"split must be one of {sorted(self.examples)}, got {split!r}")
-    stats = self.stats.setdefault(split, pipeline.LengthStats())
+    # The latest pass's counts (an eval pass counts each example once; a training pass as read).
+    stats = self.stats[split] = pipeline.LengthStats()
     return pipeline.make_dataset(
         self.examples[split], format=self.kind, lengths=self.lengths, batch_size=batch_size,
         train=train, seed=seed, process_index=process_index, process_count=process_count,
