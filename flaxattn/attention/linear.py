@@ -111,6 +111,10 @@ class RecurrentState:
   segment: jax.Array
   next_position: jax.Array
 
+  def next_positions(self) -> jax.Array:
+    """int32 `[batch]`: the position each row's next real token takes (as `KVCache.next_positions`)."""
+    return self.next_position
+
   @classmethod
   def create(cls, batch: int, kv_heads: int, num_features: int, value_dim: int) -> "RecurrentState":
     """The state of no keys."""
