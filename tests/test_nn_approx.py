@@ -36,7 +36,8 @@ def cached_and_full(config, tol):
   return model
 
 
-@pytest.mark.parametrize("kind,scan", [("linear", False), ("performer", True)])
+@pytest.mark.parametrize("kind,scan", [
+    ("linear", False), pytest.param("performer", True, marks=pytest.mark.slow)])
 def test_kernelized_decoding_matches_full_forward(kind, scan):
   config = dataclasses.replace(LLAMA, attention_kind=kind, scan_layers=scan, performer_features=32,
                                linear_chunk_size=4)
@@ -121,7 +122,7 @@ def test_performer_redraws_without_stored_state():
       rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["linear", "performer"])
+@pytest.mark.parametrize("kind", [pytest.param("linear", marks=pytest.mark.slow), "performer"])
 def test_kernelized_encoder_ignores_padding_and_has_finite_gradients(kind):
   config = dataclasses.replace(LLAMA, attention_kind=kind, performer_features=16)
   model = EncoderModel(config, rngs=nnx.Rngs(0))
