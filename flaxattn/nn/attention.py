@@ -26,7 +26,7 @@ KV cache. For incremental decoding, `cache=KVCache.create(...)` (or the models' 
 in and the updated cache returned: a plain pytree, so the decoding loop can be a `jax.jit` over split
 state. Slots are written in order (one shared write index); each slot records its token's position, -1
 for empty slots and padding. A query at position `p` sees exactly the written keys with position
-`0 <= position <= p`, so padding anywhere (left-padded prompts, or right-padded prompts followed by
+`0 <= position <= p` (and `> p - window` with a sliding window), so padding anywhere (left-padded prompts, or right-padded prompts followed by
 generated tokens) is excluded and each row's positions stay its own.
 
 Cross-attention cache. The keys/values of a fixed context (an encoder's output) are the same at every
