@@ -1,7 +1,7 @@
 """Long-range attention head to head: training-step time, peak memory and ListOps accuracy.
 
   python benchmarks/long_range.py --quick    # lengths 256, 512; 20 ListOps steps: a few minutes
-  python benchmarks/long_range.py            # lengths 1k .. 16k and the ListOps budget (long: quiet machine)
+  python benchmarks/long_range.py --budget 1500   # 1k .. 16k and ListOps (long: quiet machine)
   python benchmarks/long_range.py --impls blockwise,linear --lengths 4096 --no-listops
 
 The Long Range Arena's question, for flaxattn's attention choices on one machine in one run. The
@@ -21,7 +21,9 @@ is trained with each attention:
 Speed and memory: one AdamW training step (forward, backward, update) on a batch of `--batch`
 random sequences of each length, median of `--repeats` steps after a warm-up step, in a fresh
 subprocess per (implementation, length) with a time limit (`--timeout`), so out-of-memory, errors
-and time-outs are reported, not fatal. Dense implementations are not started when their score
+and time-outs are reported, not fatal; an implementation that failed at one length is not tried at
+longer ones, and `--budget` bounds the whole run (ListOps runs first, then lengths shortest first).
+Dense implementations are not started when their score
 matrices would not fit in the available memory ("OOM (estimated X GiB)"). Peak memory is the peak
 resident set during the timed steps above the resident set after imports (as in
 `benchmarks/attention.py`).
@@ -152,7 +154,8 @@ def _speed(spec: dict, baseline: int) -> dict:
 
 
 def listops_data(spec: dict):
-  """Tokenised ListOps: `(train_ids, train_mask, train_labels, test_ids, test_mask, test_labels)`."""
+  """Tokenised ListOps: train ids, mask, labels, test ids, mask, labels (int32 `[n, length]` and
+  `[n]`), and the vocabulary size (id 0 is padding)."""
   import numpy as np
 
   from flaxattn.data import synthetic
@@ -345,7 +348,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--batch", type=int, default=1, help="speed batch size")
   parser.add_argument("--repeats", type=int, help="timed steps after warm-up (default 3; quick 2)")
   parser.add_argument("--timeout", type=float, help="seconds per subprocess (default 600; quick 180)")
-  parser.add_argument("--window", type=int, default=128, help="'local': window (each side)")
+  parser.add_argument("--budget", type=float,
+                      help="seconds for the whole run: what would start after it is reported as "
+                      "not run (default: no limit)")
+  parser.add_argument("--window", type=int, default=128,
+                      help="'local': TransformerConfig.window (each token sees 2 * window - 1)")
   parser.add_argument("--performer-features", type=int, default=64)
   parser.add_argument("--no-listops", action="store_true", help="skip the ListOps accuracy runs")
   parser.add_argument("--listops-length", type=int, help="longest example (default 256; quick 64)")
@@ -385,24 +392,22 @@ def main(argv=None) -> dict:
     return {}
   import jax
 
+  start_load = [round(x, 2) for x in os.getloadavg()]
   common = dict(window=args.window, performer_features=args.performer_features)
-  speed = {}
-  for name in args.impls:
-    speed[name] = {}
-    for length in args.lengths:
-      estimate = dense_estimate(name, length, args.batch)
-      if unavailable(name):
-        result = dict(status=unavailable(name))
-      elif estimate is not None and estimate > available_bytes():
-        result = dict(status=f"OOM (estimated {estimate / GiB:.1f} GiB)")
-      else:
-        result = run_subprocess(dict(task="speed", implementation=name, length=length,
-                                     batch=args.batch, repeats=args.repeats, **common),
-                                args.timeout)
-      speed[name][str(length)] = result
-      print(f"{name:>10} {length:>6}: " + (
-          f"{result['seconds'] * 1e3:,.0f} ms, {result['peak_bytes'] / 2**20:,.0f} MiB"
-          if "seconds" in result else result["status"]), flush=True)
+  deadline = time.monotonic() + args.budget if args.budget else None
+
+  def budget_left() -> float:
+    """Seconds a subprocess may take now (the time-out, cut to what is left of `--budget`)."""
+    return args.timeout if deadline is None else min(args.timeout, deadline - time.monotonic())
+
+  def run(spec: dict) -> dict:
+    limit = budget_left()
+    if limit < 10:
+      return dict(status=f"not run: the --budget of {args.budget:g}s was spent")
+    result = run_subprocess(spec, limit)
+    if result.get("status", "").startswith("timeout") and limit < args.timeout:
+      result["status"] += " (cut by --budget)"
+    return result
 
   listops = {}
   budget = (f"{args.listops_steps} AdamW steps of batch {args.listops_batch}, examples of "
@@ -410,30 +415,55 @@ def main(argv=None) -> dict:
             f"{args.listops_depth}, {args.listops_test} test examples")
   if not args.no_listops:
     for name in args.impls:
-      listops[name] = (dict(status=unavailable(name)) if unavailable(name) else run_subprocess(
+      listops[name] = (dict(status=unavailable(name)) if unavailable(name) else run(
           dict(task="listops", implementation=name, listops_length=args.listops_length,
                listops_min_length=args.listops_min_length, listops_depth=args.listops_depth,
                listops_steps=args.listops_steps, listops_batch=args.listops_batch,
-               listops_test=args.listops_test, **common), args.timeout))
+               listops_test=args.listops_test, **common)))
       result = listops[name]
       print(f"{name:>10} ListOps: " + (f"accuracy {result['accuracy']:.3f}" if "accuracy" in result
                                        else result["status"]), flush=True)
 
+  # Shortest lengths first for every implementation, so that a spent budget cuts the longest; an
+  # implementation that failed at one length is not tried at longer ones.
+  speed = {name: {} for name in args.impls}
+  failed_at = {}
+  for length in sorted(args.lengths):
+    for name in args.impls:
+      estimate = dense_estimate(name, length, args.batch)
+      if unavailable(name):
+        result = dict(status=unavailable(name))
+      elif name in failed_at:
+        result = dict(status=f"not run: failed at {failed_at[name]}")
+      elif estimate is not None and estimate > available_bytes():
+        result = dict(status=f"OOM (estimated {estimate / GiB:.1f} GiB)")
+      else:
+        result = run(dict(task="speed", implementation=name, length=length, batch=args.batch,
+                          repeats=args.repeats, **common))
+      if "seconds" not in result and name not in failed_at and not unavailable(name):
+        failed_at[name] = length
+      speed[name][str(length)] = result
+      print(f"{name:>10} {length:>6}: " + (
+          f"{result['seconds'] * 1e3:,.0f} ms, {result['peak_bytes'] / 2**20:,.0f} MiB"
+          if "seconds" in result else result["status"]), flush=True)
+
   load = os.getloadavg()
   report = dict(
       model=MODEL, batch=args.batch, lengths=args.lengths, repeats=args.repeats,
-      timeout_s=args.timeout, window=args.window, performer_features=args.performer_features,
-      listops_budget=budget,
+      timeout_s=args.timeout, budget_s=args.budget, window=args.window,
+      performer_features=args.performer_features, listops_budget=budget,
       environment=dict(python=sys.version.split()[0], jax=jax.__version__, cores=cpu_cores(),
+                       load_average_at_start=start_load,
                        load_average_at_end=[round(x, 2) for x in load]),
       speed=speed, listops=listops)
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
   (args.out / "results.md").write_text(
       f"# Long-range attention benchmark\n\nModel {MODEL}, batch {args.batch}, float32, one AdamW "
-      f"step; medians of {args.repeats} after a warm-up; local window {args.window} each side; "
-      f"Performer {args.performer_features} features; {cpu_cores()} cores, load average "
-      f"{load[0]:.1f} at the end.\n\n{markdown(report)}")
+      f"step; medians of {args.repeats} after a warm-up; local window {args.window} (each token "
+      f"sees {2 * args.window - 1}); Performer {args.performer_features} features; {cpu_cores()} "
+      f"cores, 1-minute load average {start_load[0]:.1f} at the start, {load[0]:.1f} at the "
+      f"end.\n\n{markdown(report)}")
   plot(report, args.out / "results.png")
   return report
 
