@@ -40,12 +40,10 @@ Writes results.json, results.md and results.png (step time and peak memory vs le
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -222,11 +220,7 @@ def run_worker(spec: dict) -> None:
     else:
       result = task(spec, baseline)
   except Exception as error:  # noqa: BLE001  (XLA reports failed allocations as runtime errors)
-    text = str(error)
-    out_of_memory = isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or (
-        "out of memory" in text.lower())
-    result = dict(status="OOM" if out_of_memory else
-                  f"error: {type(error).__name__}: {text.splitlines()[0][:200] if text else ''}")
+    result = dict(status=attention_benchmark.failure_status(error))
   print(json.dumps(result), flush=True)
 
 
@@ -253,26 +247,14 @@ def dense_estimate(implementation: str, length: int, batch: int) -> float | None
 
 
 def run_subprocess(spec: dict, timeout: float) -> dict:
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+  """Runs one worker; its result, or a status saying how it ended."""
+  extra_env = {}
   if spec["implementation"] == "ring":
-    env["XLA_FLAGS"] = " ".join(filter(None, [
-        env.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={RING_DEVICES}"]))
-  process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    stdout, stderr = process.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    process.kill()
-    process.communicate()
-    return dict(status=f"timeout > {timeout:g}s")
-  for line in stdout.splitlines()[::-1]:
-    if line.startswith("{"):
-      return json.loads(line)
-  last = (stderr.strip().splitlines() or [""])[-1]
-  # SIGKILL without a time-out is the kernel's out-of-memory killer.
-  return dict(status="OOM (killed)" if process.returncode == -9 else
-              f"error (exit {process.returncode}): {last[-200:]}")
+    extra_env["XLA_FLAGS"] = " ".join(filter(None, [
+        os.environ.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={RING_DEVICES}"]))
+  reports, ended = attention_benchmark.run_worker_process(pathlib.Path(__file__), spec, timeout,
+                                                          extra_env)
+  return reports[-1] if reports else dict(status=ended)
 
 
 def _cell(result: dict, field: str, scale: float, digits: int) -> str:
