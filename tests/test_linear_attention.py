@@ -176,3 +176,21 @@ def test_errors_name_the_bad_value():
     linear.linear_attention(q[:, :, :3], k, v)
   with pytest.raises(ValueError, match="num_features"):
     linear.orthogonal_projection(jax.random.key(0), 0, HEAD_DIM)
+
+
+@pytest.mark.parametrize("kind,causal", [("linear", True), ("performer", False)])
+def test_compiled_memory_grows_linearly(kind, causal):
+  """XLA's memory analysis of forward+backward (arguments, outputs, temporaries): 2k -> 16k tokens
+  multiplies the inputs by 8; anything forming `[q_len, kv_len]` would multiply by 64. Allows 10x."""
+  projection = linear.orthogonal_projection(jax.random.key(0), 32, 32)
+
+  def compiled_bytes(length):
+    shape = jax.ShapeDtypeStruct((1, length, 4, 32), jnp.float32)
+    attend = (linear.linear_attention if kind == "linear" else
+              lambda *qkv, **kw: linear.performer_attention(*qkv, projection, **kw))
+    grad = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v, causal=causal).sum(), argnums=(0, 1, 2)))
+    analysis = grad.lower(shape, shape, shape).compile().memory_analysis()
+    return analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+
+  short, long = compiled_bytes(2048), compiled_bytes(16384)
+  assert long / short <= 10.0, f"{long / 2**20:.0f} MiB at 16k vs {short / 2**20:.0f} MiB at 2k"

@@ -73,7 +73,8 @@ class TransformerConfig:
     performer_redraw: True: in training (calls with `deterministic=False` and a `dropout_rng`), the
       features are redrawn every call from that step's dropout key, so no projection is stored,
       optimised or weight-decayed (the model's state stays `nnx.Param`s only); False: the fixed draw
-      from `performer_seed` everywhere. The same draw is shared by every layer and head.
+      from `performer_seed` everywhere. One draw serves all heads of a layer; the fixed draw is
+      shared by the layers, while in training each layer gets its own (its own dropout key).
     linear_chunk_size: tokens per chunk of the causal kernelized scan (quadratic inside a chunk).
     qk_norm: RMS-normalise queries and keys per head before the dot product (OLMo 2, Gemma 3).
     softcap: soft-cap the attention logits at this value (`c * tanh(logits / c)`, Gemma 2); None = off.
