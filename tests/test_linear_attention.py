@@ -174,6 +174,8 @@ def test_errors_name_the_bad_value():
     linear.linear_attention(q, k, v, segment_ids=np.ones((BATCH, 8), np.int32))
   with pytest.raises(ValueError, match="multiple of kv_heads"):
     linear.linear_attention(q[:, :, :3], k, v)
+  with pytest.raises(ValueError, match="length >= 1"):
+    linear.linear_attention(q[:, :0], k[:, :0], v[:, :0], causal=True)
   with pytest.raises(ValueError, match="num_features"):
     linear.orthogonal_projection(jax.random.key(0), 0, HEAD_DIM)
 

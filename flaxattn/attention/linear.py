@@ -188,9 +188,10 @@ def _causal_chunk(state: RecurrentState, query_features, key_log_features, value
 
 
 def _check(query_log_features, key_log_features, value):
-  if query_log_features.ndim != 4 or key_log_features.ndim != 4 or value.ndim != 4:
+  if query_log_features.ndim != 4 or key_log_features.ndim != 4 or value.ndim != 4 or min(
+      query_log_features.shape[1], key_log_features.shape[1]) < 1:
     raise ValueError(
-        "query/key features and value must be [batch, length, heads, dim], got shapes "
+        "query/key features and value must be [batch, length >= 1, heads, dim], got shapes "
         f"{query_log_features.shape}, {key_log_features.shape}, {value.shape}")
   if key_log_features.shape[:3] != value.shape[:3]:
     raise ValueError(
