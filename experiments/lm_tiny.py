@@ -8,12 +8,13 @@ log(256) = 5.55 for guessing; 300 steps bring the loss from 5.5 to about 1.3.
 
 Variants: '' (float32), 'bf16' (bfloat16 compute, float32 master weights), 'accum' (4 microbatches
 per step), 'sharded' (fsdp=2, tensor=2, context=2 on 8 devices:
-XLA_FLAGS=--xla_force_host_platform_device_count=8).
+XLA_FLAGS=--xla_force_host_platform_device_count=8), 'ring' (context parallelism: the sequence split
+over context=4 devices with ring attention, batch over fsdp=2; 8 devices as for 'sharded').
 """
 
 from flaxattn.config import base_config
 
-VARIANTS = ("", "bf16", "accum", "sharded")
+VARIANTS = ("", "bf16", "accum", "sharded", "ring")
 
 
 def get_config(arg=None):
@@ -39,4 +40,9 @@ def get_config(arg=None):
     config.mesh.data = 1
     config.mesh.fsdp = config.mesh.tensor = config.mesh.context = 2
     config.sharding.preset = "context"
+  elif arg == "ring":
+    config.mesh.data = config.mesh.tensor = 1
+    config.mesh.fsdp, config.mesh.context = 2, 4
+    config.sharding.preset = "context"
+    config.model.attention_impl = "ring"
   return config

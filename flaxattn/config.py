@@ -11,7 +11,8 @@ Knobs (`config.<name>`):
     `grad_accum_steps` microbatches).
   grad_accum_steps: microbatches per step (gradients summed in a `lax.scan`, one update).
   log_every: steps between metric lines in `WORKDIR/metrics.jsonl` (the only host syncs).
-  eval_every: steps between evaluations (0: only at the end); `eval_batches` batches each.
+  eval_every: steps between evaluations (0: only at the end); `eval_batches` batches each (0: the
+    whole validation split; the final evaluation always covers it, and the test split).
   checkpoint_every: steps between checkpoints (one is also written at the end and on SIGTERM);
     `keep_checkpoints` most recent are kept, and also the best by `best_checkpoint_metric` (an
     eval metric: 'eval_loss', 'eval_nll', 'eval_accuracy'; '' = none) among checkpoints saved at an
@@ -22,20 +23,47 @@ Knobs (`config.<name>`):
     (`flaxattn.parallel.rules`); `sharding.overrides`: e.g. 'mlp=,length=context'.
   model: every `flaxattn.nn.TransformerConfig` field (documented there; dtypes as names:
     `dtype='bfloat16'` computes in bfloat16 with `param_dtype='float32'` master weights), plus
-    `num_classes` and `pooling` (classification) and `share_embeddings` (seq2seq).
+    `num_classes` and `pooling` (classification), `share_embeddings` (seq2seq), and `pretrained`
+    (classification: a BERT checkpoint directory or a known name, 'all-MiniLM-L6-v2', whose
+    architecture, WordPiece vocabulary and weights the encoder takes; '' = train from scratch).
+    With a data set other than 'markov', `vocab_size` is the tokenizer's.
   optimizer: `name` ('adamw', 'adafactor', 'sgd', 'lion'), peak `learning_rate`, `weight_decay`
     (not on norm scales or biases), `b1`, `b2`, `eps` (adamw; lion uses b1, b2), `momentum` (sgd),
     `clip_norm` (global gradient norm; 0: no clipping).
   schedule: `name` ('constant', 'warmup_cosine', 'warmup_linear', 'inverse_sqrt'), `warmup_steps`,
     `end_factor` (final rate as a fraction of the peak, for the decays).
   loss: `label_smoothing`, `z_loss` (coefficient of logsumexp(logits)**2).
-  data: `name` ('markov': `flaxattn.data.MarkovCorpus`), `seq_len`, `branching`, `seed`.
+  data: `name`: the data set and with it the task (table in `flaxattn.data.tasks`): 'markov'
+      (generated, lm), 'tweets' (classification), 'ptb' (lm), 'bible' (seq2seq), 'listops'
+      (classification), 'copy' / 'reverse' / 'recall' (seq2seq), 'files' (`config.task`).
+    `seq_len`: tokens per lm row or classification input; `source_len`, `target_len` (seq2seq).
+    `seed`: data order, splits and generated data. `branching`: successors per Markov state.
+    `tokenizer`: 'byte', 'word', 'sentencepiece', 'wordpiece' ('' = the data set's default);
+      `vocab_size` (learned tokenizers; 0 = the default; also the id range of copy/reverse/recall);
+      `tokenizer_path`: an existing SentencePiece `.model`, word list or BERT `vocab.txt`.
+    `source`, `target`: Bible version codes ('k' KJV, '4' WEB, 'l' Louis Segond, 'e' Elberfelder,
+      '3' Basic English).
+    `packing` (lm: several documents per row, with segment ids), `buckets` ('64,128': batch by
+      length), `overlong` ('truncate' or 'drop' examples longer than the lengths; both counted in the
+      report).
+    `train_examples`, `eval_examples` (generated data sets; 0 = their defaults), `min_length`,
+      `max_length` (ListOps tokens; copy/reverse/recall use `min_length`).
+    `files`: `train`, `validation`, `test` paths, `format` ('' = from the extension), `text_field`,
+      `label_field`, `source_field`, `target_field`, `on_bad_line` ('error' or 'skip', counted).
+  eval: `batch_size` (0 = `batch_size`), `test` (evaluate the test split at the end),
+    `decode_every_eval` (seq2seq: beam-search metrics at every eval, not only the final one),
+    `decode_examples` (0 = the whole split), `beam_size`, `length_penalty`, `max_decode_len`
+    (0 = `data.target_len`).
+  report: `attention_examples` (validation examples drawn as attention maps in the report and, at
+    each eval, in TensorBoard), `baseline` ('tfidf': TF-IDF + logistic regression on the same
+    split, classification).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 
 import jax
@@ -45,7 +73,8 @@ from ml_collections import config_dict
 from flaxattn.nn.config import TransformerConfig
 
 TASKS = ("lm", "seq2seq", "classification")
-DATASETS = ("markov",)
+DATASETS = ("markov", "tweets", "ptb", "bible", "listops", "copy", "reverse", "recall", "files")
+TOKENIZERS = ("", "byte", "word", "sentencepiece", "wordpiece")
 BEST_METRICS = ("", "eval_loss", "eval_nll", "eval_accuracy")
 # TransformerConfig annotations (strings under `from __future__ import annotations`) -> field type.
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "Any": str}
@@ -62,6 +91,7 @@ def _model_config() -> ml_collections.ConfigDict:
   model.num_classes = 2
   model.pooling = "first"
   model.share_embeddings = True
+  model.pretrained = ""
   return model
 
 
@@ -89,7 +119,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=100,
                                                    end_factor=0.1))
   config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0, z_loss=0.0))
-  config.data = ml_collections.ConfigDict(dict(name="markov", seq_len=128, branching=4, seed=0))
+  config.data = ml_collections.ConfigDict(dict(
+      name="markov", seq_len=128, source_len=0, target_len=0, branching=4, seed=0, tokenizer="",
+      vocab_size=0, tokenizer_path="", source="k", target="l", packing=False, buckets="",
+      overlong="truncate", train_examples=0, eval_examples=0, min_length=500, max_length=2000))
+  config.data.files = ml_collections.ConfigDict(dict(
+      train="", validation="", test="", format="", text_field="text", label_field="label",
+      source_field="source", target_field="target", on_bad_line="error"))
+  config.eval = ml_collections.ConfigDict(dict(
+      batch_size=0, test=True, decode_every_eval=False, decode_examples=0, beam_size=4,
+      length_penalty=0.6, max_decode_len=0))
+  config.report = ml_collections.ConfigDict(dict(attention_examples=1, baseline=""))
   return config
 
 
@@ -132,27 +172,54 @@ def validate(config: ml_collections.ConfigDict) -> None:
   is built or compiled: unknown keys (with a did-you-mean), wrong types, model shapes (heads vs
   kv_heads), a mesh that does not match the devices, sharding rules that leave a mesh axis idle or
   do not divide the batch, an attention implementation this platform cannot run, sequence
-  length vs the model's positions."""
+  length vs the model's positions, and what ring attention needs (a context axis > 1 that splits
+  the sequence into 2 x context chunks)."""
   from flaxattn.attention import implementations  # Deferred: keeps `import flaxattn.config` light.
   from flaxattn.parallel import make_rules, mesh_shape, unused_mesh_axes
   from flaxattn.train.optim import OPTIMIZERS, SCHEDULES
 
   _check_keys_and_types(config, base_config(), "config")
   _positive(config, "steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
-            "keep_checkpoints", "eval_batches")
+            "keep_checkpoints")
+  if config.eval_batches < (1 if config.data.name == "markov" else 0):
+    raise ValueError(f"config.eval_batches must be positive for the endless Markov corpus, or >= 0 "
+                     f"(0 = the whole split) for a data set, got {config.eval_batches}")
   if config.eval_every < 0:
     raise ValueError(f"config.eval_every must be >= 0, got {config.eval_every}")
   for key, allowed in (("task", TASKS), ("data.name", DATASETS),
                        ("best_checkpoint_metric", BEST_METRICS),
                        ("best_checkpoint_mode", ("min", "max")),
-                       ("optimizer.name", OPTIMIZERS), ("schedule.name", SCHEDULES)):
-    section, _, field = key.rpartition(".")
-    value = (config[section] if section else config)[field]
+                       ("optimizer.name", OPTIMIZERS), ("schedule.name", SCHEDULES),
+                       ("data.tokenizer", TOKENIZERS), ("data.overlong", ("truncate", "drop")),
+                       ("data.files.on_bad_line", ("error", "skip")),
+                       ("report.baseline", ("", "tfidf"))):
+    value = functools.reduce(lambda section, name: section[name], key.split("."), config)
     if value not in allowed:
       raise ValueError(f"config.{key} must be one of {allowed}, got {value!r}")
-  if config.task != "lm":
-    raise ValueError(f"config.task={config.task!r}: flaxattn.main has no {config.task} data yet "
-                     "(the losses exist in flaxattn.train.losses); use 'lm'")
+  from flaxattn.data.tasks import DATASET_TASKS  # Deferred like the imports above.
+  implied = DATASET_TASKS[config.data.name]
+  if implied is not None and config.task != implied:
+    raise ValueError(f"config.data.name={config.data.name!r} is a {implied} data set but "
+                     f"config.task={config.task!r}; set config.task={implied!r}")
+  data = config.data
+  if config.task == "seq2seq" and (data.source_len <= 0 or data.target_len <= 0):
+    raise ValueError(f"config.data.source_len={data.source_len} and config.data.target_len="
+                     f"{data.target_len} must be positive for seq2seq")
+  if data.packing and config.task != "lm":
+    raise ValueError(f"config.data.packing=True packs lm documents; config.task={config.task!r}")
+  if data.buckets:
+    try:
+      buckets = [int(b) for b in data.buckets.split(",")]
+    except ValueError:
+      raise ValueError(f"config.data.buckets must be comma-separated ints, got {data.buckets!r}"
+                       ) from None
+    if buckets != sorted(set(buckets)) or buckets[0] <= 0:
+      raise ValueError(f"config.data.buckets must be increasing positive ints, got {data.buckets!r}")
+  if config.model.pretrained and config.task != "classification":
+    raise ValueError(f"config.model.pretrained={config.model.pretrained!r} fine-tunes an encoder "
+                     f"classifier; config.task={config.task!r}")
+  if config.eval.beam_size < 1:
+    raise ValueError(f"config.eval.beam_size must be >= 1, got {config.eval.beam_size}")
 
   model = config.model
   kv_heads = model.num_kv_heads or model.num_heads
@@ -197,3 +264,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if seq_len % shards("length"):
     raise ValueError(f"config.data.seq_len={seq_len} must be divisible by the {shards('length')} "
                      "sequence (context) shards")
+  if model.attention_impl == "ring":
+    _validate_ring(config, shape, dict(rules)["length"])
+
+
+def _validate_ring(config, mesh: dict[str, int], length_axes) -> None:
+  """What ring attention (`flaxattn.attention.ring`) needs: a context axis to ring over, the
+  sequence sharded over it, and a length that splits into the 2 x context zig-zag chunks of the
+  decoder's causal attention."""
+  context = mesh["context"]
+  if context < 2:
+    raise ValueError(f"config.model.attention_impl='ring' needs config.mesh.context > 1 (the devices "
+                     f"the sequence is split over), got {context}")
+  length_axes = (length_axes,) if isinstance(length_axes, str) else length_axes or ()
+  if "context" not in length_axes:
+    raise ValueError(
+        f"config.model.attention_impl='ring' needs the sequence sharded over the context axis, but "
+        f"config.sharding.preset={config.sharding.preset!r} (overrides "
+        f"{config.sharding.overrides!r}) maps 'length' to {tuple(length_axes)}; use preset 'context' "
+        "or override 'length=context'")
+  seq_len = config.data.seq_len
+  if seq_len % (2 * context):
+    raise ValueError(f"config.data.seq_len={seq_len} must be divisible by 2 x config.mesh.context="
+                     f"{context} (ring attention's zig-zag chunks)")

@@ -35,7 +35,7 @@ def test_half_written_and_corrupted_checkpoints_are_skipped(tmp_path, caplog):
   state = {"w": jnp.arange(4.0), "step": jnp.asarray(0)}
   checkpointer = Checkpointer(tmp_path, keep=3)
   for step in (1, 2):
-    checkpointer.save(step, jax.tree.map(lambda x: x + step, state), data_position=10 * step)
+    checkpointer.save(step, jax.tree.map(lambda x: x + step, state), data_state=10 * step)
   checkpointer.wait()
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
   restored, position = checkpointer.restore_latest(abstract)
@@ -63,7 +63,7 @@ def test_restore_onto_another_mesh_and_load_params(tmp_path):
   saved_mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   _, saved, _ = init_train_state(make_model, tx, 0, saved_mesh, parallel.make_rules("fsdp_tp"))
   checkpointer = Checkpointer(tmp_path / "checkpoints", keep=1)
-  checkpointer.save(7, saved, data_position=7)
+  checkpointer.save(7, saved, data_state=7)
   checkpointer.wait()
   mesh = parallel.make_mesh({"fsdp": 8})
   # Another mesh, other rules, another seed: the restored values must be the saved ones.

@@ -11,6 +11,8 @@ import flaxattn.attention
 from flaxattn.config import base_config, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from experiments import lm_tiny  # noqa: E402  (the experiment file, as flaxattn.main loads it)
 
 
 def tiny():
@@ -22,9 +24,19 @@ def tiny():
   return config
 
 
+@pytest.mark.parametrize("variant", ["sharded", "ring"])
+def test_lm_tiny_mesh_variants_are_valid_on_8_devices(variant):
+  validate(lm_tiny.get_config(variant))
+
+
 def test_valid_configs_pass():
   validate(base_config())
   validate(tiny())
+  ring = tiny()
+  ring.mesh.update(data=2, context=4)
+  ring.sharding.preset = "context"
+  ring.model.attention_impl = "ring"
+  validate(ring)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -42,6 +54,16 @@ def test_valid_configs_pass():
                 c.data.update(seq_len=30), c.model.update(positions="rope")),
      r"config.data.seq_len=30 must be divisible by the 4 sequence"),
     (lambda c: c.data.update(seq_len=64), r"config.data.seq_len=64 exceeds config.model.max_length=32"),
+    (lambda c: c.model.update(attention_impl="ring"),
+     r"attention_impl='ring' needs config.mesh.context > 1 .*got 1"),
+    # The context axis used for the batch instead of the sequence.
+    (lambda c: (c.mesh.update(data=2, context=4),
+                c.sharding.update(preset="context", overrides="length=,batch=data+context"),
+                c.model.update(attention_impl="ring")),
+     r"attention_impl='ring' needs the sequence sharded over the context axis.*maps 'length' to \(\)"),
+    (lambda c: (c.mesh.update(data=2, context=4), c.sharding.update(preset="context"),
+                c.data.update(seq_len=28), c.model.update(attention_impl="ring")),
+     r"config.data.seq_len=28 must be divisible by 2 x config.mesh.context=4"),
     (lambda c: c.sharding.update(overrides="hidden=tensor"), r"config.sharding.overrides: 'hidden=tensor'"),
 ])
 def test_invalid_values_name_key_and_value(change, message):

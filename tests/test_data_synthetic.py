@@ -1,6 +1,7 @@
 """Generated tasks: ListOps against an independent evaluator, copy/reverse/recall structure."""
 
 import collections
+import pickle
 import statistics
 
 import numpy as np
@@ -87,6 +88,8 @@ def test_listops_deterministic_random_access_and_splits():
   assert sum(a == b for a, b in zip(forward, other_seed)) < 5
   with pytest.raises(IndexError, match="50"):
     data[50]
+  # Picklable (grain's worker processes receive the data source pickled), same examples after.
+  assert pickle.loads(pickle.dumps(data))[7] == forward[7]
 
 
 def test_listops_rejects_bad_arguments():
@@ -119,6 +122,7 @@ def test_sequence_tasks(name):
       np.testing.assert_array_equal(target, values[keys == query])
   again = sequence_task(name, "train", 40, length=length, vocab_size=vocab_size, seed=2)
   np.testing.assert_array_equal(again[7]["source"], data[7]["source"])
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(data))[7]["target"], data[7]["target"])
   other = sequence_task(name, "test", 40, length=length, vocab_size=vocab_size, seed=2)
   assert not np.array_equal(other[7]["source"], data[7]["source"])
 

@@ -23,6 +23,8 @@ def test_accuracy_and_confusion_matrix_against_sklearn():
       sklearn_metrics.accuracy_score(labels, pred), abs=1e-12)
   assert metrics.accuracy(pred.reshape(10, 20), labels.reshape(10, 20)) == pytest.approx(
       np.mean(pred == labels), abs=1e-12)
+  assert metrics.macro_f1(pred > 1, labels > 1, 2) == pytest.approx(
+      sklearn_metrics.f1_score(labels > 1, pred > 1, average="macro"), abs=1e-12)
   np.testing.assert_array_equal(metrics.confusion_matrix(pred, labels, 5),
                                 sklearn_metrics.confusion_matrix(labels, pred, labels=range(5)))
 
@@ -132,7 +134,7 @@ def test_tfidf_logistic_regression_against_direct_sklearn():
   assert result["accuracy"] > 0.7
   # The same model built directly with scikit-learn gives the same predictions and scores.
   vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-  classifier = LogisticRegression(C=result["C"], max_iter=2000)
+  classifier = LogisticRegression(C=result["C"], solver="saga", max_iter=2000, random_state=0)
   classifier.fit(vectorizer.fit_transform(train_texts), train_labels)
   predictions = classifier.predict(vectorizer.transform(test_texts))
   assert result["accuracy"] == pytest.approx(

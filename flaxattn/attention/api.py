@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxattn.attention import blockwise, reference, xla
+from flaxattn.attention import (blockwise, cudnn, reference, ring, splash, tokamax_attention,
+                                xla)
 from flaxattn.attention.mask import Mask, as_mask
 from flaxattn.attention.spec import Call, Implementation
 
@@ -35,6 +36,15 @@ register(xla.IMPLEMENTATION)
 # and O(length) memory. GPU/TPU: after xla (untuned there), ahead of the O(length^2) reference for the
 # calls xla cannot run (softcap).
 register(blockwise.IMPLEMENTATION, prefer_on={"cpu": 0, "gpu": 1, "tpu": 1})
+# Accelerator kernels, each registered for its own platform only (their declarations and
+# `constraints` decline every other platform, so auto-selection never picks them elsewhere). GPU:
+# cuDNN first for the calls it runs (fused, fastest where it applies), then tokamax for the rest
+# (segment ids, softcap; declines itself when not installed). TPU: splash first.
+register(cudnn.IMPLEMENTATION, prefer_on={"gpu": 0})
+register(tokamax_attention.IMPLEMENTATION, prefer_on={"gpu": 1})
+register(splash.IMPLEMENTATION, prefer_on={"tpu": 0})
+# Only by name: it needs the sequence sharded over a mesh's context axis, a choice for the caller.
+register(ring.IMPLEMENTATION)
 
 
 def implementations() -> list[dict]:
@@ -44,6 +54,12 @@ def implementations() -> list[dict]:
 
 def _platform() -> str:
   return jax.default_backend()
+
+
+def _mesh_axes() -> frozenset[str]:
+  """Axis names of the mesh set with `jax.set_mesh` (inside `jit` too); empty without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return frozenset() if mesh.empty else frozenset(mesh.axis_names)
 
 
 def _dtype_name(dtype) -> str:
@@ -140,6 +156,13 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
       weights=bool(return_weights),
       dtype=_dtype_name(query.dtype),
       platform=_platform(),
+      q_len=query.shape[1],
+      kv_len=key.shape[1],
+      heads=query.shape[2],
+      kv_heads=key.shape[2],
+      head_dim=query.shape[3],
+      value_dim=value.shape[3],
+      mesh_axes=_mesh_axes(),
   )
   impl = _select(implementation, call)
   return impl.fn(query, key, value, mask=mask, bias=bias, scale=scale,

@@ -81,14 +81,83 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
     `[batch, q_len, heads, value_dim]` in the query dtype; float32 accumulation inside.
   """
   del dropout_rate, dropout_rng, return_weights  # Unsupported: the dispatcher rejects them first.
-  batch, q_len, heads, head_dim = query.shape
-  kv_len, kv_heads = key.shape[1], key.shape[2]
-  if q_len == 0 or kv_len == 0:  # Nothing to attend: a query that sees no key gets zeros.
+  batch, q_len, heads, _ = query.shape
+  if q_len == 0 or key.shape[1] == 0:  # Nothing to attend: a query that sees no key gets zeros.
     return jnp.zeros((batch, q_len, heads, value.shape[-1]), query.dtype)
+  plan, q, k, v, bias, mask = _tiled(query, key, value, bias, mask, scale, softcap, block_q, block_kv)
+  out = _attention(q, k, v, bias, mask, plan)
+  return _untile_rows(out, plan, heads).astype(query.dtype)
+
+
+def forward_with_lse(query, key, value, *, mask: Mask | None, scale: float, softcap=None,
+                     block_q: int | None = None, block_kv: int | None = None):
+  """The forward pass alone, with each row's log-sum-exp: the pieces of a larger online softmax.
+
+  Ring attention (`flaxattn.attention.ring`) runs this on each pair of sequence shards and merges the
+  partial results by their log-sum-exp. Not differentiable (pair it with `backward_from_lse`).
+
+  Args:
+    query, key, value: as `attention` (`[batch, q_len, heads, head_dim]`, `[batch, kv_len, kv_heads,
+      head_dim]`, `[batch, kv_len, kv_heads, value_dim]`), both lengths > 0.
+    mask, scale, softcap, block_q, block_kv: as `attention` (no bias).
+
+  Returns:
+    `(out, lse)`: `out` `[batch, q_len, heads, value_dim]` float32, the softmax-weighted values of the
+    keys given; `lse` `[batch, q_len, heads]` float32, `log(sum_j exp(logit_j))` over the visible keys,
+    `+inf` for a row that sees none of them (its `out` is 0).
+  """
+  heads = query.shape[2]
+  plan, q, k, v, _, mask = _tiled(query, key, value, None, mask, scale, softcap, block_q, block_kv)
+  out, lse = _forward(q, k, v, None, mask, plan)
+  return _untile_rows(out, plan, heads), _untile_rows(lse[..., None], plan, heads)[..., 0]
+
+
+def backward_from_lse(query, key, value, out, lse, d_out, *, mask: Mask | None, scale: float,
+                      softcap=None, block_q: int | None = None, block_kv: int | None = None):
+  """Gradients of attention over the keys given, with the softmax normalised by a given log-sum-exp.
+
+  With `out` and `lse` of the whole attention (all keys, e.g. merged over a ring), the results are
+  this key block's share: `dq` summed over all key blocks, and `dk`, `dv` of these keys, are the
+  exact gradients (FlashAttention-2's backward, which never needs the other blocks' logits).
+
+  Args:
+    query, key, value, mask, scale, softcap, block_q, block_kv: as `forward_with_lse`.
+    out: `[batch, q_len, heads, value_dim]` float32, the attention output over all keys.
+    lse: `[batch, q_len, heads]` float32, its log-sum-exp (`+inf` for rows that see no key).
+    d_out: `[batch, q_len, heads, value_dim]`, the output's cotangent.
+
+  Returns:
+    `(dq, dk, dv)` float32, shaped like `query`, `key`, `value`.
+  """
+  heads = query.shape[2]
+  plan, q, k, v, _, mask = _tiled(query, key, value, None, mask, scale, softcap, block_q, block_kv)
+  rows = functools.partial(_tile_rows, plan=plan)
+  # Padded query rows get lse +inf: their weights are 0, so they add nothing to dk and dv.
+  residuals = (q, k, v, None, mask, rows(out.astype(jnp.float32)),
+               rows(lse[..., None], pad_value=jnp.inf)[..., 0])
+  dq, dk, dv, _ = _backward(plan, residuals, rows(d_out))
+  # The tiles hold the scaled queries, so the query's gradient takes the scale once more.
+  dq = _untile_rows(dq, plan, heads) * scale
+  return dq, _untile_kv(dk, plan), _untile_kv(dv, plan)
+
+
+def _check_block(name: str, block) -> None:
+  if block is not None and not (isinstance(block, (int, np.integer)) and block > 0):
+    raise ValueError(f"{name} must be a positive int or None, got {block!r}")
+
+
+def _tiled(query, key, value, bias, mask: Mask | None, scale: float, softcap, block_q, block_kv):
+  """`(plan, q, k, v, bias, mask)` in the tile layout, padded to whole blocks (see module doc).
+
+  `q` is `[q_blocks, batch, kv_heads, block_q * group, head_dim]`, already multiplied by `scale` (in
+  bfloat16 that rounds the scaled queries; exact for power-of-two scales such as 1/8 at head_dim 64);
+  `k`, `v` are `[kv_blocks, batch, kv_heads, block_kv, dim]`.
+  """
+  batch, q_len, heads, _ = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
   default_q, default_kv = DEFAULT_BLOCKS.get(jax.default_backend(), DEFAULT_BLOCKS["cpu"])
-  for name, block in (("block_q", block_q), ("block_kv", block_kv)):
-    if block is not None and not (isinstance(block, (int, np.integer)) and block > 0):
-      raise ValueError(f"{name} must be a positive int or None, got {block!r}")
+  _check_block("block_q", block_q)
+  _check_block("block_kv", block_kv)
   plan = _Plan(
       q_len=q_len, kv_len=kv_len,
       block_q=min(int(block_q or default_q), q_len),
@@ -97,25 +166,41 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
       softcap=None if softcap is None else float(softcap))
   q_pad = plan.q_blocks * plan.block_q - q_len
   kv_pad = plan.kv_blocks * plan.block_kv - kv_len
-
-  # [batch, q_len, heads, d] -> [q_blocks, batch, kv_heads, block_q * group, d]: rows (position, g).
-  # The scale goes into the queries once, not into every tile (in bfloat16 that rounds the scaled
-  # queries; exact for power-of-two scales such as 1/8 at head_dim 64).
-  q = (query * scale).astype(query.dtype).reshape(batch, q_len, kv_heads, plan.group, head_dim)
-  q = jnp.pad(q, ((0, 0), (0, q_pad), (0, 0), (0, 0), (0, 0)))
-  q = q.reshape(batch, plan.q_blocks, plan.block_q, kv_heads, plan.group, head_dim)
-  q = q.transpose(1, 0, 3, 2, 4, 5).reshape(
-      plan.q_blocks, batch, kv_heads, plan.block_q * plan.group, head_dim)
+  q = _tile_rows((query * scale).astype(query.dtype), plan=plan)
   k, v = (_kv_blocks(x, plan, kv_pad) for x in (key, value))
   if bias is not None:
     bias = jnp.pad(bias, [(0, 0), (0, 0), (0, q_pad if bias.shape[2] > 1 else 0),
                           (0, kv_pad if bias.shape[3] > 1 else 0)])
-  out = _attention(q, k, v, bias, _pad_mask(mask, batch, plan, q_pad, kv_pad), plan)
+  return plan, q, k, v, bias, _pad_mask(mask, batch, plan, q_pad, kv_pad)
 
-  value_dim = value.shape[-1]
-  out = out.reshape(plan.q_blocks, batch, kv_heads, plan.block_q, plan.group, value_dim)
-  out = out.transpose(1, 0, 3, 2, 4, 5).reshape(batch, plan.q_blocks * plan.block_q, heads, value_dim)
-  return out[:, :q_len].astype(query.dtype)
+
+def _tile_rows(x, *, plan: _Plan, pad_value=0.0):
+  """`[batch, q_len, heads, d]` -> `[q_blocks, batch, kv_heads, block_q * group, d]`: rows (position,
+  g), positions padded with `pad_value` to whole blocks."""
+  batch, q_len, heads, dim = x.shape
+  kv_heads = heads // plan.group
+  x = x.reshape(batch, q_len, kv_heads, plan.group, dim)
+  x = jnp.pad(x, ((0, 0), (0, plan.q_blocks * plan.block_q - q_len), (0, 0), (0, 0), (0, 0)),
+              constant_values=pad_value)
+  x = x.reshape(batch, plan.q_blocks, plan.block_q, kv_heads, plan.group, dim)
+  return x.transpose(1, 0, 3, 2, 4, 5).reshape(
+      plan.q_blocks, batch, kv_heads, plan.block_q * plan.group, dim)
+
+
+def _untile_rows(x, plan: _Plan, heads: int):
+  """Inverse of `_tile_rows`: `[batch, q_len, heads, d]` with the padded positions dropped."""
+  q_blocks, batch, kv_heads, _, dim = x.shape
+  x = x.reshape(q_blocks, batch, kv_heads, plan.block_q, plan.group, dim)
+  x = x.transpose(1, 0, 3, 2, 4, 5).reshape(batch, q_blocks * plan.block_q, heads, dim)
+  return x[:, :plan.q_len]
+
+
+def _untile_kv(x, plan: _Plan):
+  """Inverse of `_kv_blocks`: `[kv_blocks, batch, kv_heads, block_kv, d]` -> `[batch, kv_len,
+  kv_heads, d]`."""
+  kv_blocks, batch, kv_heads, block_kv, dim = x.shape
+  x = x.transpose(1, 0, 3, 2, 4).reshape(batch, kv_blocks * block_kv, kv_heads, dim)
+  return x[:, :plan.kv_len]
 
 
 def _kv_blocks(x, plan: _Plan, kv_pad: int):
@@ -295,7 +380,17 @@ def _attention_fwd(q, k, v, bias, mask: Mask, plan: _Plan):
 
 
 def _attention_bwd(plan: _Plan, residuals, d_out):
+  """The custom VJP: `_backward`'s float32 gradients in the inputs' dtypes."""
+  q, k, v, bias = residuals[:4]
+  cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
+  dq, dk, dv, dbias = _backward(plan, residuals, d_out)
+  return cast(dq, q), cast(dk, k), cast(dv, v), cast(dbias, bias), None
+
+
+def _backward(plan: _Plan, residuals, d_out):
   """FlashAttention-2 backward: per query block, dq in the loop carry, dk/dv/dbias added in place.
+
+  Returns float32 `(dq, dk, dv, dbias)` in the tile layout (`dbias` None without a bias).
 
   Tiles are computed transposed, `[block_kv, rows]`: then each of the five products is a plain
   `[m, n] @ [n, p]` matmul (dq as `dq^T = k^T @ ds^T`), which XLA:CPU runs about 3x faster than a
@@ -343,8 +438,7 @@ def _attention_bwd(plan: _Plan, residuals, d_out):
   (dk, dv, dbias), dq_t = jax.lax.scan(
       query_block, (zeros(k), zeros(v), zeros(bias)),
       (jnp.arange(plan.q_blocks), q, d_out, lse, delta))
-  cast = lambda grad, like: None if like is None else grad.astype(like.dtype)
-  return cast(jnp.swapaxes(dq_t, -1, -2), q), cast(dk, k), cast(dv, v), cast(dbias, bias), None
+  return jnp.swapaxes(dq_t, -1, -2), dk, dv, dbias
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

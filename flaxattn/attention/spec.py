@@ -8,7 +8,11 @@ from typing import Callable
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-  """The features one attention call needs (built by the dispatcher from its arguments)."""
+  """The features one attention call needs (built by the dispatcher from its arguments).
+
+  The static shape fields (0 when unknown) let an implementation with shape limits (cuDNN's head_dim,
+  a kernel's aligned diagonal) decline a call in `Implementation.constraints`.
+  """
 
   masks: frozenset[str]
   bias: bool
@@ -17,6 +21,14 @@ class Call:
   weights: bool
   dtype: str
   platform: str
+  q_len: int = 0
+  kv_len: int = 0
+  heads: int = 0
+  kv_heads: int = 0
+  head_dim: int = 0
+  value_dim: int = 0
+  # Axis names of the mesh set with `jax.set_mesh` around the call (empty without one).
+  mesh_axes: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +37,9 @@ class Implementation:
 
   `fn(query, key, value, *, mask, bias, scale, softcap, dropout_rate, dropout_rng, return_weights)`
   receives validated arguments: `mask` a `Mask` or None, `bias` rank 4 or None, `scale` a float.
+
+  `mesh_axis`: the implementation spreads the sequence over this axis of the current mesh
+  (`jax.set_mesh`) and runs only where that axis exists. `equal_lengths`: it needs `q_len == kv_len`.
   """
 
   name: str
@@ -38,6 +53,11 @@ class Implementation:
   platforms: frozenset[str]
   memory: str
   notes: str = ""
+  # Extra, implementation-specific limits checked after the declared features: `constraints(call)`
+  # returns the unsupported feature in words, or None. Also where an optional dependency is missing.
+  constraints: Callable[[Call], str | None] | None = None
+  mesh_axis: str | None = None
+  equal_lengths: bool = False
 
   def unsupported(self, call: Call) -> str | None:
     """The first feature of `call` this implementation lacks, in words; None if it can run it."""
@@ -51,6 +71,13 @@ class Implementation:
     for feature in ("bias", "softcap", "dropout", "weights"):
       if getattr(call, feature) and not getattr(self, feature):
         return {"weights": "return_weights=True"}.get(feature, feature)
+    if self.equal_lengths and call.q_len != call.kv_len:
+      return f"q_len != kv_len ({call.q_len} vs {call.kv_len}; it needs equal lengths)"
+    if self.mesh_axis is not None and self.mesh_axis not in call.mesh_axes:
+      return (f"a call outside a mesh with axis {self.mesh_axis!r} (set one with jax.set_mesh; the "
+              f"current mesh axes are {sorted(call.mesh_axes)})")
+    if self.constraints is not None:
+      return self.constraints(call)
     return None
 
   def describe(self) -> dict:
@@ -66,4 +93,6 @@ class Implementation:
         "platforms": sorted(self.platforms),
         "memory": self.memory,
         "notes": self.notes,
+        "mesh_axis": self.mesh_axis,
+        "equal_lengths": self.equal_lengths,
     }

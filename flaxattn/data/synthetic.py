@@ -1,11 +1,17 @@
-"""A generated corpus for end-to-end training runs that need no download: a random Markov language.
+"""Generated data that needs no download: a random Markov language and synthetic tasks.
 
-Every batch is a pure function of `(seed, split, index)`, so the iterator position is one integer
-and a resumed run sees exactly the batches an uninterrupted one would.
+- `MarkovCorpus`: language-model batches for end-to-end training runs.
+- `listops`: the Long Range Arena's ListOps classification task.
+- `sequence_task`: copy, reverse and associative recall.
+
+Every batch or example is a pure function of `(seed, split, index)`, so an iterator position is one
+integer, a resumed run sees exactly the data an uninterrupted one would, and processes can generate
+their own shares independently.
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import random
 from collections.abc import Callable, Sequence
@@ -53,8 +59,7 @@ class MarkovCorpus:
     Returns an lm batch (`flaxattn.train.losses`): `inputs`, `targets` int32 and `weights` float32,
     each `[rows, seq_len]`.
     """
-    if split not in SPLITS:
-      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_split(split, SPLITS)
     rng = np.random.default_rng((self.seed, SPLITS.index(split), index))
     tokens = np.empty((batch_size, self.seq_len + 1), np.int32)
     tokens[:, 0] = rng.integers(0, self.vocab_size, batch_size)
@@ -67,7 +72,7 @@ class MarkovCorpus:
             "weights": np.ones(tokens[:, 1:].shape, np.float32)}
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Generated task data: random-access sequences whose example `i` is a pure function of
 # `(seed, split, i)`, so any example can be produced on its own, in any order, by any process.
 
@@ -98,9 +103,10 @@ class GeneratedExamples(Sequence):
     return self._make_example(index % self._num_examples)
 
 
-def _check_split(split: str) -> None:
-  if split not in TASK_SPLITS:
-    raise ValueError(f"split must be one of {TASK_SPLITS}, got {split!r}")
+def check_split(split: str, splits: tuple[str, ...] = TASK_SPLITS) -> None:
+  """Raises `ValueError` naming `split` unless it is one of `splits`."""
+  if split not in splits:
+    raise ValueError(f"split must be one of {splits}, got {split!r}")
 
 
 def _example_rng(task: str, seed: int, split: str, index: int) -> random.Random:
@@ -117,7 +123,7 @@ LISTOPS_END = "]"
 LISTOPS_DIGITS = tuple(str(digit) for digit in range(10))
 # Every token that can occur in a ListOps text, operators first.
 LISTOPS_TOKENS = LISTOPS_OPERATORS + (LISTOPS_END,) + LISTOPS_DIGITS
-# LRA's generator makes a node an operator with this probability (when above the depth limit).
+# LRA's generator makes a node an operator with this probability (when shallower than max_depth).
 _LISTOPS_OPERATOR_PROBABILITY = 0.25
 # Rejection sampling gives up after this many trees per example rather than loop forever on bounds
 # that are feasible but practically never met.
@@ -160,11 +166,28 @@ def _grow_listops_tree(rng: random.Random, depth: int, max_depth: int, max_args:
 
 
 def listops_max_possible_length(max_depth: int, max_args: int) -> int:
-  """Tokens in the largest tree the generator can make: every node above `max_depth` an operator."""
+  """Tokens in the largest tree the generator can make: every node above the digit level an operator
+  with `max_args` arguments."""
   length = 1
   for _ in range(max_depth - 1):
     length = 2 + max_args * length
   return length
+
+
+def _listops_example(index: int, *, seed: int, split: str, min_length: int, max_length: int,
+                     max_depth: int, max_args: int) -> dict:
+  """ListOps example `index`: trees are drawn until one has `min_length`-`max_length` tokens."""
+  rng = _example_rng("listops", seed, split, index)
+  for _ in range(_LISTOPS_MAX_ATTEMPTS):
+    tokens: list[str] = []
+    try:
+      label = _grow_listops_tree(rng, 1, max_depth, max_args, max_length, tokens)
+    except _TreeTooLong:
+      continue
+    if len(tokens) >= min_length:
+      return {"text": " ".join(tokens), "label": label}
+  raise RuntimeError(f"no ListOps tree with {min_length}-{max_length} tokens in "
+                     f"{_LISTOPS_MAX_ATTEMPTS} draws (max_depth={max_depth}, max_args={max_args})")
 
 
 def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 500,
@@ -176,10 +199,10 @@ def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 5
   (sum modulo 10) each take 2 to `max_args` arguments and close with `]`; tokens are separated by
   single spaces (`LISTOPS_TOKENS` lists them all); `label` in 0-9 is the expression's value.
 
-  Generation follows LRA's generator (`lra_benchmarks/data/listops.py`, the paper's section 4.1:
-  "sequence lengths up to 2K", "maximum depth of 10"): starting with the root at depth 1, a node
-  above `max_depth` is an operator with probability 0.25 (else a uniform digit), with a uniform
-  argument count in [2, `max_args`] and a uniform operator; a node at depth `max_depth` is a digit.
+  Generation follows LRA's generator (`lra_benchmarks/data/listops.py`; the paper describes lengths
+  up to 2K and a maximum depth of 10): starting with the root at depth 1, a node shallower than
+  `max_depth` is an operator with probability 0.25 (else a uniform digit), with a uniform argument
+  count in [2, `max_args`] and a uniform operator; a node at depth `max_depth` is a digit.
   Hence `depth` counts node levels, digits included, and brackets nest at most `max_depth - 1` deep.
   Trees whose token count falls outside [`min_length`, `max_length`] are rejected and redrawn, as LRA
   does (LRA's bounds are exclusive, these inclusive; growth stops early once a tree passes
@@ -199,7 +222,7 @@ def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 5
     A random-access sequence (`GeneratedExamples`) of `num_examples` dicts; example `i` is generated
     when indexed, identically every time.
   """
-  _check_split(split)
+  check_split(split)
   if max_args < 2:
     raise ValueError(f"max_args must be at least 2, got {max_args!r}")
   if max_depth < 1:
@@ -212,20 +235,10 @@ def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 5
     raise ValueError(f"min_length={min_length} exceeds the longest tree possible with max_depth="
                      f"{max_depth} and max_args={max_args}: {largest} tokens")
 
-  def make_example(index: int) -> dict:
-    rng = _example_rng("listops", seed, split, index)
-    for _ in range(_LISTOPS_MAX_ATTEMPTS):
-      tokens: list[str] = []
-      try:
-        label = _grow_listops_tree(rng, 1, max_depth, max_args, max_length, tokens)
-      except _TreeTooLong:
-        continue
-      if len(tokens) >= min_length:
-        return {"text": " ".join(tokens), "label": label}
-    raise RuntimeError(f"no ListOps tree with {min_length}-{max_length} tokens in "
-                       f"{_LISTOPS_MAX_ATTEMPTS} draws (max_depth={max_depth}, max_args={max_args})")
-
-  return GeneratedExamples(num_examples, make_example)
+  # A partial of a module-level function, not a closure, so the sequence pickles (grain workers).
+  return GeneratedExamples(num_examples, functools.partial(
+      _listops_example, seed=seed, split=split, min_length=min_length, max_length=max_length,
+      max_depth=max_depth, max_args=max_args))
 
 
 # Copy, reverse and associative recall: quick checks that a model can move information by attention.
@@ -233,6 +246,23 @@ def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 5
 SEQUENCE_TASKS = ("copy", "reverse", "recall")
 # Token ids below this are reserved: 0 pad, 1 unk, 2 bos, 3 eos.
 FIRST_CONTENT_ID = 4
+
+
+def _sequence_task_example(index: int, *, name: str, seed: int, split: str, length: int,
+                           vocab_size: int) -> dict:
+  """Example `index` of copy, reverse or recall (arguments checked by `sequence_task`)."""
+  rng = np.random.default_rng(_example_rng(name, seed, split, index).getrandbits(128))
+  if name == "recall":
+    num_pairs = (length - 1) // 2
+    keys = rng.choice(vocab_size - FIRST_CONTENT_ID, num_pairs, replace=False) + FIRST_CONTENT_ID
+    values = rng.integers(FIRST_CONTENT_ID, vocab_size, num_pairs)
+    query = rng.integers(num_pairs)
+    source = np.empty(length, np.int32)
+    source[0:-1:2], source[1:-1:2], source[-1] = keys, values, keys[query]
+    return {"source": source, "target": values[query:query + 1].astype(np.int32)}
+  source = rng.integers(FIRST_CONTENT_ID, vocab_size, length).astype(np.int32)
+  target = source.copy() if name == "copy" else source[::-1].copy()
+  return {"source": source, "target": target}
 
 
 def sequence_task(name: str, split: str, num_examples: int, *, length: int, vocab_size: int,
@@ -259,7 +289,7 @@ def sequence_task(name: str, split: str, num_examples: int, *, length: int, voca
   """
   if name not in SEQUENCE_TASKS:
     raise ValueError(f"name must be one of {SEQUENCE_TASKS}, got {name!r}")
-  _check_split(split)
+  check_split(split)
   content_ids = vocab_size - FIRST_CONTENT_ID
   if content_ids < 2:
     raise ValueError(f"vocab_size must be at least {FIRST_CONTENT_ID + 2}, got {vocab_size!r}")
@@ -273,17 +303,6 @@ def sequence_task(name: str, split: str, num_examples: int, *, length: int, voca
   elif length < 1:
     raise ValueError(f"length must be positive, got {length!r}")
 
-  def make_example(index: int) -> dict:
-    rng = np.random.default_rng(_example_rng(name, seed, split, index).getrandbits(128))
-    if name == "recall":
-      keys = rng.choice(content_ids, num_pairs, replace=False) + FIRST_CONTENT_ID
-      values = rng.integers(FIRST_CONTENT_ID, vocab_size, num_pairs)
-      query = rng.integers(num_pairs)
-      source = np.empty(length, np.int32)
-      source[0:-1:2], source[1:-1:2], source[-1] = keys, values, keys[query]
-      return {"source": source, "target": values[query:query + 1].astype(np.int32)}
-    source = rng.integers(FIRST_CONTENT_ID, vocab_size, length).astype(np.int32)
-    target = source.copy() if name == "copy" else source[::-1].copy()
-    return {"source": source, "target": target}
-
-  return GeneratedExamples(num_examples, make_example)
+  return GeneratedExamples(num_examples, functools.partial(
+      _sequence_task_example, name=name, seed=seed, split=split, length=length,
+      vocab_size=vocab_size))

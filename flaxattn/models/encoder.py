@@ -79,9 +79,15 @@ class EncoderClassifier(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Class logits `[batch, num_classes]` (float32)."""
-    hidden = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
-                          dropout_rng=dropout_rng)
+               dropout_rng: jax.Array | None = None, return_attention_weights: bool = False):
+    """Class logits `[batch, num_classes]` (float32).
+
+    With `return_attention_weights`, `(logits, weights)`: the encoder's per-layer self-attention
+    weights, a tuple of `[batch, heads, len, len]` float32 arrays (as `EncoderModel`).
+    """
+    result = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                          dropout_rng=dropout_rng, return_attention_weights=return_attention_weights)
+    hidden, weights = result if return_attention_weights else (result, None)
     valid = valid_tokens("attention_mask", input_ids, attention_mask)
-    return self.head(pool(self.pooling, hidden, valid, self.attention_pooling)).astype("float32")
+    logits = self.head(pool(self.pooling, hidden, valid, self.attention_pooling)).astype("float32")
+    return (logits, weights) if return_attention_weights else logits

@@ -53,7 +53,8 @@ class TransformerConfig:
     attention_dropout_rate: dropout on the attention weights (needs an implementation with dropout,
       i.e. 'reference').
     attention_impl: a name from `flaxattn.attention.implementations()`, or None to let the dispatcher
-      pick per call.
+      pick per call. 'ring' splits the sequence over the mesh's `context` axis (context
+      parallelism; the model must run inside `jax.set_mesh`, as the training steps do).
     window: local (sliding-window) self-attention: each query sees the `window` nearest keys on each
       side, itself included (`Mask(window=(window - 1, window - 1))`): in a causal stack the previous
       `window` keys including itself, in a bidirectional one `2 * window - 1` keys centred on it.

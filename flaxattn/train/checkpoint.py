@@ -1,7 +1,7 @@
 """Orbax checkpoints of the whole training state and the data position, saved together.
 
 A checkpoint is a step directory holding `state` (the `TrainState`: parameters, optimizer state,
-step, RNG) and `progress` (JSON: the data iterator position). Orbax writes each into a temporary
+step, RNG) and `progress` (JSON: the data iterator's state, e.g. a grain iterator's `get_state()`). Orbax writes each into a temporary
 directory and renames it when complete, so a process killed mid-save leaves nothing that
 `latest_step` would pick. Saving is asynchronous: `save` returns once the arrays are copied off the
 devices, and the files are written while training goes on.
@@ -18,7 +18,7 @@ from absl import logging
 
 
 class Checkpointer:
-  """Saves and restores `(TrainState, data_position)` under `directory`, keeping the last `keep`
+  """Saves and restores `(TrainState, data_state)` under `directory`, keeping the last `keep`
   and, with `best_metric`, also the one whose metric is best (lowest with `best_mode='min'`, highest
   with 'max') among the checkpoints saved with metrics."""
 
@@ -38,15 +38,16 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                          item_names=("state", "progress"))
 
-  def save(self, step: int, state, data_position: int, metrics: dict | None = None) -> None:
-    """Starts saving `state` and the data position as checkpoint `step` (returns before it is on
-    disk; `wait` or `close` to be sure). `metrics` (floats by name) rank it for `best_metric`."""
+  def save(self, step: int, state, data_state, metrics: dict | None = None) -> None:
+    """Starts saving `state` and the data iterator's state (anything JSON-serialisable) as
+    checkpoint `step` (returns before it is on disk; `wait` or `close` to be sure). `metrics` (floats
+    by name) rank it for `best_metric`."""
     self.manager.save(step, metrics=metrics, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        progress=ocp.args.JsonSave({"step": step, "data_position": data_position})))
+        progress=ocp.args.JsonSave({"step": step, "data_state": data_state})))
 
   def restore_latest(self, abstract_state):
-    """`(state, data_position)` from the newest readable checkpoint, each array placed with the
+    """`(state, data_state)` from the newest readable checkpoint, each array placed with the
     sharding of `abstract_state` (a `TrainState` of `jax.ShapeDtypeStruct`s with shardings, which
     may differ from the saved ones); None when there is none. A checkpoint that fails to load
     (corrupted files) is skipped with a warning for the one before it."""
@@ -58,7 +59,7 @@ class Checkpointer:
         logging.warning("checkpoint %d in %s cannot be restored (%s: %s); trying an older one",
                         step, self.manager.directory, type(error).__name__, error)
         continue
-      return restored.state, restored.progress["data_position"]
+      return restored.state, restored.progress["data_state"]
     return None
 
   def wait(self) -> None:

@@ -25,15 +25,12 @@ from absl import logging
 from tensorboardX import SummaryWriter
 
 from flaxattn import parallel
-from flaxattn.config import transformer_config
-from flaxattn.data import MarkovCorpus
-from flaxattn.models import DecoderLM
 from flaxattn.train.checkpoint import Checkpointer, abstract_like
+from flaxattn.train.evaluate import prefixed
 from flaxattn.train.flops import measured_peak_flops, train_flops_per_token
-from flaxattn.train.losses import LOSSES
 from flaxattn.train.optim import make_optimizer, make_schedule
-from flaxattn.train.step import (init_train_state, jit_steps, make_eval_step, make_train_step,
-                                 metrics_from_sums)
+from flaxattn.train.run import build_run, write_final_report
+from flaxattn.train.step import init_train_state, jit_steps, make_eval_step, make_train_step
 
 
 class _Preemption:
@@ -57,12 +54,6 @@ class _Preemption:
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
-def _local_rows(batch_size: int) -> slice:
-  """This process's rows of a global batch (processes own equal, contiguous blocks)."""
-  per_process = batch_size // jax.process_count()
-  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
 
 
 def _write_metrics(path: str, record: dict, board: SummaryWriter | None) -> None:
@@ -89,61 +80,47 @@ def _truncate_metrics(path: str, after_step: int) -> None:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains per `config` (already `flaxattn.config.validate`d), writing to `workdir`.
 
-  Returns the last logged metrics (a dict of floats, with `step`).
+  Returns the last logged metrics (a dict of floats, with `step`; after the final evaluation also
+  `test_*` metrics when `config.eval.test`).
   """
   os.makedirs(workdir, exist_ok=True)
-  mesh = parallel.make_mesh(dict(config.mesh))
-  rules = parallel.make_rules(config.sharding.preset, config.sharding.overrides)
+  run = build_run(config, workdir)
+  mesh, rules = run.mesh, run.rules
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2, sort_keys=True))
     logging.info("mesh %s; rules %s", dict(mesh.shape), rules)
 
-  model_config = transformer_config(config.model)
   schedule = make_schedule(config.schedule.name, config.optimizer.learning_rate, steps=config.steps,
                            warmup_steps=config.schedule.warmup_steps,
                            end_factor=config.schedule.end_factor)
   opt = config.optimizer
   tx = make_optimizer(opt.name, schedule, weight_decay=opt.weight_decay, b1=opt.b1, b2=opt.b2,
                       eps=opt.eps, momentum=opt.momentum, clip_norm=opt.clip_norm or None)
-  loss_fn = functools.partial(LOSSES[config.task], label_smoothing=config.loss.label_smoothing,
-                              z_loss=config.loss.z_loss)
-  corpus = MarkovCorpus(model_config.vocab_size, config.data.seq_len,
-                        branching=config.data.branching, seed=config.data.seed)
-
-  graphdef, state, state_shardings = init_train_state(
-      lambda rngs: DecoderLM(model_config, rngs=rngs), tx, config.seed, mesh, rules)
+  graphdef, state, state_shardings = init_train_state(run.make_model, tx, config.seed, mesh, rules)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  flops_per_token = train_flops_per_token(model_config, num_params, config.data.seq_len)
+  flops_per_token = train_flops_per_token(run.model_config, num_params, run.seq_len)
   peak_flops = measured_peak_flops(mesh)
   logging.info("%d parameters, %.3g train FLOPs per token, measured peak %.3g FLOP/s", num_params,
                flops_per_token, peak_flops)
-  rows = _local_rows(config.batch_size)
-  shapes = {name: (config.batch_size,) + value.shape[1:]
-            for name, value in corpus.batch(0, config.batch_size, rows=rows).items()}
-  batch_shardings = parallel.batch_shardings(shapes, mesh, rules)
+  train_data = run.train_iterator()
+  batch_shardings = run.batch_shardings
   train_step, eval_step = jit_steps(
-      make_train_step(graphdef, tx, loss_fn, schedule, grad_accum_steps=config.grad_accum_steps),
-      make_eval_step(graphdef, loss_fn), state_shardings, batch_shardings, mesh, rules)
-
-  def load(split, index):
-    return parallel.global_batch(corpus.batch(index, config.batch_size, split=split, rows=rows),
-                                 batch_shardings)
-
-  def evaluate():
-    sums = [eval_step(state.params, load("eval", index)) for index in range(config.eval_batches)]
-    totals = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
-    return {f"eval_{name}": float(value) for name, value in metrics_from_sums(totals).items()}
+      make_train_step(graphdef, tx, run.loss_fn, schedule, grad_accum_steps=config.grad_accum_steps),
+      make_eval_step(graphdef, run.loss_fn), state_shardings, batch_shardings, mesh, rules)
+  evaluator = run.evaluator(graphdef, eval_step)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                              best_metric=config.best_checkpoint_metric,
                              best_mode=config.best_checkpoint_mode)
   restored = checkpoints.restore_latest(abstract_like(state, state_shardings))
-  position = 0
   if restored is not None:
-    state, position = restored
-    logging.info("resumed from step %d (data position %d)", int(state.step), position)
+    state, data_state = restored
+    train_data.set_state(data_state)
+    logging.info("resumed from step %d (data %s)", int(state.step), data_state)
+  else:
+    state = run.with_pretrained(state, state_shardings)
   step = int(state.step)
   _truncate_metrics(metrics_path, step)
 
@@ -155,8 +132,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   board = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   with _Preemption() as preemption, progress:
     while step < config.steps:
-      state, metrics = train_step(state, load("train", position))
-      step, position = step + 1, position + 1
+      state, metrics = train_step(state, parallel.global_batch(next(train_data), batch_shardings))
+      step += 1
       pending.append(metrics)
       # Read the flag once: a SIGTERM arriving later in this iteration is handled after the next.
       stopping = preemption.requested
@@ -175,7 +152,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f"loss is {record['loss']} at step {step}; the last good checkpoint is step "
               f"{checkpoints.manager.latest_step()} in {workdir}/checkpoints")
         if evaluating:
-          record.update(evaluate())
+          record.update(prefixed(evaluator.evaluate(state.params, step=step, board=board), "eval"))
         _write_metrics(metrics_path, record, board)
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{record['loss']:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")
@@ -187,11 +164,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
               f"parameters are not finite after step {step}; not saving them, the last good "
               f"checkpoint is step {checkpoints.manager.latest_step()} in {workdir}/checkpoints")
         evaluated = {k: v for k, v in record.items() if k.startswith("eval_")} if evaluating else None
-        checkpoints.save(step, state, position, metrics=evaluated)
+        checkpoints.save(step, state, train_data.get_state(), metrics=evaluated)
       if stopping:
         break
   checkpoints.wait()
   checkpoints.close()
+  if step == config.steps and not preemption.requested:
+    record.update(write_final_report(run, evaluator, state.params, workdir, record, board))
   if board is not None:
     board.close()
   return record

@@ -22,11 +22,13 @@ def _check_same_nonzero_length(first, second, first_name: str, second_name: str)
 
 
 def _class_ids(pred, labels, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  pred, labels = np.asarray(pred).reshape(-1), np.asarray(labels).reshape(-1)
+  # Booleans are binary class ids: False 0, True 1.
+  pred, labels = (np.asarray(ids).reshape(-1) for ids in (pred, labels))
+  pred, labels = (ids.astype(np.int64) if ids.dtype == np.bool_ else ids for ids in (pred, labels))
   _check_same_nonzero_length(pred, labels, "pred", "labels")
   for name, ids in (("pred", pred), ("labels", labels)):
     if not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f"{name} must hold integer class ids, got dtype {ids.dtype}")
+      raise ValueError(f"{name} must hold integer (or boolean) class ids, got dtype {ids.dtype}")
     if num_classes is not None and (ids.min() < 0 or ids.max() >= num_classes):
       raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), got values in "
                        f"[{ids.min()}, {ids.max()}]")

@@ -43,11 +43,16 @@ class Tokenizer:
     """The id of one vocabulary entry (e.g. `'[CLS]'`, `'<|im_end|>'`), or None if absent."""
     return self._backend.token_to_id(token)
 
-  def encode(self, text: str) -> list[int]:
-    """Token ids of `text`, with the special tokens the checkpoint adds (BERT: `[CLS] ... [SEP]`)."""
+  def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text`, with the special tokens the checkpoint adds (BERT: `[CLS] ... [SEP]`)
+    unless `add_special_tokens=False`."""
     if not isinstance(text, str):
       raise ValueError(f"text must be a str, got {type(text).__name__}")
-    return self._backend.encode(text).ids
+    return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def id_to_token(self, index: int) -> str | None:
+    """The vocabulary entry of one id (e.g. `'##ing'`), or None if out of range."""
+    return self._backend.id_to_token(int(index))
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids` (a list or 1-D array of ints); special tokens are kept, as in `transformers`."""

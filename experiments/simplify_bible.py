@@ -1,0 +1,38 @@
+"""Text simplification, a summarization-like seq2seq task: King James Version -> Bible in Basic
+English (a translation into an 850-word vocabulary), verse by verse, scored with ROUGE-1/2/L
+(rouge-score) and BLEU (sacrebleu) on held-out books.
+
+  python -m flaxattn.main --config=experiments/simplify_bible.py --workdir=workdirs/simplify
+
+Variants: '' and 'smoke' (tiny, 30 steps, 16 decoded verses).
+"""
+
+from flaxattn.config import base_config
+
+VARIANTS = ("", "smoke")
+
+
+def get_config(arg=None):
+  arg = arg or ""
+  if arg not in VARIANTS:
+    raise ValueError(f"experiments/simplify_bible.py variant must be one of {VARIANTS}, got {arg!r}")
+  config = base_config()
+  config.task = "seq2seq"
+  config.update(steps=6000, batch_size=32, log_every=100, eval_every=2000, eval_batches=0,
+                checkpoint_every=1000)
+  config.data.update(name="bible", source="k", target="3", source_len=96, target_len=112,
+                     tokenizer="sentencepiece", vocab_size=8000)
+  config.model.update(d_model=256, num_heads=4, mlp_dim=1024, num_layers=3, max_length=128,
+                      positions="sinusoidal", dropout_rate=0.1, share_embeddings=True)
+  config.optimizer.update(learning_rate=1e-3, weight_decay=0.01)
+  config.schedule.warmup_steps = 400
+  config.loss.label_smoothing = 0.1
+  config.report.attention_examples = 1
+
+  if arg == "smoke":
+    config.update(steps=30, batch_size=16, log_every=10, eval_every=30, checkpoint_every=30,
+                  eval_batches=2)
+    config.data.update(source_len=32, target_len=32, vocab_size=1000)
+    config.model.update(d_model=32, num_heads=2, mlp_dim=64, num_layers=1, max_length=32)
+    config.eval.update(decode_examples=16, beam_size=2)
+  return config

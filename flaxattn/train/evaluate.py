@@ -1,0 +1,158 @@
+"""Evaluation of a `Task` on a whole split: the loss and the task's own metrics.
+
+- lm: per-token loss, accuracy and perplexity (`exp` of the mean negative log-likelihood over every
+  target token of the split, each counted once).
+- classification: loss, accuracy and macro-F1 over every example of the split.
+- seq2seq: teacher-forced loss and perplexity; with `decode=True` also beam-search outputs scored
+  with BLEU and chrF (sacrebleu) and ROUGE-1/2/L (rouge-score) against the references.
+
+Eval batches have fixed shapes (the last one padded with weight-0 rows), so each split compiles the
+eval step once and no example is dropped or counted twice.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from flaxattn import parallel
+from flaxattn.models.decoding import generate
+from flaxattn.train import metrics as task_metrics
+from flaxattn.train.step import metrics_from_sums
+
+
+class Evaluator:
+  """Evaluates parameters of `graphdef` on the splits of `task`.
+
+  Args:
+    kind: 'lm', 'seq2seq' or 'classification'.
+    dataset: `split -> iterable of this process's eval batches` (fixed shapes, padded with weight-0
+      rows, each example once).
+    task: a `flaxattn.data.tasks.Task` (class names, tokenizer and raw examples), or None (Markov).
+    graphdef: the model's graph (`nnx.split(model, nnx.Param)[0]`).
+    eval_step: the jitted `eval_step(params, batch) -> sums` of `flaxattn.train.step.jit_steps`.
+    batch_shardings: name -> `NamedSharding` of the global batch.
+    mesh, rules: the run's mesh and logical rules (for the prediction step).
+    batch_size: global eval batch (rows), split over processes.
+    beam_size, length_penalty, max_decode_len: beam search for seq2seq `decode`.
+  """
+
+  def __init__(self, kind: str, dataset, task, graphdef, eval_step, batch_shardings, mesh, rules, *,
+               batch_size: int, beam_size: int = 4, length_penalty: float = 0.6,
+               max_decode_len: int = 0):
+    self.kind, self.dataset, self.task = kind, dataset, task
+    self.graphdef, self.eval_step = graphdef, eval_step
+    self.batch_shardings, self.mesh, self.rules = batch_shardings, mesh, rules
+    self.batch_size = batch_size
+    self.beam_size, self.length_penalty = beam_size, length_penalty
+    self.max_decode_len = max_decode_len or (task.lengths.get("target", 0) if task else 0)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def predict(params, batch):
+      model = nnx.merge(graphdef, params)
+      return jnp.argmax(model(batch["inputs"], batch["mask"]), axis=-1)
+    self._predict = jax.jit(predict, out_shardings=replicated)
+
+  def batches(self, split: str, max_batches: int = 0):
+    """This process's share of the eval batches of `split`, as global arrays (all of them when
+    `max_batches` is 0)."""
+    for index, batch in enumerate(self.dataset(split)):
+      if max_batches and index >= max_batches:
+        return
+      yield batch, parallel.global_batch(batch, self.batch_shardings)
+
+  def evaluate(self, params, split: str, *, max_batches: int = 0, decode: bool = False,
+               max_decode_examples: int = 0) -> dict[str, float]:
+    """Metrics of `params` on `split` (names without prefix: 'loss', 'accuracy', ...).
+
+    `max_batches` > 0 evaluates the first batches only (metrics then cover `examples` of them);
+    `decode` adds generation metrics (seq2seq) over the first `max_decode_examples` examples (0: all).
+    """
+    start = time.perf_counter()
+    sums, predictions, labels, weights = [], [], [], []
+    for local, batch in self.batches(split, max_batches):
+      sums.append(self.eval_step(params, batch))
+      if self.kind == "classification":
+        with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+          predictions.append(np.asarray(jax.device_get(self._predict(params, batch))))
+        labels.append(np.asarray(batch["labels"]))
+        weights.append(np.asarray(batch["weights"]))
+    totals = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
+    result = {name: float(value) for name, value in metrics_from_sums(totals).items()}
+    if self.kind in ("lm", "seq2seq"):
+      result["perplexity"] = task_metrics.perplexity(float(totals["nll"]), float(totals["weight"]))
+    if self.kind == "classification":
+      keep = np.concatenate(weights) > 0
+      predicted, actual = np.concatenate(predictions)[keep], np.concatenate(labels)[keep]
+      result.update(examples=float(keep.sum()),
+                    accuracy=task_metrics.accuracy(predicted, actual),
+                    macro_f1=task_metrics.macro_f1(predicted, actual,
+                                                   len(self.task.class_names)))
+    if decode and self.kind == "seq2seq":
+      result.update(self.generation_metrics(params, split, max_decode_examples))
+    result["eval_seconds"] = time.perf_counter() - start
+    return result
+
+  def translate(self, params, sources: list[str], *, method: str = "beam") -> list[str]:
+    """Beam-search (or greedy) outputs for source texts, decoded to text. Sources longer than
+    `data.source_len` are cut to it (the model was trained on no longer ones); their number is
+    kept in `self.truncated_sources` and logged."""
+    tokenizer, model = self.task.tokenizer, nnx.merge(self.graphdef, params)
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    limit = self.task.lengths["source"] - len(eos)
+    outputs, self.truncated_sources = [], 0
+    for begin in range(0, len(sources), self.batch_size):
+      chunk = sources[begin:begin + self.batch_size]
+      encoded = [tokenizer.encode(text) for text in chunk]
+      self.truncated_sources += sum(len(ids) > limit for ids in encoded)
+      ids = [sequence[:limit] + eos for sequence in encoded]
+      # A fixed-shape batch (padded rows and columns) so every chunk reuses one compilation.
+      batch = np.full((self.batch_size, self.task.lengths["source"]), tokenizer.pad_id, np.int32)
+      mask = np.zeros_like(batch)
+      for row, sequence in enumerate(ids):
+        batch[row, :len(sequence)], mask[row, :len(sequence)] = sequence, 1
+      mask[len(ids):, 0] = 1  # Filler rows need one real token; their outputs are discarded.
+      with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+        tokens = generate(model, batch, attention_mask=mask, max_new_tokens=self.max_decode_len,
+                          method=method, num_beams=self.beam_size if method == "beam" else None,
+                          length_penalty=self.length_penalty, eos_id=tokenizer.eos_id,
+                          pad_id=tokenizer.pad_id, decoder_start_id=self.task.options["bos_id"])
+      tokens = np.asarray(jax.device_get(tokens))
+      if method == "beam":
+        tokens = tokens[:, 0]
+      outputs.extend(tokenizer.decode(_until_eos(row[1:], tokenizer.eos_id))
+                     for row in tokens[:len(chunk)])
+    if self.truncated_sources:
+      logging.warning("%d of %d sources were longer than %d tokens and cut to it",
+                      self.truncated_sources, len(sources), limit)
+    return outputs
+
+  def generation_metrics(self, params, split: str, max_examples: int = 0) -> dict[str, float]:
+    """BLEU, chrF and ROUGE of beam-search outputs on `split` (first `max_examples`, 0: all)."""
+    raw = self.task.raw[split]
+    count = len(raw) if not max_examples else min(max_examples, len(raw))
+    sources = [raw[i]["source"] for i in range(count)]
+    references = [raw[i]["target"] for i in range(count)]
+    hypotheses = self.translate(params, sources)
+    self.last_outputs = list(zip(sources, references, hypotheses))
+    result = {"bleu": task_metrics.bleu(hypotheses, references),
+              "chrf": task_metrics.chrf(hypotheses, references),
+              "decoded_examples": float(count),
+              "truncated_sources": float(self.truncated_sources)}
+    result.update(task_metrics.rouge(hypotheses, references))
+    return result
+
+
+def _until_eos(ids, eos_id):
+  ids = [int(i) for i in ids]
+  return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+
+
+def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+  """`{'loss': x}` -> `{'<prefix>_loss': x}`."""
+  return {f"{prefix}_{name}": value for name, value in metrics.items()}

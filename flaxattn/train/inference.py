@@ -1,0 +1,106 @@
+"""Using a trained run: its newest checkpoint evaluated, decoded from, or looked inside.
+
+The run is rebuilt from its config (`build_run`: the same tokenizer, cached in the workdir, and the
+same model), and only the parameters are read from the checkpoint (`load_params`), placed with the
+run's shardings. These back `flaxattn.main --mode=eval|decode|attend`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from flaxattn import parallel
+from flaxattn.models.decoding import generate
+from flaxattn.train.checkpoint import load_params
+from flaxattn.train.run import Run, attention_images, build_run
+from flaxattn.train.step import make_eval_step
+
+
+def restore(config, workdir: str) -> tuple[Run, object, object, object]:
+  """`(run, graphdef, params, eval_step)` of the newest checkpoint in `workdir`."""
+  run = build_run(config, workdir)
+  abstract = nnx.eval_shape(lambda: run.make_model(nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+  shardings = parallel.param_shardings(abstract_params, run.mesh, run.rules)
+  saved = load_params(workdir)
+  expected = jax.tree.map(np.shape, nnx.to_pure_dict(abstract_params))
+  if jax.tree.map(np.shape, saved) != expected:
+    raise ValueError(f"the checkpoint in {workdir} does not fit the model of its config.json "
+                     "(parameter names or shapes differ)")
+  placed = jax.tree.map(lambda value, sharding: jax.device_put(value, sharding), saved,
+                        nnx.to_pure_dict(shardings))
+  nnx.replace_by_pure_dict(abstract_params, placed)
+  params = nnx.as_pure(abstract_params)
+  jitted = jax.jit(make_eval_step(graphdef, run.loss_fn))
+
+  def eval_step(params, batch):
+    with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
+      return jitted(params, batch)
+  return run, graphdef, params, eval_step
+
+
+def evaluate_checkpoint(config, workdir: str, splits: list[str] | None = None) -> dict[str, dict]:
+  """Metrics of the newest checkpoint per split (default: validation and test), each also written
+  to `WORKDIR/eval_<split>.json`."""
+  run, graphdef, params, eval_step = restore(config, workdir)
+  evaluator = run.evaluator(graphdef, eval_step).evaluator
+  if splits is None:
+    splits = ["eval"] if run.task is None else [s for s in ("validation", "test")
+                                                 if s in run.task.examples]
+  results = {}
+  for split in splits:
+    results[split] = evaluator.evaluate(params, split, decode=True,
+                                        max_decode_examples=config.eval.decode_examples)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
+        json.dump(results[split], f, indent=2, sort_keys=True)
+  return results
+
+
+def decode_lines(config, workdir: str, lines: list[str], *, max_new_tokens: int = 32,
+                 temperature: float = 0.0, seed: int = 0) -> list[str]:
+  """One output line per input line: a translation, a continuation, or `label<TAB>probabilities`."""
+  run, graphdef, params, eval_step = restore(config, workdir)
+  if run.task is None:
+    raise ValueError("decode needs a data set with a tokenizer; the Markov corpus has none")
+  task, model = run.task, nnx.merge(graphdef, params)
+  if run.kind == "seq2seq":
+    return run.evaluator(graphdef, eval_step).evaluator.translate(params, lines)
+  outputs = []
+  for line in lines:
+    ids = np.asarray([task.encode(line)], np.int32)
+    with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
+      if run.kind == "classification":
+        probabilities = np.asarray(jax.nn.softmax(model(ids, np.ones_like(ids))[0]))
+        best = int(np.argmax(probabilities))
+        outputs.append(task.class_names[best] + "\t" + " ".join(
+            f"{name}={p:.3f}" for name, p in zip(task.class_names, probabilities)))
+        continue
+      prompt = ids[:, :-1] if task.tokenizer.eos_id is not None else ids  # No eos: continue it.
+      tokens = generate(model, prompt, max_new_tokens=max_new_tokens,
+                        method="sample" if temperature > 0 else "greedy",
+                        temperature=temperature or 1.0, eos_id=task.tokenizer.eos_id,
+                        pad_id=task.tokenizer.pad_id, rng=jax.random.key(seed))
+    new = [int(t) for t in np.asarray(tokens)[0, prompt.shape[1]:]]
+    if task.tokenizer.eos_id in new:
+      new = new[:new.index(task.tokenizer.eos_id)]
+    outputs.append(line + " " + task.tokenizer.decode(new))
+  return outputs
+
+
+def attend(config, workdir: str, texts: list[str]) -> list[str]:
+  """Attention maps of `texts` in `WORKDIR/attention/cli/`; returns the PNG paths."""
+  run, graphdef, params, _ = restore(config, workdir)
+  if run.task is None:
+    raise ValueError("attend needs a data set with a tokenizer; the Markov corpus has none")
+  directory = os.path.join(workdir, "attention", "cli")
+  return list(attention_images(run, graphdef, params, directory, examples=len(texts),
+                               texts=texts).values())
+
+
+__all__ = ["attend", "decode_lines", "evaluate_checkpoint", "restore"]

@@ -1,0 +1,259 @@
+"""What a run is made of, built once from a validated config and shared by every mode.
+
+`build_run(config, workdir)` resolves the mesh, the logical rules, the task and its tokenizer, the
+model (its class follows the task; `config.model.pretrained` takes the architecture and, at the
+start of training, the weights of a pretrained encoder) and the loss. Training (`loop.py`) and the
+eval / decode / attend modes (`flaxattn.main`) then only add what they do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from flaxattn import parallel
+from flaxattn.config import transformer_config
+from flaxattn.data import tasks
+from flaxattn.data.synthetic import MarkovCorpus
+from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
+from flaxattn.train.evaluate import Evaluator, prefixed
+from flaxattn.train.losses import LOSSES
+
+
+def _local_rows(batch_size: int) -> slice:
+  """This process's rows of a global batch (processes own equal, contiguous blocks)."""
+  per_process = batch_size // jax.process_count()
+  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
+@dataclasses.dataclass
+class Run:
+  """A resolved run (see `build_run`)."""
+
+  config: Any
+  workdir: str
+  mesh: jax.sharding.Mesh
+  rules: Any
+  kind: str
+  model_config: Any
+  task: tasks.Task | None
+  make_model: Callable
+  loss_fn: Callable
+  seq_len: int
+  batch_shardings: dict
+  corpus: MarkovCorpus | None = None
+
+  def train_iterator(self):
+    """This process's training batches: an iterator with `get_state()` / `set_state()`."""
+    config = self.config
+    if self.corpus is not None:
+      return tasks.MarkovData(self.corpus, config.batch_size, _local_rows(config.batch_size))
+    return iter(self.task.dataset(
+        "train", batch_size=config.batch_size // jax.process_count(), train=True,
+        seed=config.data.seed, process_index=jax.process_index(),
+        process_count=jax.process_count()))
+
+  def eval_batches(self, split: str):
+    """This process's eval batches of `split`: every example once (Markov: `config.eval_batches`)."""
+    config = self.config
+    if self.corpus is not None:
+      return tasks.MarkovData(self.corpus, config.batch_size, _local_rows(config.batch_size),
+                              split="eval", limit=config.eval_batches)
+    return self.task.dataset(split, batch_size=self.eval_batch_size // jax.process_count(),
+                             train=False, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+
+  @property
+  def eval_batch_size(self) -> int:
+    return self.config.eval.batch_size or self.config.batch_size
+
+  def evaluator(self, graphdef, eval_step) -> "RunEvaluator":
+    evaluation = self.config.eval
+    return RunEvaluator(self, Evaluator(
+        self.kind, self.eval_batches, self.task, graphdef, eval_step, self.batch_shardings,
+        self.mesh, self.rules, batch_size=self.eval_batch_size, beam_size=evaluation.beam_size,
+        length_penalty=evaluation.length_penalty, max_decode_len=evaluation.max_decode_len))
+
+  def with_pretrained(self, state, shardings):
+    """`state` with the pretrained encoder's weights (`config.model.pretrained`), else unchanged."""
+    if not self.config.model.pretrained:
+      return state
+    from flaxattn.models import load_pretrained  # Deferred: needs the `pretrained` extra.
+    encoder, _ = load_pretrained(tasks.pretrained_dir(self.config.model.pretrained))
+    weights = nnx.to_pure_dict(nnx.state(encoder, nnx.Param))
+    params = nnx.to_pure_dict(state.params)
+    expected = jax.tree.map(np.shape, params["encoder"])
+    if jax.tree.map(np.shape, weights) != expected:
+      raise ValueError(f"pretrained encoder {self.config.model.pretrained!r} does not match the "
+                       "classifier's encoder (shapes differ)")
+    params["encoder"] = jax.tree.map(
+        lambda w, s: jax.device_put(np.asarray(w, np.float32), s), weights,
+        nnx.to_pure_dict(shardings.params)["encoder"])
+    new_params = state.params
+    nnx.replace_by_pure_dict(new_params, params)
+    logging.info("encoder weights from %s", self.config.model.pretrained)
+    return state.replace(params=new_params)
+
+
+class RunEvaluator:
+  """The loop's evaluation: validation metrics at eval steps (attention maps to TensorBoard)."""
+
+  def __init__(self, run: Run, evaluator: Evaluator):
+    self.run, self.evaluator = run, evaluator
+
+  def evaluate(self, params, *, step: int, board=None) -> dict[str, float]:
+    config = self.run.config
+    split = "eval" if self.run.corpus is not None else "validation"
+    result = self.evaluator.evaluate(params, split, max_batches=config.eval_batches,
+                                     decode=config.eval.decode_every_eval,
+                                     max_decode_examples=config.eval.decode_examples)
+    if board is not None and self.run.task is not None and config.report.attention_examples:
+      from flaxattn.train import report  # Deferred: matplotlib.
+      images = attention_images(self.run, self.evaluator.graphdef, params,
+                                os.path.join(self.run.workdir, "attention", f"step_{step}"),
+                                examples=1)
+      report.log_images(board, images, step)
+    return result
+
+
+# Longer inputs make unreadable heatmaps; the report draws the first validation examples below it.
+_READABLE_TOKENS = 48
+
+
+def _example_input(task: tasks.Task, example: dict):
+  """What `attention_report` takes for one raw example: the text, or a (source, target) pair."""
+  return (example["source"], example["target"]) if task.kind == "seq2seq" else example["text"]
+
+
+def attention_images(run: Run, graphdef, params, directory: str, *, examples: int,
+                     split: str = "validation", texts: list | None = None) -> dict[str, str]:
+  """Attention heatmaps (per layer, rollout, cross-attention alignments) written under
+  `directory` for `texts`, or else for the first `examples` examples of `split` short enough to
+  read as a heatmap (at most `_READABLE_TOKENS` tokens, within the model's lengths). Returns
+  tag -> PNG path."""
+  from flaxattn.models.attention_maps import attention_report  # Deferred: matplotlib.
+  task = run.task
+  model = nnx.merge(graphdef, jax.device_get(params))
+  if texts is None:
+    limit = min(_READABLE_TOKENS, *task.lengths.values())
+    fits = lambda text: len(task.tokenizer.encode(text)) + 2 <= limit
+    texts = []
+    for example in task.raw[split]:
+      if len(texts) == examples:
+        break
+      text = _example_input(task, example)
+      if all(fits(part) for part in ((text,) if isinstance(text, str) else text)):
+        texts.append(text)
+  images = {}
+  for index, text in enumerate(texts):
+    paths = attention_report(model, task.tokenizer, text, directory, prefix=f"example{index}")
+    images.update({f"attention/example{index}/{os.path.splitext(os.path.basename(path))[0]}": path
+                   for path in paths})
+  return images
+
+
+def build_run(config, workdir: str) -> Run:
+  """Resolves `config` (validated) into a `Run`; learned tokenizers are trained here (or loaded from
+  `WORKDIR/tokenizer`)."""
+  mesh = parallel.make_mesh(dict(config.mesh))
+  rules = parallel.make_rules(config.sharding.preset, config.sharding.overrides)
+  kind = tasks.task_kind(config)
+  model_config = transformer_config(config.model)
+  task = corpus = None
+  if config.data.name == "markov":
+    corpus = MarkovCorpus(model_config.vocab_size, config.data.seq_len,
+                          branching=config.data.branching, seed=config.data.seed)
+  else:
+    task = tasks.build_task(config, workdir)
+    if config.model.pretrained:
+      # The architecture is the checkpoint's; the config keeps only what does not change the
+      # weights' meaning (dropout, the attention kernel, dtypes).
+      from flaxattn.models.pretrained import bert  # Deferred: needs the `pretrained` extra.
+      from flaxattn.models.pretrained.weights import override
+      directory = pathlib.Path(tasks.pretrained_dir(config.model.pretrained))
+      overrides = {name: getattr(model_config, name) for name in (
+          "dropout_rate", "attention_dropout_rate", "attention_impl", "dtype", "param_dtype")}
+      model_config = override(bert.transformer_config(bert.read_config(directory), str(directory)),
+                              overrides, str(directory))
+    else:
+      model_config = dataclasses.replace(model_config, vocab_size=task.vocab_size)
+  model = config.model
+  if kind == "lm":
+    make_model = functools.partial(DecoderLM, model_config)
+  elif kind == "classification":
+    num_classes = len(task.class_names) if task is not None else model.num_classes
+    make_model = functools.partial(EncoderClassifier, model_config, num_classes,
+                                   pooling=model.pooling)
+  else:
+    make_model = functools.partial(EncoderDecoder, model_config,
+                                   share_embeddings=model.share_embeddings)
+  loss_fn = functools.partial(LOSSES[kind], label_smoothing=config.loss.label_smoothing,
+                              z_loss=config.loss.z_loss)
+  if task is None:
+    shapes = {name: (config.batch_size,) + value.shape[1:] for name, value in
+              corpus.batch(0, config.batch_size, rows=_local_rows(config.batch_size)).items()}
+    seq_len = config.data.seq_len
+  else:
+    first = next(iter(task.dataset("train", batch_size=config.batch_size // jax.process_count(),
+                                   train=True, seed=config.data.seed)))
+    shapes = {name: (config.batch_size,) + value.shape[1:] for name, value in first.items()}
+    seq_len = max(task.lengths.values())
+  return Run(config=config, workdir=workdir, mesh=mesh, rules=rules, kind=kind,
+             model_config=model_config, task=task, make_model=lambda rngs: make_model(rngs=rngs),
+             loss_fn=loss_fn, seq_len=seq_len,
+             batch_shardings=parallel.batch_shardings(shapes, mesh, rules), corpus=corpus)
+
+
+def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, record: dict,
+                       board) -> dict[str, float]:
+  """Final metrics on the test split (`config.eval.test`), learning curves, attention maps, the
+  baseline (`config.report.baseline`) and `WORKDIR/report.md`. Returns the `test_*` metrics."""
+  config = run.config
+  final = {}
+  if run.task is not None and config.eval.test and "test" in run.task.examples:
+    final = prefixed(evaluator.evaluator.evaluate(
+        params, "test", decode=True, max_decode_examples=config.eval.decode_examples), "test")
+  if jax.process_index() != 0:
+    return final
+  from flaxattn.train import report  # Deferred: matplotlib.
+  images = [report.plot_learning_curves(os.path.join(workdir, "metrics.jsonl"),
+                                        os.path.join(workdir, "learning_curves.png"))]
+  tables, notes = {}, []
+  if run.task is not None:
+    if config.report.attention_examples:
+      attention = attention_images(run, evaluator.evaluator.graphdef, params,
+                                   os.path.join(workdir, "attention", "final"),
+                                   examples=config.report.attention_examples)
+      images.extend(attention.values())
+      if board is not None:
+        report.log_images(board, attention, int(record.get("step", 0)))
+    if run.kind == "seq2seq" and getattr(evaluator.evaluator, "last_outputs", None):
+      tables["Test outputs (first 10)"] = [
+          {"source": s, "reference": r, "output": h}
+          for s, r, h in evaluator.evaluator.last_outputs[:10]]
+    for split, stats in run.task.stats.items():
+      notes.append(f"{split}: {stats.summary()}")
+    if config.report.baseline == "tfidf":
+      from flaxattn.train.baselines import TFIDF_C_GRID, tfidf_logistic_regression
+      raw, c_grid = run.task.raw, TFIDF_C_GRID
+      for split in ("validation", "test"):
+        scores = tfidf_logistic_regression(
+            [e["text"] for e in raw["train"]], [e["label"] for e in raw["train"]],
+            [e["text"] for e in raw[split]], [e["label"] for e in raw[split]], seed=config.seed,
+            num_classes=len(run.task.class_names), c_grid=c_grid)
+        c_grid = (scores["C"],)  # Chosen on the training split alone: no second search.
+        final.update({f"baseline_tfidf_{split}_{name}": float(v) for name, v in scores.items()})
+  metrics = {key: value for key, value in {**record, **final}.items()
+             if key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss"))}
+  report.write_report(workdir, title=f"{config.data.name} ({run.kind})", metrics=metrics,
+                      tables=tables, images=images,
+                      notes=notes)
+  return {key: value for key, value in final.items()}
