@@ -87,8 +87,9 @@ def numpy_linear_attention(x, module, causal, valid):
   weights = np.einsum("bthd,bshd->bhts", phi(q), phi(k)) * valid[:, None, None, :]
   if causal:
     weights = weights * np.tril(np.ones(weights.shape[-2:]))
-  out = np.einsum("bhts,bshd->bthd", weights / weights.sum(-1, keepdims=True), v)
-  return np.einsum("bthd,hde->bte", out, w(module.out))
+  weights = weights / weights.sum(-1, keepdims=True)
+  out = np.einsum("bhts,bshd->bthd", weights, v)
+  return np.einsum("bthd,hde->bte", out, w(module.out)), weights
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -100,9 +101,12 @@ def test_linear_module_matches_numpy(causal):
   valid[1, 6:] = False
   positions = jnp.where(valid, jnp.arange(9), -1)
   mask = Mask(causal=causal, q_segment_ids=jnp.asarray(valid, jnp.int32))
-  got = np.asarray(module(x, mask=mask, positions=positions))
-  expected = numpy_linear_attention(x, module, causal, valid)
-  np.testing.assert_allclose(got[valid], expected[valid], rtol=2e-4, atol=2e-5)
+  got, weights = module(x, mask=mask, positions=positions, return_weights=True)
+  expected, expected_weights = numpy_linear_attention(x, module, causal, valid)
+  np.testing.assert_allclose(np.asarray(got)[valid], expected[valid], rtol=2e-4, atol=2e-5)
+  query_rows = np.broadcast_to(valid[:, None, :, None], expected_weights.shape)
+  np.testing.assert_allclose(np.asarray(weights)[query_rows], expected_weights[query_rows],
+                             rtol=2e-4, atol=1e-6)
 
 
 def test_performer_redraws_without_stored_state():
@@ -149,7 +153,7 @@ def test_config_rejects_what_kernelized_attention_cannot_do():
   x = jnp.ones((1, 4, 16))
   with pytest.raises(ValueError, match="mask kinds \\['array'\\]"):
     module(x, mask=Mask(array=jnp.ones((1, 1, 4, 4), bool)))
-  with pytest.raises(ValueError, match="returns no attention weights"):
-    module(x, return_weights=True)
+  with pytest.raises(ValueError, match="returns no attention weights with a RecurrentState"):
+    module(x, cache=module.init_cache(1, 4), return_weights=True)
   with pytest.raises(ValueError, match="decodes with a RecurrentState"):
     module(x, cache=MultiHeadAttention(4, 16, rngs=nnx.Rngs(0)).init_cache(1, 4))

@@ -28,8 +28,8 @@ kv_heads == 0`). All sums are in float32; the output has the value's dtype.
 Masking supported: the causal flag; padding keys anywhere (`kv_valid`, they contribute nothing);
 causal packed rows (`segment_ids`: contiguous segments, a query sees only earlier keys of its own
 segment; 0 marks padding). Non-causal calls take `kv_valid` only (no packed segments). Windows,
-explicit masks, bias, soft-capping, dropout and attention weights do not apply to kernelized
-attention. Queries that see no key get zeros.
+explicit masks, bias, soft-capping and dropout do not apply to kernelized attention; its weights
+can be materialised for inspection (`kernelized_weights`). Queries that see no key get zeros.
 """
 
 from __future__ import annotations
@@ -294,6 +294,38 @@ def causal_kernelized_attention(query_log_features: jax.Array, key_log_features:
                     split(segment_ids)))
   out = jnp.moveaxis(out, 0, 1).reshape((batch, padded, heads, value_dim))[:, :length]
   return out.astype(value.dtype), state
+
+
+def kernelized_weights(query_log_features: jax.Array, key_log_features: jax.Array, *,
+                       causal: bool = False, segment_ids: jax.Array | None = None,
+                       kv_valid: jax.Array | None = None) -> jax.Array:
+  """The attention weights kernelized attention applies, materialised (to inspect: O(n^2) memory).
+
+  `w_ij = phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j')` over the keys query `i` sees: with `causal`
+  the masks of `causal_kernelized_attention` (`segment_ids`, 0 = padding), else those of
+  `kernelized_attention` (`kv_valid`); rows that see nothing are 0. Features `[batch, len,
+  heads|kv_heads, m]`; returns float32 `[batch, heads, q_len, kv_len]`.
+  """
+  _check(query_log_features, key_log_features, key_log_features)
+  batch, q_len, heads, _ = query_log_features.shape
+  kv_len, kv_heads = key_log_features.shape[1], key_log_features.shape[2]
+  if causal:
+    segment_ids = jnp.ones((batch, q_len), jnp.int32) if segment_ids is None else segment_ids
+    index = jnp.arange(q_len)
+    visible = ((index[:, None] >= index[None, :])[None]
+               & (segment_ids[:, :, None] == segment_ids[:, None, :])
+               & (segment_ids > 0)[:, None, :])
+  else:
+    kv_valid = jnp.ones((batch, kv_len), bool) if kv_valid is None else kv_valid
+    visible = jnp.broadcast_to(kv_valid[:, None, :], (batch, q_len, kv_len))
+  key_log_features = jnp.where(jnp.any(visible, axis=1)[:, :, None, None], key_log_features, -jnp.inf)
+  key_max = jax.lax.stop_gradient(jnp.max(key_log_features, axis=(1, 3), keepdims=True))
+  key_features = jnp.exp(key_log_features - jnp.where(jnp.isfinite(key_max), key_max, 0.0))
+  query_features = _group_queries(query_log_features, kv_heads)
+  scores = jnp.einsum("bqkgm,bskm->bkgqs", query_features, key_features)
+  scores = jnp.where(visible[:, None, None], scores, 0.0).reshape(batch, heads, q_len, kv_len)
+  total = jnp.sum(scores, axis=-1, keepdims=True)
+  return jnp.where(total > 0, scores, 0.0) / jnp.where(total > 0, total, 1.0)
 
 
 def linear_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool = False,

@@ -482,10 +482,12 @@ class MultiHeadAttention(nnx.Module):
   def _kernelized(self, query, key, value, *, mask, bias, positions, cache, deterministic,
                   dropout_rng, return_weights):
     """Self-attention of the kernelized kinds; returns what `__call__` returns."""
-    if bias is not None or return_weights:
+    if bias is not None:
+      raise ValueError(f"kind={self.kind!r} takes no bias, got one of shape {jnp.shape(bias)}")
+    if return_weights and isinstance(cache, RecurrentState):
       raise ValueError(
-          f"kind={self.kind!r} takes no bias and returns no attention weights (got bias "
-          f"{'given' if bias is not None else 'None'}, return_weights={return_weights})")
+          f"kind={self.kind!r} returns no attention weights with a RecurrentState: the state keeps "
+          "no per-key record")
     mask = as_mask(mask)
     unsupported = sorted(mask.kinds - {"causal", "segment_ids"}) if mask is not None else []
     if unsupported:
@@ -514,7 +516,13 @@ class MultiHeadAttention(nnx.Module):
       attended = linear.kernelized_attention(query_features, key_features, value,
                                              kv_valid=segments > 0)
     out = constrain(self.out(attended.astype(self.dtype)), ("batch", "length", "embed"))
-    return out if cache is None else (out, cache)
+    if not return_weights:
+      return out if cache is None else (out, cache)
+    causal = mask is not None and mask.causal
+    weights = linear.kernelized_weights(
+        query_features, key_features, causal=causal, segment_ids=segments if causal else None,
+        kv_valid=None if causal else segments > 0)
+    return out, weights
 
 
 def _with_window(mask: Mask | None, window: int) -> Mask:

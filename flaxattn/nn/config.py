@@ -67,7 +67,9 @@ class TransformerConfig:
       features estimating softmax, Choromanski et al. 2021); see `flaxattn.attention.linear`. The
       kernelized kinds are O(length) in time and memory, decode with a constant-size recurrent state
       instead of a KV cache, honour causality and padding (and packed segments when causal), and
-      take no bias ('alibi'/'relative' positions), softcap, attention dropout or attention weights.
+      take no bias ('alibi'/'relative' positions), softcap or attention dropout. Their attention
+      weights (`return_attention_weights`, attention maps) are materialised on request, without a
+      cache.
       Cross-attention stays softmax.
     performer_features: random features per head for 'performer' (more: closer to softmax, slower).
     performer_seed: seed of the fixed feature draw used in evaluation and decoding.
