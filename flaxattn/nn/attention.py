@@ -26,8 +26,10 @@ KV cache. For incremental decoding, `cache=KVCache.create(...)` (or the models' 
 in and the updated cache returned: a plain pytree, so the decoding loop can be a `jax.jit` over split
 state. Slots are written in order (one shared write index); each slot records its token's position, -1
 for empty slots and padding. A query at position `p` sees exactly the written keys with position
-`0 <= position <= p` (and `> p - window` with a sliding window), so padding anywhere (left-padded prompts, or right-padded prompts followed by
-generated tokens) is excluded and each row's positions stay its own.
+`0 <= position <= p` (and `> p - window` with a sliding window), so padding anywhere (left-padded
+prompts, or right-padded prompts followed by generated tokens) is excluded and each row's positions
+stay its own. The kernelized kinds ('linear', 'performer') keep a constant-size `RecurrentState`
+instead, passed the same way.
 
 Cross-attention cache. The keys/values of a fixed context (an encoder's output) are the same at every
 decoding step: `cache=ContextCache` projects them once (from `context`, when the cache is empty) and
@@ -230,7 +232,7 @@ class MultiHeadAttention(nnx.Module):
     kind: self-attention's form: 'softmax' (exact, via `dot_product_attention`), or the kernelized
       'linear' (elu+1) / 'performer' (FAVOR+) of `flaxattn.attention.linear` (O(length); causal
       from `mask.causal`, padding from `positions == -1` and the mask's segment ids; a
-      `RecurrentState` as the cache). Cross-attention is always softmax.
+      `RecurrentState` as the cache). Self-attention only: cross-attention calls raise.
     window: sliding window: a query sees keys within `window - 1` positions on each side (with a
       causal mask: the last `window` keys, itself included); intersected with `mask`, and applied
       by position with a `KVCache`. 'softmax' only. None = global.
