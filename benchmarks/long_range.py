@@ -422,8 +422,9 @@ def main(argv=None) -> dict:
       else:
         result = run(dict(task="speed", implementation=name, length=length, batch=args.batch,
                           repeats=args.repeats, **common))
-      if "seconds" not in result and name not in failed_at and not unavailable(name):
-        failed_at[name] = length
+      failed = "seconds" not in result and not result["status"].startswith("not run")
+      if failed and "cut by --budget" not in result["status"] and not unavailable(name):
+        failed_at.setdefault(name, length)
       speed[name][str(length)] = result
       print(f"{name:>10} {length:>6}: " + (
           f"{result['seconds'] * 1e3:,.0f} ms, {result['peak_bytes'] / 2**20:,.0f} MiB"
