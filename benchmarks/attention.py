@@ -156,6 +156,14 @@ def _torch_functions(spec):
   return {"forward": forward, "forward_backward": forward_backward}
 
 
+def failure_status(error: Exception) -> str:
+  """'OOM' for a failed allocation (XLA reports those as runtime errors), else the error's first line."""
+  text = str(error)
+  if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+    return "OOM"
+  return f"error: {type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 def run_worker(spec: dict) -> None:
   if spec["implementation"] == TORCH:
     import torch  # noqa: F401  (imported before the baseline is taken)
@@ -177,11 +185,7 @@ def run_worker(spec: dict) -> None:
       reset_peak_rss()
       seconds = median_seconds(functions[mode], spec["repeats"])
     except Exception as error:  # noqa: BLE001  (XLA reports failed allocations as runtime errors)
-      text = str(error)
-      out_of_memory = isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in text or (
-          "out of memory" in text.lower())
-      failed = "OOM" if out_of_memory else (
-          f"error: {type(error).__name__}: {text.splitlines()[0] if text else ''}")
+      failed = failure_status(error)
       _report(mode, baseline, status=failed)
     else:
       _report(mode, baseline, seconds=seconds)
@@ -211,6 +215,33 @@ def dense_estimate(implementation: str, length: int, mode: str, described: dict)
   return float(BATCH * HEADS * length * length * DENSE_BYTES_PER_SCORE[mode])
 
 
+def run_worker_process(script: pathlib.Path, spec: dict, timeout: float,
+                       extra_env: dict | None = None) -> tuple[list[dict], str]:
+  """Runs `python script --worker SPEC` (this checkout first on the path) for at most `timeout` s.
+
+  Returns the JSON objects it printed (lines starting with '{') and how it ended, for the results
+  it did not print: 'timeout > Ns', 'OOM (killed)' (SIGKILL without a time-out is the kernel's
+  out-of-memory killer) or the exit status and last line of stderr.
+  """
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])), **(extra_env or {}))
+  process = subprocess.Popen([sys.executable, str(script), "--worker", json.dumps(spec)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+    ended = None
+  except subprocess.TimeoutExpired:
+    process.kill()
+    stdout, stderr = process.communicate()
+    ended = f"timeout > {timeout:g}s"
+  reports = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+  if ended is None:
+    last = (stderr.strip().splitlines() or [""])[-1]
+    ended = "OOM (killed)" if process.returncode == -9 else (
+        f"error (exit {process.returncode}): {last[-200:]}")
+  return reports, ended
+
+
 def run_config(implementation, length, causal, args, described) -> dict:
   """Runs one (implementation, length, causal) in a subprocess; returns a result per mode."""
   results, modes = {}, []
@@ -225,30 +256,12 @@ def run_config(implementation, length, causal, args, described) -> dict:
     return results
   spec = dict(implementation=implementation, length=length, causal=causal, modes=modes,
               repeats=args.repeats, threads=cpu_cores())
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-  process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    stdout, stderr = process.communicate(timeout=args.timeout)
-    ended = None
-  except subprocess.TimeoutExpired:
-    process.kill()
-    stdout, stderr = process.communicate()
-    ended = f"timeout > {args.timeout:g}s"
-  for line in stdout.splitlines():
-    if line.startswith("{"):
-      report = json.loads(line)
-      results[report.pop("mode")] = report
+  reports, ended = run_worker_process(pathlib.Path(__file__), spec, args.timeout)
+  for report in reports:
+    results[report.pop("mode")] = report
   for mode in modes:
-    if mode in results:
-      continue
-    if ended is None:
-      # SIGKILL without a time-out is the kernel's out-of-memory killer.
-      last = (stderr.strip().splitlines() or [""])[-1]
-      ended = "OOM (killed)" if process.returncode == -9 else (
-          f"error (exit {process.returncode}): {last[-200:]}")
-    results[mode] = dict(status=ended)
+    if mode not in results:
+      results[mode] = dict(status=ended)
   for mode, result in results.items():
     if "seconds" in result:
       result["gflops"] = flops(length, causal, mode) / result["seconds"] / 1e9

@@ -26,8 +26,10 @@ KV cache. For incremental decoding, `cache=KVCache.create(...)` (or the models' 
 in and the updated cache returned: a plain pytree, so the decoding loop can be a `jax.jit` over split
 state. Slots are written in order (one shared write index); each slot records its token's position, -1
 for empty slots and padding. A query at position `p` sees exactly the written keys with position
-`0 <= position <= p`, so padding anywhere (left-padded prompts, or right-padded prompts followed by
-generated tokens) is excluded and each row's positions stay its own.
+`0 <= position <= p` (and `> p - window` with a sliding window), so padding anywhere (left-padded
+prompts, or right-padded prompts followed by generated tokens) is excluded and each row's positions
+stay its own. The kernelized kinds ('linear', 'performer') keep a constant-size `RecurrentState`
+instead, passed the same way.
 
 Cross-attention cache. The keys/values of a fixed context (an encoder's output) are the same at every
 decoding step: `cache=ContextCache` projects them once (from `context`, when the cache is empty) and
@@ -43,12 +45,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxattn.attention import Mask, dot_product_attention
+from flaxattn.attention import Mask, dot_product_attention, linear
+from flaxattn.attention.linear import RecurrentState
+from flaxattn.attention.mask import as_mask
 from flaxattn.nn.layers import Dense, RMSNorm
 from flaxattn.nn.positions import alibi_bias, apply_rope
 from flaxattn.nn.sharding import constrain
 
 ATTENTION_POSITIONS = ("none", "rope", "alibi")
+ATTENTION_KINDS = ("softmax", "linear", "performer")
 
 
 @jax.tree_util.register_dataclass
@@ -102,10 +107,16 @@ class KVCache:
     """The slot positions `[batch, max_length]` once tokens at `positions` `[batch, new]` are written."""
     return jax.lax.dynamic_update_slice(self.positions, positions.astype(jnp.int32), (0, self.index))
 
-  def visible(self, q_positions: jax.Array) -> jax.Array:
-    """Which slots queries at `q_positions` `[batch, q_len]` see: bool `[batch, 1, q_len, max_length]`."""
-    slot = self.positions[:, None, :]
-    return ((slot >= 0) & (slot <= q_positions[:, :, None]))[:, None]
+  def visible(self, q_positions: jax.Array, window: int | None = None) -> jax.Array:
+    """Which slots queries at `q_positions` `[batch, q_len]` see: bool `[batch, 1, q_len, max_length]`.
+
+    With `window`, only the last `window` positions up to the query's own (itself included).
+    """
+    slot, query = self.positions[:, None, :], q_positions[:, :, None]
+    visible = (slot >= 0) & (slot <= query)
+    if window is not None:
+      visible &= slot > query - window
+    return visible[:, None]
 
   def next_positions(self) -> jax.Array:
     """int32 `[batch]`: the position the next real token of each row takes (tokens seen so far)."""
@@ -218,6 +229,19 @@ class MultiHeadAttention(nnx.Module):
       half layout, see `apply_rope`), 'alibi' (bias), or 'none'.
     rope_base: RoPE base.
     rotary_dim: dims of each head RoPE rotates (partial rotation). None = all of `head_dim`.
+    kind: self-attention's form: 'softmax' (exact, via `dot_product_attention`), or the kernelized
+      'linear' (elu+1) / 'performer' (FAVOR+) of `flaxattn.attention.linear` (O(length); causal
+      from `mask.causal`, padding from `positions == -1` and the mask's segment ids; a
+      `RecurrentState` as the cache). Self-attention only: cross-attention calls raise.
+    window: sliding window: a query sees keys within `window - 1` positions on each side (with a
+      causal mask: the last `window` keys, itself included); intersected with `mask`, and applied
+      by position with a `KVCache`. 'softmax' only. None = global.
+    num_features: 'performer' random features per head (default 128).
+    feature_seed: 'performer': the fixed draw (evaluation, decoding) comes from `jax.random.key(
+      feature_seed)`.
+    redraw_features: 'performer': calls with `deterministic=False` and a `dropout_rng` draw fresh
+      features from that key (a new draw every training step); nothing is stored in the module.
+    chunk_size: chunk length of the causal kernelized scan.
     dtype: compute dtype; param_dtype: parameter dtype.
   """
 
@@ -227,7 +251,9 @@ class MultiHeadAttention(nnx.Module):
                use_bias: bool = True, dropout_rate: float = 0.0, qk_norm: bool = False,
                norm_eps: float = 1e-6, softcap: float | None = None,
                implementation: str | None = None, positions: str = "none",
-               rope_base: float = 10000.0, rotary_dim: int | None = None,
+               rope_base: float = 10000.0, rotary_dim: int | None = None, kind: str = "softmax",
+               window: int | None = None, num_features: int | None = None, feature_seed: int = 0,
+               redraw_features: bool = True, chunk_size: int = 64,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     kv_heads = num_heads if kv_heads is None else kv_heads
     if num_heads <= 0 or kv_heads <= 0 or num_heads % kv_heads:
@@ -243,6 +269,20 @@ class MultiHeadAttention(nnx.Module):
       raise ValueError(f"positions must be one of {ATTENTION_POSITIONS}, got {positions!r}")
     if not 0.0 <= dropout_rate < 1.0:
       raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    if kind not in ATTENTION_KINDS:
+      raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+      raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if window is not None and kind != "softmax":
+      raise ValueError(f"window applies to kind='softmax' only, got kind={kind!r}")
+    if kind != "softmax" and (positions == "alibi" or softcap is not None or dropout_rate > 0):
+      raise ValueError(
+          f"kind={kind!r} takes no bias ('alibi' positions), softcap or attention dropout; got "
+          f"positions={positions!r}, softcap={softcap!r}, dropout_rate={dropout_rate!r}")
+    self.kind, self.window, self.chunk_size = kind, window, chunk_size
+    self.num_features = (128 if num_features is None else num_features) if kind == "performer" else (
+        head_dim if kind == "linear" else None)
+    self.feature_seed, self.redraw_features = feature_seed, redraw_features
     self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, head_dim
     self.value_dim = head_dim if value_dim is None else value_dim
     self.in_features = in_features
@@ -291,8 +331,11 @@ class MultiHeadAttention(nnx.Module):
     return cls(num_heads, embed_dim, dropout_rate=dropout, use_bias=bias,
                kv_features=kdim if kdim is not None else vdim, rngs=rngs, **kwargs)
 
-  def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache:
-    """An empty `KVCache` for this layer (dtype defaults to the compute dtype)."""
+  def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache | RecurrentState:
+    """An empty `KVCache` for this layer (dtype defaults to the compute dtype); for the kernelized
+    kinds a `RecurrentState` (float32, constant size: `max_length` and `dtype` do not apply)."""
+    if self.kind != "softmax":
+      return RecurrentState.create(batch, self.kv_heads, self.num_features, self.value_dim)
     return KVCache.create(batch, max_length, self.kv_heads, self.head_dim, self.value_dim,
                           self.dtype if dtype is None else dtype)
 
@@ -367,8 +410,15 @@ class MultiHeadAttention(nnx.Module):
         raise ValueError(
             f"cache holds keys/values for a context of length {cache.key.shape[1]}, got a context "
             f"of length {context.shape[1]}")
-    if isinstance(cache, KVCache) and mask is not None:
-      raise ValueError("mask must be None when a KVCache is given: visibility comes from the cache")
+    if cross and self.kind != "softmax":
+      raise ValueError(f"kind={self.kind!r} is for self-attention; cross-attention needs kind='softmax'")
+    expected_cache = KVCache if self.kind == "softmax" else RecurrentState
+    if isinstance(cache, (KVCache, RecurrentState)) and not isinstance(cache, expected_cache):
+      raise ValueError(
+          f"kind={self.kind!r} decodes with a {expected_cache.__name__}, got a {type(cache).__name__}")
+    if isinstance(cache, expected_cache) and mask is not None:
+      raise ValueError(
+          f"mask must be None when a {type(cache).__name__} is given: visibility comes from the cache")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
     elif tuple(positions.shape) != (batch, q_len):
@@ -387,12 +437,18 @@ class MultiHeadAttention(nnx.Module):
       query = apply_rope(query, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
       key = apply_rope(key, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
 
+    if self.kind != "softmax":
+      return self._kernelized(query, key, value, mask=mask, bias=bias, positions=positions,
+                              cache=cache, deterministic=deterministic, dropout_rng=dropout_rng,
+                              return_weights=return_weights)
     kv_positions = positions
     if isinstance(cache, KVCache):
       cache = cache.update(key, value, positions)
       key, value = cache.key.astype(self.dtype), cache.value.astype(self.dtype)
       kv_positions = cache.positions
-      mask = Mask(array=cache.visible(positions))
+      mask = Mask(array=cache.visible(positions, self.window))
+    elif self.window is not None and not cross:
+      mask = _with_window(as_mask(mask), self.window)
     if self.positions == "alibi":
       alibi = alibi_bias(self.num_heads, positions, kv_positions)
       bias = alibi if bias is None else bias + alibi
@@ -411,3 +467,71 @@ class MultiHeadAttention(nnx.Module):
     outputs = (out,) + ((cache,) if cache is not None else ()) + (
         (weights,) if return_weights else ())
     return outputs[0] if len(outputs) == 1 else outputs
+
+  def _feature_map(self, deterministic: bool, dropout_rng: jax.Array | None):
+    """`x [..., head_dim] -> log phi(x) [..., num_features]` for this call."""
+    if self.kind == "linear":
+      return linear.elu_log_features
+    if self.redraw_features and not deterministic and dropout_rng is not None:
+      # Attention dropout is off for the kernelized kinds, so this layer's dropout key is free to
+      # seed the draw: a new key every training step is a new draw, and nothing is stored.
+      key = dropout_rng
+    else:
+      key = jax.random.key(self.feature_seed)
+    projection = linear.orthogonal_projection(key, self.num_features, self.head_dim)
+    return lambda x: linear.performer_log_features(x, projection)
+
+  def _kernelized(self, query, key, value, *, mask, bias, positions, cache, deterministic,
+                  dropout_rng, return_weights):
+    """Self-attention of the kernelized kinds; returns what `__call__` returns."""
+    if bias is not None:
+      raise ValueError(f"kind={self.kind!r} takes no bias, got one of shape {jnp.shape(bias)}")
+    if return_weights and isinstance(cache, RecurrentState):
+      raise ValueError(
+          f"kind={self.kind!r} returns no attention weights with a RecurrentState: the state keeps "
+          "no per-key record")
+    mask = as_mask(mask)
+    unsupported = sorted(mask.kinds - {"causal", "segment_ids"}) if mask is not None else []
+    if unsupported:
+      raise ValueError(
+          f"kind={self.kind!r} supports masks that are causal and/or segment ids (padding, packing), "
+          f"got mask kinds {unsupported}")
+    segments = (positions >= 0).astype(jnp.int32)
+    if mask is not None and mask.q_segment_ids is not None:
+      if tuple(mask.q_segment_ids.shape) != tuple(positions.shape):
+        raise ValueError(f"Mask.q_segment_ids must be [batch, length] = {positions.shape}, got "
+                         f"{mask.q_segment_ids.shape}")
+      segments = jnp.where(positions >= 0, mask.q_segment_ids.astype(jnp.int32), 0)
+    features = self._feature_map(deterministic, dropout_rng)
+    query_features, key_features = features(query), features(key)
+    if isinstance(cache, RecurrentState):
+      attended, state = linear.causal_kernelized_attention(
+          query_features, key_features, value, segment_ids=segments, state=cache,
+          chunk_size=self.chunk_size)
+      cache = dataclasses.replace(state, next_position=jnp.maximum(
+          cache.next_position, jnp.max(positions, axis=1) + 1).astype(jnp.int32))
+    elif mask is not None and mask.causal:
+      attended, _ = linear.causal_kernelized_attention(
+          query_features, key_features, value, segment_ids=segments, chunk_size=self.chunk_size)
+    else:
+      # Bidirectional: segment ids only mark padding here (packed segments are not separated).
+      attended = linear.kernelized_attention(query_features, key_features, value,
+                                             kv_valid=segments > 0)
+    out = constrain(self.out(attended.astype(self.dtype)), ("batch", "length", "embed"))
+    if not return_weights:
+      return out if cache is None else (out, cache)
+    causal = mask is not None and mask.causal
+    weights = linear.kernelized_weights(
+        query_features, key_features, causal=causal, segment_ids=segments if causal else None,
+        kv_valid=None if causal else segments > 0)
+    return out, weights
+
+
+def _with_window(mask: Mask | None, window: int) -> Mask:
+  """`mask` intersected with the band `|query - key| <= window - 1`."""
+  band = window - 1
+  if mask is None:
+    return Mask(window=(band, band))
+  old = mask.window or (None, None)
+  sides = tuple(band if side is None else min(side, band) for side in old)
+  return dataclasses.replace(mask, window=sides)

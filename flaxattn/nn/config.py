@@ -11,6 +11,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("sinusoidal", "learned", "rope", "alibi", "relative", "none")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_KINDS = ("softmax", "linear", "performer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,30 @@ class TransformerConfig:
     attention_impl: a name from `flaxattn.attention.implementations()`, or None to let the dispatcher
       pick per call. 'ring' splits the sequence over the mesh's `context` axis (context
       parallelism; the model must run inside `jax.set_mesh`, as the training steps do).
+    window: local (sliding-window) self-attention: each query sees the `window` nearest keys on each
+      side, itself included (`Mask(window=(window - 1, window - 1))`): in a causal stack the previous
+      `window` keys including itself, in a bidirectional one `2 * window - 1` keys centred on it.
+      Applied in training and in KV-cache decoding (by token position); the blockwise kernel skips
+      the tiles outside the window, so cost grows linearly in length. Distances count array indices
+      in a full forward pass and token positions with a cache: the same unless padding sits between
+      real tokens. None = global attention. 'softmax' only; cross-attention is never windowed.
+    attention_kind: self-attention's form: 'softmax' (exact, through `attention_impl`), 'linear'
+      (elu+1 kernelized linear attention, Katharopoulos et al. 2020) or 'performer' (FAVOR+ random
+      features estimating softmax, Choromanski et al. 2021); see `flaxattn.attention.linear`. The
+      kernelized kinds are O(length) in time and memory, decode with a constant-size recurrent state
+      instead of a KV cache, honour causality and padding (and packed segments when causal), and
+      take no bias ('alibi'/'relative' positions), softcap or attention dropout. Their attention
+      weights (`return_attention_weights`, attention maps) are materialised on request, without a
+      cache.
+      Cross-attention stays softmax.
+    performer_features: random features per head for 'performer' (more: closer to softmax, slower).
+    performer_seed: seed of the fixed feature draw used in evaluation and decoding.
+    performer_redraw: True: in training (calls with `deterministic=False` and a `dropout_rng`), the
+      features are redrawn every call from that step's dropout key, so no projection is stored,
+      optimised or weight-decayed (the model's state stays `nnx.Param`s only); False: the fixed draw
+      from `performer_seed` everywhere. One draw serves all heads of a layer; the fixed draw is
+      shared by the layers, while in training each layer gets its own (its own dropout key).
+    linear_chunk_size: tokens per chunk of the causal kernelized scan (quadratic inside a chunk).
     qk_norm: RMS-normalise queries and keys per head before the dot product (OLMo 2, Gemma 3).
     softcap: soft-cap the attention logits at this value (`c * tanh(logits / c)`, Gemma 2); None = off.
     tie_embeddings: output logits use the input embedding table (`Embed.attend`) instead of a separate
@@ -94,6 +119,12 @@ class TransformerConfig:
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   attention_impl: str | None = None
+  window: int | None = None
+  attention_kind: str = "softmax"
+  performer_features: int = 128
+  performer_seed: int = 0
+  performer_redraw: bool = True
+  linear_chunk_size: int = 64
   qk_norm: bool = False
   softcap: float | None = None
   tie_embeddings: bool = True
@@ -111,7 +142,9 @@ class TransformerConfig:
     for name in ("vocab_size", "d_model", "num_heads", "mlp_dim", "num_layers", "max_length",
                  "relative_buckets", "relative_max_distance"):
       positive(name)
-    for name in ("num_kv_heads", "head_dim", "num_decoder_layers"):
+    for name in ("performer_features", "linear_chunk_size"):
+      positive(name)
+    for name in ("num_kv_heads", "head_dim", "num_decoder_layers", "window"):
       if getattr(self, name) is not None:
         positive(name)
     if self.num_heads % self.kv_heads:
@@ -123,7 +156,7 @@ class TransformerConfig:
           f"TransformerConfig.d_model ({self.d_model}) must be divisible by num_heads "
           f"({self.num_heads}) when head_dim is None")
     for name, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("positions", POSITIONS),
-                          ("remat", REMAT_POLICIES)):
+                          ("remat", REMAT_POLICIES), ("attention_kind", ATTENTION_KINDS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"TransformerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if not 0.0 < self.rope_fraction <= 1.0:
@@ -150,6 +183,19 @@ class TransformerConfig:
       if self.attention_impl not in names:
         raise ValueError(
             f"TransformerConfig.attention_impl must be None or one of {names}, got {self.attention_impl!r}")
+    if self.attention_kind != "softmax":
+      clashes = {"window": self.window is not None,
+                 "positions": self.positions in ("alibi", "relative"),
+                 "softcap": self.softcap is not None,
+                 "attention_dropout_rate": self.attention_dropout_rate > 0,
+                 "attention_impl": self.attention_impl is not None}
+      for name, clash in clashes.items():
+        if clash:
+          raise ValueError(
+              f"TransformerConfig.{name}={getattr(self, name)!r} does not apply to "
+              f"attention_kind={self.attention_kind!r} (softmax attention only)")
+    if not isinstance(self.performer_seed, int):
+      raise ValueError(f"TransformerConfig.performer_seed must be an int, got {self.performer_seed!r}")
     for name in ("dtype", "param_dtype"):
       try:
         dtype = jnp.dtype(getattr(self, name))
@@ -167,6 +213,12 @@ class TransformerConfig:
   def features_per_head(self) -> int:
     """Head width actually used (`head_dim`, or `d_model // num_heads`)."""
     return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def kernel_features(self) -> int:
+    """Features per head of the kernelized kinds' state ('linear': head_dim; 'performer':
+    `performer_features`)."""
+    return self.performer_features if self.attention_kind == "performer" else self.features_per_head
 
   @property
   def rotary_dim(self) -> int:

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxattn.attention import Mask
+from flaxattn.attention.linear import RecurrentState
 from flaxattn.nn.attention import ContextCache, KVCache, MultiHeadAttention
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import MLP, Embed, dropout, make_norm
@@ -49,7 +50,8 @@ class DecoderCache:
   """A decoder stack's cache, from `TransformerStack.init_cache`; callers treat it as opaque.
 
   Attributes:
-    self_attention: a `KVCache` per layer: one with a leading `[layers]` axis when scanned, a tuple
+    self_attention: a `KVCache` per layer (a `RecurrentState` for kernelized attention kinds): one
+      with a leading `[layers]` axis when scanned, a tuple
       when unrolled.
     context: with cross-attention, a `ContextCache` per layer in the same layout (empty until the
       first call with a context projects its keys/values), else None.
@@ -120,7 +122,10 @@ class TransformerBlock(nnx.Module):
     self.attention = MultiHeadAttention(
         config.num_heads, config.d_model,
         positions=config.positions if config.positions in ("rope", "alibi") else "none",
-        rope_base=config.rope_base, rotary_dim=config.rotary_dim, **attention)
+        rope_base=config.rope_base, rotary_dim=config.rotary_dim, kind=config.attention_kind,
+        window=config.window, num_features=config.performer_features,
+        feature_seed=config.performer_seed, redraw_features=config.performer_redraw,
+        chunk_size=config.linear_chunk_size, **attention)
     self.cross_norm = norm() if cross_attention else None
     self.cross_attention = (MultiHeadAttention(config.num_heads, config.d_model, **attention)
                             if cross_attention else None)
@@ -220,8 +225,12 @@ class TransformerStack(nnx.Module):
     """
     config = self.config
     dtype = config.dtype if dtype is None else dtype
-    caches = [lambda: KVCache.create(batch, max_length, config.kv_heads, config.features_per_head,
-                                     dtype=dtype)]
+    if config.attention_kind == "softmax":
+      caches = [lambda: KVCache.create(batch, max_length, config.kv_heads, config.features_per_head,
+                                       dtype=dtype)]
+    else:  # Kernelized attention decodes from a constant-size state instead of a KV cache.
+      caches = [lambda: RecurrentState.create(batch, config.kv_heads, config.kernel_features,
+                                              config.features_per_head)]
     if self.has_cross_attention:
       caches.append(lambda: ContextCache.create(batch, config.kv_heads, config.features_per_head,
                                                 dtype=dtype))
