@@ -98,7 +98,7 @@ class Evaluator:
                                                    len(self.task.class_names)))
     if decode and self.kind == "seq2seq":
       result.update(self.generation_metrics(params, split, max_decode_examples))
-    result["eval_seconds"] = time.perf_counter() - start
+    logging.info("evaluated %s in %.1f s", split, time.perf_counter() - start)
     return result
 
   def translate(self, params, sources: list[str], *, method: str = "beam") -> list[str]:
