@@ -23,6 +23,7 @@ EXPECTED = {
     "translate_bible": ("eval_loss", "test_bleu", "test_chrf"),
     "simplify_bible": ("test_rouge1", "test_rouge2", "test_rougeL", "test_bleu"),
     "listops": ("eval_accuracy", "test_accuracy"),
+    "sequence_tasks": ("test_accuracy", "test_bleu"),
 }
 
 
