@@ -30,7 +30,8 @@ resident set during the timed steps above the resident set after imports (as in
 
 ListOps: `flaxattn.data.synthetic.listops` examples of `--listops-length` tokens at most, whitespace
 tokens as ids, padded to that length; `--listops-steps` AdamW steps of batch `--listops-batch`
-(the fixed budget, the same for every implementation), then accuracy on `--listops-test` test
+(the fixed budget, the same for every implementation; learning rate 1e-3 after a linear warm-up over
+the first tenth, then cosine decay; gradient norm clipped to 1), then accuracy on `--listops-test` test
 examples (the majority-class rate is reported beside it).
 
 Writes results.json, results.md and results.png (step time and peak memory vs length, log-log) to
@@ -104,7 +105,13 @@ def _build(spec: dict, vocab_size: int, max_length: int):
                              **model_overrides(spec["implementation"], spec))
   model = EncoderClassifier(config, NUM_CLASSES, pooling="mean", rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model, nnx.Param)
-  optimizer = optax.adamw(spec.get("learning_rate", 1e-3), weight_decay=0.01)
+  # Warm-up then cosine decay over the ListOps budget (what `experiments/listops.py` uses), with
+  # gradient clipping; the speed runs time the same update.
+  steps = spec.get("listops_steps", 100)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, spec.get("learning_rate", 1e-3),
+                                                max(1, steps // 10), steps)
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(schedule, weight_decay=0.01))
 
   def loss_fn(params, ids, mask, labels, rng):
     # deterministic=False with a key: Performer draws fresh features every step (dropout is 0).
