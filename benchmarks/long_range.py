@@ -1,7 +1,7 @@
 """Long-range attention head to head: training-step time, peak memory and ListOps accuracy.
 
   python benchmarks/long_range.py --quick    # lengths 256, 512; 20 ListOps steps: a few minutes
-  python benchmarks/long_range.py --budget 1500   # 1k .. 16k and ListOps (long: quiet machine)
+  python benchmarks/long_range.py --budget 5400 --timeout 1200  # 1k .. 16k and ListOps: ~75 min
   python benchmarks/long_range.py --impls blockwise,linear --lengths 4096 --no-listops
 
 The Long Range Arena's question, for flaxattn's attention choices on one machine in one run. The
@@ -347,7 +347,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--listops-length", type=int, help="longest example (default 256; quick 64)")
   parser.add_argument("--listops-min-length", type=int, help="shortest (default 32; quick 8)")
   parser.add_argument("--listops-depth", type=int, default=6, help="ListOps max_depth")
-  parser.add_argument("--listops-steps", type=int, help="training steps (default 400; quick 20)")
+  parser.add_argument("--listops-steps", type=int, help="training steps (default 1000; quick 20)")
   parser.add_argument("--listops-batch", type=int, default=32)
   parser.add_argument("--listops-test", type=int, help="test examples (default 1000; quick 64)")
   parser.add_argument("--out", type=pathlib.Path,
@@ -362,7 +362,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.timeout = pick(args.timeout, 600.0, 180.0)
   args.listops_length = pick(args.listops_length, 256, 64)
   args.listops_min_length = pick(args.listops_min_length, 32, 8)
-  args.listops_steps = pick(args.listops_steps, 400, 20)
+  args.listops_steps = pick(args.listops_steps, 1000, 20)
   args.listops_test = pick(args.listops_test, 1000, 64)
   args.impls = args.impls.split(",")
   unknown = sorted(set(args.impls) - set(IMPLEMENTATIONS))
