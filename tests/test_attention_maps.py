@@ -199,6 +199,27 @@ def test_attention_report_decoder(tmp_path):
     assert matplotlib.image.imread(path).shape[0] > 200
 
 
+def test_attention_report_frames_text_as_the_task_did(tmp_path, monkeypatch):
+  """A stream LM (PTB) saw every text after an eos and never a bos: `Task.encode` frames it so, and
+  `attention_report(encode=...)` draws exactly those tokens."""
+  from flaxattn.data.tasks import Task
+  from flaxattn.models import attention_maps
+
+  tokenizer = CharTokenizer()
+  common = dict(kind="lm", tokenizer=tokenizer, vocab_size=40, class_names=(), raw={}, examples={},
+                lengths={"tokens": 16}, options={})
+  assert Task(**common).encode("ab") == [1, 3, 4, 2]
+  stream = Task(**common, stream=True)
+  assert stream.encode("ab") == [2, 3, 4, 2]
+  drawn = []
+  monkeypatch.setattr(attention_maps, "plot_attention",
+                      lambda weights, rows, cols, path, **kw: drawn.append((rows, weights.shape)))
+  attention_report(DecoderLM(LLAMA, rngs=nnx.Rngs(0)), tokenizer, "ab", str(tmp_path),
+                   encode=stream.encode)
+  assert drawn and all(rows == ["</s>", "a", "b", "</s>"] and shape[-1] == 4
+                       for rows, shape in drawn)
+
+
 @pytest.mark.slow
 def test_attention_report_translation_given_and_generated(tmp_path):
   model = EncoderDecoder(dataclasses.replace(LLAMA, num_decoder_layers=1), rngs=nnx.Rngs(2))

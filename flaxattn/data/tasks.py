@@ -64,6 +64,8 @@ class Task:
     examples: split -> tokenized examples, the pipeline's input.
     lengths: the pipeline's feature lengths (`pipeline.make_dataset`).
     stats: split -> `LengthStats` (over-long examples truncated or dropped, counted).
+    stream: the examples are windows of one token stream in which every text ends in eos (PTB);
+      such a model never saw bos.
   """
 
   kind: str
@@ -75,6 +77,7 @@ class Task:
   lengths: dict[str, int]
   options: dict[str, Any]
   stats: dict[str, pipeline.LengthStats] = dataclasses.field(default_factory=dict)
+  stream: bool = False
 
   def dataset(self, split: str, *, batch_size: int, train: bool, seed: int = 0,
               process_index: int = 0, process_count: int = 1):
@@ -90,7 +93,11 @@ class Task:
         stats=stats, **self.options)
 
   def encode(self, text: str) -> list[int]:
-    """A model input for `text`: `[bos] + ids + [eos]` (the tokenizer's specials, where it has them)."""
+    """A model input for `text` as the model saw texts in training: `[bos] + ids + [eos]` (the
+    tokenizer's specials, where it has them), or for a stream `[eos] + ids + [eos]` (a text right
+    after the previous one's end)."""
+    if self.stream:
+      return [self.tokenizer.eos_id] + list(self.tokenizer.encode(text)) + [self.tokenizer.eos_id]
     return _with_specials(self.tokenizer, self.tokenizer.encode(text))
 
 
@@ -264,7 +271,7 @@ def build_task(config, workdir: str | None) -> Task:
                  overlong=data.overlong)
   return Task(kind=kind, tokenizer=tokenizer, vocab_size=tokenizer.vocab_size,
               class_names=class_names, raw=raw, examples=examples, lengths=lengths,
-              options=options)
+              options=options, stream=kind == "lm" and data.name == "ptb")
 
 
 class MarkovData:

@@ -397,11 +397,14 @@ def png_to_array(path: str) -> np.ndarray:
   return np.clip(np.rint(image[..., :3] * 255.0), 0, 255).astype(np.uint8)
 
 
-def _tokenize(tokenizer, text: str, name: str) -> tuple[list[int], list[str]]:
-  """`[bos] + encode(text) + [eos]` and a label per token."""
+def _tokenize(tokenizer, text: str, name: str, encode=None) -> tuple[list[int], list[str]]:
+  """`encode(text)` (default `[bos] + tokenizer.encode(text) + [eos]`) and a label per token."""
   if not isinstance(text, str):
     raise ValueError(f"{name} must be a str, got {type(text).__name__}")
-  ids = [tokenizer.bos_id] + list(tokenizer.encode(text)) + [tokenizer.eos_id]
+  if encode is None:
+    ids = [tokenizer.bos_id] + list(tokenizer.encode(text)) + [tokenizer.eos_id]
+  else:
+    ids = list(encode(text))
   return ids, _labels(tokenizer, ids)
 
 
@@ -431,10 +434,10 @@ def _greedy_target(model: EncoderDecoder, tokenizer, source_ids: list[int], star
 def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None], directory: str,
                      *, prefix: str = "attention", max_heads: int = 8,
                      decoder_start_id: int | None = None,
-                     max_new_tokens: int | None = None) -> list[str]:
+                     max_new_tokens: int | None = None, encode=None) -> list[str]:
   """Writes per-layer attention heatmaps and the rollout (and the alignment) of one input as PNGs.
 
-  The input is `[bos] + tokenizer.encode(text) + [eos]`. For an `EncoderDecoder`, `text_or_pair` is
+  The input is `encode(text)`, by default `[bos] + tokenizer.encode(text) + [eos]`. For an `EncoderDecoder`, `text_or_pair` is
   the source text, or `(source, target)`: the decoder input is `[decoder_start_id] +
   encode(target) + [eos]`, or, when the target is missing or None, the greedy translation (up to
   its eos) that `flaxattn.models.generate` produces.
@@ -454,6 +457,8 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
     decoder_start_id: first decoder input token (default `tokenizer.bos_id`).
     max_new_tokens: the greedy translation's length limit (default twice the source length plus
       10, within `config.max_length` for learned positions).
+    encode: text -> the model's input ids, where the model saw texts framed otherwise (for example
+      `Task.encode`, which frames a stream LM's text with eos only); not for an `EncoderDecoder`.
 
   Returns:
     The paths written.
@@ -474,7 +479,7 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
                                 row_name="output token (last layer)", col_name="input token"))
 
   if kind is not EncoderDecoder:
-    ids, labels = _tokenize(tokenizer, text_or_pair, "text_or_pair")
+    ids, labels = _tokenize(tokenizer, text_or_pair, "text_or_pair", encode)
     layers = attention_weights(model, input_ids=ids)["self"]
     layer_maps("self", layers, labels, labels, "self-attention")
     rollout_map("self", layers, labels, "self-attention")

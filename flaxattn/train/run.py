@@ -159,7 +159,8 @@ def attention_images(run: Run, graphdef, params, directory: str, *, examples: in
         texts.append(text)
   images = {}
   for index, text in enumerate(texts):
-    paths = attention_report(model, task.tokenizer, text, directory, prefix=f"example{index}")
+    paths = attention_report(model, task.tokenizer, text, directory, prefix=f"example{index}",
+                             encode=None if task.kind == "seq2seq" else task.encode)
     images.update({f"attention/example{index}/{os.path.splitext(os.path.basename(path))[0]}": path
                    for path in paths})
   return images
