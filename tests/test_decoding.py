@@ -125,6 +125,18 @@ def test_cached_logits_match_full_forward_every_step(lm, lm_forward):
                                atol=LOGITS_ATOL, rtol=0)
 
 
+def test_logits_at_gives_one_position_per_row(lm, lm_forward):
+  ids, lengths = right_padded(PROMPTS)
+  valid = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
+  last = jitted(lambda model, ids, valid, at: model(ids, valid, logits_at=at), lm)(
+      ids, valid, lengths - 1)
+  assert last.shape == (len(PROMPTS), 1, VOCAB)
+  for row, prompt in enumerate(PROMPTS):
+    np.testing.assert_allclose(last[row, 0], lm_forward(prompt)[-1], atol=LOGITS_ATOL, rtol=0)
+  with pytest.raises(ValueError, match=r"logits_at must have shape \[batch\] = \(3,\), got \(3, 1\)"):
+    lm(ids, valid, logits_at=jnp.zeros((3, 1), jnp.int32))
+
+
 def test_seq2seq_cached_logits_match_full_forward_every_step(seq2seq, seq2seq_forward):
   sources, source_lengths = right_padded(PROMPTS)
   source_valid = jnp.arange(sources.shape[1])[None, :] < source_lengths[:, None]

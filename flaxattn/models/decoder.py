@@ -46,8 +46,9 @@ class DecoderLM(nnx.Module):
     return self.decoder.init_cache(batch, cache_length(self.config, max_length), dtype)
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
-               positions: jax.Array | None = None, segment_ids: jax.Array | None = None, cache=None, deterministic: bool = True,
-               dropout_rng: jax.Array | None = None, return_attention_weights: bool = False):
+               positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               cache=None, deterministic: bool = True, dropout_rng: jax.Array | None = None,
+               return_attention_weights: bool = False, logits_at: jax.Array | None = None):
     """Next-token logits.
 
     Args:
@@ -61,6 +62,9 @@ class DecoderLM(nnx.Module):
       cache: from `init_cache`; the call appends these tokens and returns the new cache.
       return_attention_weights: also return a tuple of per-layer weights `[batch, heads, q, kv]` (with
         a cache, `kv` is the cache length).
+      logits_at: int `[batch]`: the logits of one position per row only, `[batch, 1, vocab]` (a
+        prompt's last real token in generation: the vocabulary projection of the other positions is
+        skipped).
 
     Returns:
       logits `[batch, length, vocab]` float32; `(logits, cache)` with a cache; the weights last.
@@ -87,6 +91,11 @@ class DecoderLM(nnx.Module):
                           return_weights=return_attention_weights)
     result = result if isinstance(result, tuple) else (result,)
     hidden = result[0]
+    if logits_at is not None:
+      if tuple(jnp.shape(logits_at)) != (input_ids.shape[0],):
+        raise ValueError(f"logits_at must have shape [batch] = {(input_ids.shape[0],)}, got "
+                         f"{tuple(jnp.shape(logits_at))}")
+      hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     logits = (self.embedder.token.attend(hidden) if self.lm_head is None else self.lm_head(hidden))
     return outputs(logits.astype(jnp.float32), result[1] if cache is not None else None,
                    result[-1]["self"] if return_attention_weights else None,

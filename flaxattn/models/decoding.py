@@ -238,10 +238,14 @@ def _generate(graphdef, state, input_ids, valid, rng, *, options: _Options):
 
   max_length = prompt.shape[1] + options.max_new_tokens
   cache = model.init_cache(batch, max_length)
-  logits, cache = call(prompt, prompt_valid, cache, context)
   # Each row continues from its last real token (right padding: not the last column).
   last = prompt.shape[1] - 1 - jnp.argmax(prompt_valid[:, ::-1], axis=1)
-  logits = logits[jnp.arange(batch), last]
+  if isinstance(model, EncoderDecoder):
+    logits, cache = call(prompt, prompt_valid, cache, context)
+    logits = logits[jnp.arange(batch), last]
+  else:  # Only the last real token's logits: no vocabulary projection of the rest of the prompt.
+    logits, cache = model(prompt, prompt_valid, cache=cache, logits_at=last)
+    logits = logits[:, 0]
 
   def step(tokens, cache, context):
     logits, cache = call(tokens[:, None], None, cache, context)
