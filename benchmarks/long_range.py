@@ -199,6 +199,11 @@ def _listops(spec: dict) -> dict:
     rows = slice(step * batch, (step + 1) * batch)
     params, opt_state, loss = train_step(params, opt_state, train_ids[rows], train_mask[rows],
                                          train_labels[rows], jax.random.key(step))
+    if spec["implementation"] == "ring":
+      # Hundreds of queued 8-device programs on a 2-core host ended in an XLA CPU collective
+      # rendezvous time-out and an abort (exit -6; `flaxattn.train.evaluate` waits likewise): one
+      # step in flight at a time.
+      loss.block_until_ready()
   final_loss = float(loss)
   train_seconds = time.perf_counter() - start
   predictions = np.concatenate([
@@ -269,8 +274,8 @@ def _cell(result: dict, field: str, scale: float, digits: int) -> str:
 
 
 def markdown(report: dict) -> str:
-  lengths = report["lengths"]
-  lines = ["## Training-step time (ms, median) and peak memory (MiB)", "",
+  lengths = report["lengths"] if report["speed"] else []
+  lines = [] if not lengths else ["## Training-step time (ms, median) and peak memory (MiB)", "",
            "| implementation | " + " | ".join(f"{n} ms | {n} MiB" for n in lengths) + " |",
            "|---|" + "---:|---:|" * len(lengths)]
   for name, row in report["speed"].items():
@@ -344,6 +349,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="'local': TransformerConfig.window (each token sees 2 * window - 1)")
   parser.add_argument("--performer-features", type=int, default=64)
   parser.add_argument("--no-listops", action="store_true", help="skip the ListOps accuracy runs")
+  parser.add_argument("--no-speed", action="store_true", help="skip the step time / memory runs")
   parser.add_argument("--listops-length", type=int, help="longest example (default 256; quick 64)")
   parser.add_argument("--listops-min-length", type=int, help="shortest (default 32; quick 8)")
   parser.add_argument("--listops-depth", type=int, default=6, help="ListOps max_depth")
@@ -415,9 +421,9 @@ def main(argv=None) -> dict:
 
   # Shortest lengths first for every implementation, so that a spent budget cuts the longest; an
   # implementation that failed at one length is not tried at longer ones.
-  speed = {name: {} for name in args.impls}
+  speed = {} if args.no_speed else {name: {} for name in args.impls}
   failed_at = {}
-  for length in sorted(args.lengths):
+  for length in [] if args.no_speed else sorted(args.lengths):
     for name in args.impls:
       estimate = dense_estimate(name, length, args.batch)
       if unavailable(name):
@@ -454,7 +460,8 @@ def main(argv=None) -> dict:
       f"sees {2 * args.window - 1}); Performer {args.performer_features} features; {cpu_cores()} "
       f"cores, 1-minute load average {start_load[0]:.1f} at the start, {load[0]:.1f} at the "
       f"end.\n\n{markdown(report)}")
-  plot(report, args.out / "results.png")
+  if speed:
+    plot(report, args.out / "results.png")
   return report
 
 
