@@ -176,7 +176,7 @@ def _check_all(case: Case) -> None:
     check_against_numpy(case, implementation)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(FAST_SHAPES, ("float32", "bfloat16")))
 def test_matches_numpy(case):
   _check_all(case)

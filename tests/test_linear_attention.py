@@ -88,6 +88,7 @@ def test_orthogonal_projection_rows():
   assert not np.allclose(projection, other), "a new key must redraw the features"
 
 
+@pytest.mark.slow
 def test_performer_approaches_softmax_as_features_grow():
   """Mean absolute error to exact softmax attention (float64), averaged over 4 redraws, falls as
   the number of random features grows 16 -> 64 -> 256 (variance ~ 1/m)."""

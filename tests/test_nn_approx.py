@@ -135,7 +135,7 @@ def test_performer_redraws_without_stored_state():
   np.testing.assert_allclose(no_redraw(1), fixed, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", [pytest.param("linear", marks=pytest.mark.slow), "performer"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("performer", marks=pytest.mark.slow)])
 def test_kernelized_encoder_ignores_padding_and_has_finite_gradients(kind):
   config = dataclasses.replace(LLAMA, attention_kind=kind, performer_features=16, num_layers=1)
   model = EncoderModel(config, rngs=nnx.Rngs(0))

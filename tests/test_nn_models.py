@@ -153,7 +153,7 @@ def copy_scanned_to_unrolled(scanned, unrolled, stack="decoder"):
   nnx.update(getattr(unrolled, stack).final_norm, nnx.state(getattr(scanned, stack).final_norm))
 
 
-@pytest.mark.parametrize("remat", ["none", "dots"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("dots", marks=pytest.mark.slow)])
 def test_scanned_equals_unrolled(remat):
   scanned = DecoderLM(dataclasses.replace(LLAMA, scan_layers=True, remat=remat), rngs=nnx.Rngs(0))
   unrolled = DecoderLM(dataclasses.replace(LLAMA, remat=remat), rngs=nnx.Rngs(1))
@@ -249,7 +249,7 @@ def test_encoder_padding_invariance_and_classifier_pooling():
     model(ids.astype(np.float32))
 
 
-@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_tree_mode_jit_and_grad_match_graph_mode(scan):
   model = DecoderLM(dataclasses.replace(LLAMA, scan_layers=scan), rngs=nnx.Rngs(0))
   ids = jnp.asarray(PROMPTS)
