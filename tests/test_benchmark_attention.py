@@ -22,6 +22,7 @@ def script():
   return module
 
 
+@pytest.mark.slow
 def test_measures_and_writes_results(script, tmp_path):
   pytest.importorskip("torch", reason="the benchmark times torch SDPA as a peer")
   report = script.main(["--lengths", "64", "--impls", f"reference,{script.TORCH}",

@@ -136,7 +136,7 @@ def test_large_logits_stay_finite():
     assert np.isfinite(np.asarray(out)).all()
 
 
-@pytest.mark.parametrize("kind", ["linear", "performer"])
+@pytest.mark.parametrize("kind", ["linear", pytest.param("performer", marks=pytest.mark.slow)])
 def test_gradients_match_quadratic_form(kind):
   q, k, v = inputs(length=20, scale=0.7)
   projection = linear.orthogonal_projection(jax.random.key(2), 16, HEAD_DIM)

@@ -207,6 +207,7 @@ def test_split_merge_jit_train_step_gradient():
   assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow  # Fast coverage: tests/test_attention_maps.py checks the weights against NumPy.
 def test_attention_weights_every_layer():
   model = EncoderModel(BERT, rngs=nnx.Rngs(0))
   ids, mask = PROMPTS[:, ::-1].copy(), PROMPT_MASK[:, ::-1].copy()  # right padding, BERT-style
