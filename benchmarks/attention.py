@@ -333,6 +333,24 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
   plt.close(figure)
 
 
+def parse_lengths(parser: argparse.ArgumentParser, text: str | None, default: list[int]) -> list[int]:
+  """`--lengths` as ints (`default` when not given); a parser error naming the text otherwise."""
+  if not text:
+    return default
+  try:
+    return [int(n) for n in text.split(",")]
+  except ValueError:
+    parser.error(f"--lengths must be comma-separated integers, got {text!r}")
+
+
+def require_positive(parser: argparse.ArgumentParser, **values) -> None:
+  """A parser error naming every option (`name=value`, lists by their smallest) that is not > 0."""
+  bad = [f"--{name.replace('_', '-')}={value}" for name, value in values.items()
+         if (min(value) if isinstance(value, list) else value) <= 0]
+  if bad:
+    parser.error(f"must be positive: {', '.join(bad)}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,14 +368,14 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   quick = args.quick
-  args.lengths = [int(n) for n in args.lengths.split(",")] if args.lengths else (
-      [512, 1024] if quick else [2**k for k in range(10, 17)])
-  args.repeats = args.repeats or (3 if quick else 5)
-  args.timeout = args.timeout or (120.0 if quick else 600.0)
-  args.matmul_size = args.matmul_size or (1024 if quick else 4096)
-  if args.repeats < 1 or args.timeout <= 0 or min(args.lengths) < 1:
-    parser.error(f"--repeats, --timeout and --lengths must be positive, got {args.repeats}, "
-                 f"{args.timeout}, {args.lengths}")
+  pick = lambda value, full, small: value if value is not None else (small if quick else full)
+  args.lengths = parse_lengths(parser, args.lengths,
+                               [512, 1024] if quick else [2**k for k in range(10, 17)])
+  args.repeats = pick(args.repeats, 5, 3)
+  args.timeout = pick(args.timeout, 600.0, 120.0)
+  args.matmul_size = pick(args.matmul_size, 4096, 1024)
+  require_positive(parser, repeats=args.repeats, timeout=args.timeout, lengths=args.lengths,
+                   matmul_size=args.matmul_size)
   return args
 
 

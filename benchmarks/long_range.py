@@ -362,8 +362,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   quick = args.quick
   pick = lambda value, full, small: value if value is not None else (small if quick else full)
-  args.lengths = ([int(n) for n in args.lengths.split(",")] if args.lengths else
-                  ([256, 512] if quick else [1024, 2048, 4096, 8192, 16384]))
+  args.lengths = attention_benchmark.parse_lengths(
+      parser, args.lengths, [256, 512] if quick else [1024, 2048, 4096, 8192, 16384])
   args.repeats = pick(args.repeats, 3, 2)
   args.timeout = pick(args.timeout, 600.0, 180.0)
   args.listops_length = pick(args.listops_length, 256, 64)
@@ -374,9 +374,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   unknown = sorted(set(args.impls) - set(IMPLEMENTATIONS))
   if unknown:
     parser.error(f"--impls: unknown {unknown}; choose from {IMPLEMENTATIONS}")
-  if args.repeats < 1 or args.timeout <= 0 or min(args.lengths) < 1 or args.window < 1:
-    parser.error(f"--repeats, --timeout, --lengths and --window must be positive, got "
-                 f"{args.repeats}, {args.timeout}, {args.lengths}, {args.window}")
+  attention_benchmark.require_positive(
+      parser, repeats=args.repeats, timeout=args.timeout, lengths=args.lengths, window=args.window,
+      performer_features=args.performer_features, listops_steps=args.listops_steps,
+      listops_batch=args.listops_batch, listops_test=args.listops_test)
   return args
 
 

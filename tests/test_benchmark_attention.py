@@ -53,3 +53,14 @@ def test_reports_estimated_oom_and_timeout(script, tmp_path):
     assert dense[mode]["status"].startswith("OOM (estimated "), dense
     assert torch_row[mode]["status"] == "timeout > 0.05s", torch_row
   assert "OOM (estimated" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "must be positive: --repeats=0"),
+    (["--lengths", "1024,0", "--timeout", "-1"], "must be positive: --timeout=-1.0, --lengths=[1024, 0]"),
+    (["--lengths", "1k"], "--lengths must be comma-separated integers, got '1k'"),
+])
+def test_bad_arguments_are_named(script, argv, message, capsys):
+  with pytest.raises(SystemExit):
+    script.parse_args(argv)
+  assert message in capsys.readouterr().err

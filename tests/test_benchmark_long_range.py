@@ -46,3 +46,15 @@ def test_no_speed_runs_listops_only(tmp_path):
   table = (tmp_path / "results.md").read_text()
   assert "Training-step time" not in table and "| linear |" in table
   assert not (tmp_path / "results.png").exists()
+
+
+def test_bad_arguments_are_named(capsys):
+  spec = importlib.util.spec_from_file_location("long_range_benchmark", SCRIPT)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  with pytest.raises(SystemExit):
+    script.parse_args(["--window", "0", "--listops-steps", "-3"])
+  assert "must be positive: --window=0, --listops-steps=-3" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    script.parse_args(["--impls", "flash"])
+  assert "--impls: unknown ['flash']" in capsys.readouterr().err
