@@ -253,7 +253,8 @@ def build_task(config, workdir: str | None) -> Task:
     raw = {split: [dict(example, label=str(example["label"])) for example in examples]
            for split, examples in raw.items()}
   encode = _tokenize(kind, tokenizer, label_index)
-  if kind == "lm" and data.name == "ptb":
+  stream = kind == "lm" and data.name == "ptb"
+  if stream:
     # The standard PTB setup: every sentence ends in <eos>, the splits are one stream each, cut into
     # windows; each token is predicted exactly once.
     examples = {split: pipeline.stream_examples(
@@ -271,7 +272,7 @@ def build_task(config, workdir: str | None) -> Task:
                  overlong=data.overlong)
   return Task(kind=kind, tokenizer=tokenizer, vocab_size=tokenizer.vocab_size,
               class_names=class_names, raw=raw, examples=examples, lengths=lengths,
-              options=options, stream=kind == "lm" and data.name == "ptb")
+              options=options, stream=stream)
 
 
 class MarkovData:
