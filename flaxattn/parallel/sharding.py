@@ -80,7 +80,74 @@ def batch_shardings(batch_shapes: dict[str, tuple[int, ...]], mesh: jax.sharding
   return shardings
 
 
+def row_block(sharding: jax.sharding.NamedSharding, devices=None) -> tuple[int, int]:
+  """`(index, count)`: `devices` (default: this process's) hold block `index` of the `count` equal,
+  contiguous blocks of rows of any batch placed with `sharding` (dimension 0 is the batch).
+
+  Processes whose devices hold the same rows (a `tensor` or `context` axis spanning processes, or
+  a batch not sharded at all) get the same block and must be fed the same data; with one process
+  it is `(0, 1)`. Raises ValueError when `devices` hold rows that are not one such block (a mesh
+  whose device order splits a process's rows)."""
+  mesh = sharding.mesh
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  ways = math.prod(mesh.shape[axis] for axis in axes)
+  shard_of = {device: range(ways)[index] for device, (index,) in jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(axes or None)).devices_indices_map((ways,)).items()}
+
+  def block(group, name):
+    shards = sorted({shard for device in group for shard in shard_of[device]})
+    size = len(shards)
+    if shards != list(range(shards[0], shards[0] + size)) or ways % size or shards[0] % size:
+      raise ValueError(
+          f"{name} holds batch shards {shards} of {ways} on mesh {dict(mesh.shape)}, not one "
+          "contiguous block of an equal split; order the devices so that each process's hold "
+          "adjacent batch shards")
+    return shards[0] // size, ways // size
+
+  if devices is not None:
+    return block(devices, "the devices")
+  processes = {}
+  for device in shard_of:
+    processes.setdefault(device.process_index, []).append(device)
+  blocks = {process: block(group, f"process {process}") for process, group in processes.items()}
+  if len({count for _, count in blocks.values()}) > 1:
+    raise ValueError(f"the processes hold unequal shares of the batch on mesh {dict(mesh.shape)}: "
+                     f"(block, of blocks) per process {blocks}")
+  return blocks[jax.process_index()]
+
+
+def local_rows(sharding: jax.sharding.NamedSharding, batch_size: int) -> slice:
+  """The rows of a global batch of `batch_size` rows that this process feeds (see `row_block`)."""
+  index, count = row_block(sharding)
+  if batch_size % count:
+    raise ValueError(f"a batch of {batch_size} rows cannot be split into the {count} per-process "
+                     f"blocks of mesh {dict(sharding.mesh.shape)}; make it a multiple of {count}")
+  size = batch_size // count
+  return slice(index * size, (index + 1) * size)
+
+
 def global_batch(local: dict[str, np.ndarray], shardings) -> dict[str, jax.Array]:
-  """Global arrays from this process's rows of the batch (all of it with one process)."""
-  return {name: jax.make_array_from_process_local_data(shardings[name], value)
-          for name, value in local.items()}
+  """Global arrays from this process's rows of the batch (`local_rows`; all of it with one
+  process). Processes holding the same rows must pass the same values."""
+  def make(name, value):
+    _, count = row_block(shardings[name])
+    return jax.make_array_from_process_local_data(
+        shardings[name], value, (value.shape[0] * count,) + value.shape[1:])
+  return {name: make(name, value) for name, value in local.items()}
+
+
+def replicated(value, mesh: jax.sharding.Mesh) -> jax.Array:
+  """`value` (host data, the same on every process) as an array replicated on every device of
+  `mesh`: an input that jitted programs over global arrays accept on any number of processes."""
+  value = np.asarray(value)
+  return jax.make_array_from_process_local_data(
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), value, value.shape)
+
+
+def to_host(tree, mesh: jax.sharding.Mesh):
+  """NumPy copies of every array of `tree` (global arrays on `mesh`, sharded or not) on every
+  process. A collective: every process must call it with the same tree."""
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  gathered = jax.jit(lambda tree: tree, out_shardings=whole)(tree)
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), gathered)

@@ -55,7 +55,9 @@ class Evaluator:
 
     def predict(params, batch):
       model = nnx.merge(graphdef, params)
-      return jnp.argmax(model(batch["inputs"], batch["mask"]), axis=-1)
+      return {"predictions": jnp.argmax(model(batch["inputs"], batch["mask"]), axis=-1),
+              "labels": batch["labels"], "weights": batch["weights"]}
+    # Replicated outputs: every process reads the whole global batch from its own devices.
     self._predict = jax.jit(predict, out_shardings=replicated)
 
   def batches(self, split: str, max_batches: int = 0):
@@ -74,7 +76,7 @@ class Evaluator:
     `decode` adds generation metrics (seq2seq) over the first `max_decode_examples` examples (0: all).
     """
     start = time.perf_counter()
-    sums, predictions, labels, weights = [], [], [], []
+    sums, predictions = [], []
     for local, batch in self.batches(split, max_batches):
       # One eval program in flight at a time: with many queued on simulated CPU devices under
       # load, XLA's all-reduce rendezvous was seen to time out (7 of 8 device threads arrived) and
@@ -82,16 +84,15 @@ class Evaluator:
       sums.append(jax.block_until_ready(self.eval_step(params, batch)))
       if self.kind == "classification":
         with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-          predictions.append(np.asarray(jax.device_get(self._predict(params, batch))))
-        labels.append(np.asarray(batch["labels"]))
-        weights.append(np.asarray(batch["weights"]))
+          predictions.append(parallel.to_host(self._predict(params, batch), self.mesh))
     totals = jax.device_get(jax.tree.map(lambda *xs: sum(xs), *sums))
     result = {name: float(value) for name, value in metrics_from_sums(totals).items()}
     if self.kind in ("lm", "seq2seq"):
       result["perplexity"] = task_metrics.perplexity(float(totals["nll"]), float(totals["weight"]))
     if self.kind == "classification":
-      keep = np.concatenate(weights) > 0
-      predicted, actual = np.concatenate(predictions)[keep], np.concatenate(labels)[keep]
+      column = lambda name: np.concatenate([batch[name] for batch in predictions])
+      keep = column("weights") > 0
+      predicted, actual = column("predictions")[keep], column("labels")[keep]
       result.update(examples=float(keep.sum()),
                     accuracy=task_metrics.accuracy(predicted, actual),
                     macro_f1=task_metrics.macro_f1(predicted, actual,
@@ -120,12 +121,15 @@ class Evaluator:
       for row, sequence in enumerate(ids):
         batch[row, :len(sequence)], mask[row, :len(sequence)] = sequence, 1
       mask[len(ids):, 0] = 1  # Filler rows need one real token; their outputs are discarded.
+      # Every process decodes every chunk (the same programs in the same order, as multi-process
+      # jax needs), from the same replicated inputs; the model's constraints shard the work.
+      batch, mask = (parallel.replicated(x, self.mesh) for x in (batch, mask))
       with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
         tokens = generate(model, batch, attention_mask=mask, max_new_tokens=self.max_decode_len,
                           method=method, num_beams=self.beam_size if method == "beam" else None,
                           length_penalty=self.length_penalty, eos_id=tokenizer.eos_id,
                           pad_id=tokenizer.pad_id, decoder_start_id=self.task.options["bos_id"])
-      tokens = np.asarray(jax.device_get(tokens))
+      tokens = parallel.to_host(tokens, self.mesh)
       if method == "beam":
         tokens = tokens[:, 0]
       outputs.extend(tokenizer.decode(_until_eos(row[1:], tokenizer.eos_id))

@@ -86,21 +86,25 @@ def decode_lines(config, workdir: str, lines: list[str], *, max_new_tokens: int 
   if run.kind == "seq2seq":
     return run.evaluator(graphdef, eval_step).evaluator.translate(params, lines)
   outputs = []
+  # Every process runs every line (replicated inputs: any number of processes) and reads the
+  # gathered outputs.
+  replicated = lambda value: parallel.replicated(value, run.mesh)
   for line in lines:
     ids = np.asarray([task.encode(line)], np.int32)
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
       if run.kind == "classification":
-        probabilities = np.asarray(jax.nn.softmax(model(ids, np.ones_like(ids))[0]))
+        probabilities = parallel.to_host(
+            jax.nn.softmax(model(replicated(ids), replicated(np.ones_like(ids)))[0]), run.mesh)
         best = int(np.argmax(probabilities))
         outputs.append(task.class_names[best] + "\t" + " ".join(
             f"{name}={p:.3f}" for name, p in zip(task.class_names, probabilities)))
         continue
       prompt = ids[:, :-1] if task.tokenizer.eos_id is not None else ids  # No eos: continue it.
-      tokens = generate(model, prompt, max_new_tokens=max_new_tokens,
+      tokens = generate(model, replicated(prompt), max_new_tokens=max_new_tokens,
                         method="sample" if temperature > 0 else "greedy",
                         temperature=temperature or 1.0, eos_id=task.tokenizer.eos_id,
                         pad_id=task.tokenizer.pad_id, rng=jax.random.key(seed))
-    new = [int(t) for t in np.asarray(tokens)[0, prompt.shape[1]:]]
+    new = [int(t) for t in parallel.to_host(tokens, run.mesh)[0, prompt.shape[1]:]]
     if task.tokenizer.eos_id in new:
       new = new[:new.index(task.tokenizer.eos_id)]
     outputs.append(line + " " + task.tokenizer.decode(new))

@@ -28,12 +28,6 @@ from flaxattn.train.evaluate import Evaluator, prefixed
 from flaxattn.train.losses import LOSSES
 
 
-def _local_rows(batch_size: int) -> slice:
-  """This process's rows of a global batch (processes own equal, contiguous blocks)."""
-  per_process = batch_size // jax.process_count()
-  return slice(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
-
-
 @dataclasses.dataclass
 class Run:
   """A resolved run (see `build_run`)."""
@@ -51,25 +45,34 @@ class Run:
   batch_shardings: dict
   corpus: MarkovCorpus | None = None
 
+  @property
+  def data_shard(self) -> tuple[int, int]:
+    """`(index, count)`: this process feeds block `index` of `count` of every batch's rows (by
+    data-parallel rank: processes whose devices hold the same rows read the same data)."""
+    return parallel.row_block(next(iter(self.batch_shardings.values())))
+
+  def _rows(self, batch_size: int) -> slice:
+    return parallel.local_rows(next(iter(self.batch_shardings.values())), batch_size)
+
   def train_iterator(self):
     """This process's training batches: an iterator with `get_state()` / `set_state()`."""
     config = self.config
     if self.corpus is not None:
-      return tasks.MarkovData(self.corpus, config.batch_size, _local_rows(config.batch_size))
+      return tasks.MarkovData(self.corpus, config.batch_size, self._rows(config.batch_size))
+    index, count = self.data_shard
     return iter(self.task.dataset(
-        "train", batch_size=config.batch_size // jax.process_count(), train=True,
-        seed=config.data.seed, process_index=jax.process_index(),
-        process_count=jax.process_count()))
+        "train", batch_size=config.batch_size // count, train=True, seed=config.data.seed,
+        process_index=index, process_count=count))
 
   def eval_batches(self, split: str):
     """This process's eval batches of `split`: every example once (Markov: `config.eval_batches`)."""
     config = self.config
     if self.corpus is not None:
-      return tasks.MarkovData(self.corpus, config.batch_size, _local_rows(config.batch_size),
+      return tasks.MarkovData(self.corpus, config.batch_size, self._rows(config.batch_size),
                               split="eval", limit=config.eval_batches)
-    return self.task.dataset(split, batch_size=self.eval_batch_size // jax.process_count(),
-                             train=False, process_index=jax.process_index(),
-                             process_count=jax.process_count())
+    index, count = self.data_shard
+    return self.task.dataset(split, batch_size=self.eval_batch_size // count, train=False,
+                             process_index=index, process_count=count)
 
   @property
   def tokens_per_weight(self) -> int:
@@ -120,12 +123,15 @@ class RunEvaluator:
     result = self.evaluator.evaluate(params, split, max_batches=config.eval_batches,
                                      decode=config.eval.decode_every_eval,
                                      max_decode_examples=config.eval.decode_examples)
-    if board is not None and self.run.task is not None and config.report.attention_examples:
-      from flaxattn.train import report  # Deferred: matplotlib.
+    # Process 0 draws (it has the board); the others join in gathering the parameters.
+    drawing = board is not None or jax.process_index() > 0
+    if drawing and self.run.task is not None and config.report.attention_examples:
       images = attention_images(self.run, self.evaluator.graphdef, params,
                                 os.path.join(self.run.workdir, "attention", f"step_{step}"),
                                 examples=1)
-      report.log_images(board, images, step)
+      if board is not None:
+        from flaxattn.train import report  # Deferred: matplotlib.
+        report.log_images(board, images, step)
     return result
 
 
@@ -143,10 +149,14 @@ def attention_images(run: Run, graphdef, params, directory: str, *, examples: in
   """Attention heatmaps (per layer, rollout, cross-attention alignments) written under
   `directory` for `texts`, or else for the first `examples` examples of `split` short enough to
   read as a heatmap (at most `_READABLE_TOKENS` tokens, within the model's lengths). Returns
-  tag -> PNG path."""
+  tag -> PNG path. Every process must call it (the parameters, sharded over all of them, are
+  gathered to each host); process 0 draws, the others return {}."""
   from flaxattn.models.attention_maps import attention_report  # Deferred: matplotlib.
   task = run.task
-  model = nnx.merge(graphdef, jax.device_get(params))
+  host_params = parallel.to_host(params, run.mesh)
+  if jax.process_index() != 0:
+    return {}
+  model = nnx.merge(graphdef, host_params)
   if texts is None:
     limit = min(_READABLE_TOKENS, *task.lengths.values())
     fits = lambda text: len(task.tokenizer.encode(text)) + 2 <= limit
@@ -205,17 +215,23 @@ def build_run(config, workdir: str) -> Run:
                               z_loss=config.loss.z_loss)
   if task is None:
     shapes = {name: (config.batch_size,) + value.shape[1:] for name, value in
-              corpus.batch(0, config.batch_size, rows=_local_rows(config.batch_size)).items()}
+              corpus.batch(0, 1, rows=slice(0, 1)).items()}
     seq_len = config.data.seq_len
   else:
-    first = next(iter(task.dataset("train", batch_size=config.batch_size // jax.process_count(),
-                                   train=True, seed=config.data.seed)))
+    first = next(iter(task.dataset("train", batch_size=1, train=True, seed=config.data.seed)))
     shapes = {name: (config.batch_size,) + value.shape[1:] for name, value in first.items()}
     seq_len = max(task.lengths.values())
-  return Run(config=config, workdir=workdir, mesh=mesh, rules=rules, kind=kind,
-             model_config=model_config, task=task, make_model=lambda rngs: make_model(rngs=rngs),
-             loss_fn=loss_fn, seq_len=seq_len,
-             batch_shardings=parallel.batch_shardings(shapes, mesh, rules), corpus=corpus)
+  run = Run(config=config, workdir=workdir, mesh=mesh, rules=rules, kind=kind,
+            model_config=model_config, task=task, make_model=lambda rngs: make_model(rngs=rngs),
+            loss_fn=loss_fn, seq_len=seq_len,
+            batch_shardings=parallel.batch_shardings(shapes, mesh, rules), corpus=corpus)
+  for name, size in (("config.batch_size", config.batch_size),
+                     ("config.eval.batch_size", run.eval_batch_size)):
+    try:
+      run._rows(size)  # Before anything compiles: a batch the processes cannot split.
+    except ValueError as error:
+      raise ValueError(f"{name}={size}: {error}") from None
+  return run
 
 
 def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, record: dict,
@@ -227,6 +243,11 @@ def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, 
   if run.task is not None and config.eval.test and "test" in run.task.examples:
     final = prefixed(evaluator.evaluator.evaluate(
         params, "test", decode=True, max_decode_examples=config.eval.decode_examples), "test")
+  attention = {}
+  if run.task is not None and config.report.attention_examples:  # On every process (a gather).
+    attention = attention_images(run, evaluator.evaluator.graphdef, params,
+                                 os.path.join(workdir, "attention", "final"),
+                                 examples=config.report.attention_examples)
   if jax.process_index() != 0:
     return final
   from flaxattn.train import report  # Deferred: matplotlib.
@@ -234,10 +255,7 @@ def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, 
                                         os.path.join(workdir, "learning_curves.png"))]
   tables, notes = {}, []
   if run.task is not None:
-    if config.report.attention_examples:
-      attention = attention_images(run, evaluator.evaluator.graphdef, params,
-                                   os.path.join(workdir, "attention", "final"),
-                                   examples=config.report.attention_examples)
+    if attention:
       images.extend(attention.values())
       if board is not None:
         report.log_images(board, attention, int(record.get("step", 0)))
