@@ -17,6 +17,11 @@ Knobs (`config.<name>`):
     `keep_checkpoints` most recent are kept, and also the best by `best_checkpoint_metric` (an
     eval metric: 'eval_loss', 'eval_nll', 'eval_accuracy'; '' = none) among checkpoints saved at an
     eval step, lowest or highest per `best_checkpoint_mode` ('min', 'max').
+  checkpoint: which checkpoint the final report and the eval / decode / attend modes use: 'latest',
+    'best' (by `best_checkpoint_metric`) or a step number ('200'); `--checkpoint=` on the command line.
+  A workdir that holds a run resumes it only with the same config except for the keys in
+  `RESUMABLE_KEYS` (loop lengths, evaluation, reporting, the mesh: nothing that changes what a
+  checkpoint holds or means); any other difference is refused (`config_changes`).
   task: 'lm' (DecoderLM), 'seq2seq' (EncoderDecoder) or 'classification' (EncoderClassifier).
   mesh: axis sizes `data`, `fsdp`, `tensor`, `context`; one may be -1 (the remaining devices).
   sharding.preset: logical-axis rules 'dp', 'fsdp', 'tp', 'fsdp_tp', 'context'
@@ -64,6 +69,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import math
 
 import jax
@@ -109,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.best_checkpoint_metric = "eval_loss"
   config.best_checkpoint_mode = "min"
+  config.checkpoint = "latest"
   config.task = "lm"
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
   config.sharding = ml_collections.ConfigDict(dict(preset="fsdp_tp", overrides=""))
@@ -160,6 +167,55 @@ def bible_seq2seq_config(target: str, *, smoke: bool = False) -> ml_collections.
     config.model.update(d_model=32, num_heads=2, mlp_dim=64, num_layers=1, max_length=32)
     config.eval.update(decode_examples=16, beam_size=2)
   return config
+
+# Keys (or whole sections, ending in '.') that may differ between a workdir's `config.json` and the
+# config that resumes it: how long, how often and how much to evaluate, log, save and report, how the
+# devices are laid out, and the compute dtype, kernel and remat policy (parameter shapes and dtypes,
+# optimizer state and the data stay as they were saved).
+RESUMABLE_KEYS = (
+    "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+    "best_checkpoint_metric", "best_checkpoint_mode", "checkpoint", "grad_accum_steps", "mesh.",
+    "sharding.", "eval.", "report.", "model.attention_impl", "model.dtype", "model.remat")
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f"{prefix}{key}."))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+  """The differences between a run's saved config (`config.json`, a dict) and `new` (a ConfigDict or
+  dict) outside `RESUMABLE_KEYS`, as 'key: old -> new' strings, sorted by key. A key the old config
+  lacks (added to `base_config` since) counts as its default."""
+  # Through JSON, as `config.json` was written: tuples become lists, dtypes names.
+  to_dict = lambda c: json.loads(c.to_json()) if isinstance(c, ml_collections.ConfigDict) else c
+  defaults, old, new = _flat(to_dict(base_config())), _flat(to_dict(old)), _flat(to_dict(new))
+  missing = object()
+  changes = []
+  for key in sorted(set(old) | set(new)):
+    if key in RESUMABLE_KEYS or key.startswith(tuple(k for k in RESUMABLE_KEYS if k.endswith("."))):
+      continue
+    before, after = old.get(key, defaults.get(key, missing)), new.get(key, missing)
+    if before != after:
+      show = lambda v: "(absent)" if v is missing else repr(v)
+      changes.append(f"{key}: {show(before)} -> {show(after)}")
+  return changes
+
+
+def parse_checkpoint(value: str) -> str | int:
+  """'latest', 'best', or the step number of `config.checkpoint` (ValueError naming the value)."""
+  if value in ("latest", "best"):
+    return value
+  if value.isdigit():
+    return int(value)
+  raise ValueError(f"config.checkpoint (--checkpoint) must be 'latest', 'best' or a step number, "
+                   f"got {value!r}")
+
 
 def _check_keys_and_types(config, base, prefix: str):
   for key in config:
@@ -246,6 +302,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.pretrained and config.task != "classification":
     raise ValueError(f"config.model.pretrained={config.model.pretrained!r} fine-tunes an encoder "
                      f"classifier; config.task={config.task!r}")
+  if parse_checkpoint(config.checkpoint) == "best" and not config.best_checkpoint_metric:
+    raise ValueError("config.checkpoint='best' needs config.best_checkpoint_metric (e.g. "
+                     "'eval_loss'); it is ''")
   if config.eval.beam_size < 1:
     raise ValueError(f"config.eval.beam_size must be >= 1, got {config.eval.beam_size}")
 

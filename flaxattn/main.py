@@ -11,6 +11,14 @@ Modes (`--mode=`, or the first word of the console script: `flaxattn attend --wo
   attend  attention maps of `--text` (repeatable; seq2seq: the source, the target is generated)
           as labelled heatmaps, rollout and cross-attention alignments, in `DIR/attention/cli/`.
 Modes other than train read the run's config from `DIR/config.json` unless `--config` is given.
+`--checkpoint=latest|best|STEP` (`config.checkpoint`) picks the checkpoint that eval, decode and
+attend read and that the final report of train evaluates (the report names it and its step).
+
+A DIR that already holds a run is resumed from its newest checkpoint (SIGTERM saves one and exits),
+but only with the same config up to the keys that may change on resume
+(`flaxattn.config.RESUMABLE_KEYS`: steps, eval/log/checkpoint frequency, eval and report options,
+the mesh, ...); any other change is refused before anything is written, naming the keys.
+`--restart` moves the old run to `DIR.old-N` and starts over.
 
 Multi-process (multi-host) runs start every process with the same command: on TPU VMs and under
 SLURM add `--distributed` (JAX finds the coordinator itself); elsewhere also give
@@ -44,6 +52,11 @@ _OUTPUT = flags.DEFINE_string("output", None, "decode: output file (default stdo
 _TEXT = flags.DEFINE_multi_string("text", [], "attend: input text (repeatable).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "decode (lm): tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "decode (lm): 0 = greedy, else sampling.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Which checkpoint eval/decode/attend read and the final report uses: "
+    "'latest', 'best' (by config.best_checkpoint_metric) or a step (default: config.checkpoint).")
+_RESTART = flags.DEFINE_bool("restart", False, "train: move a run already in --workdir aside to "
+                             "WORKDIR.old-N and start over (otherwise it is resumed).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the "
                                "resolved config.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (it "
@@ -76,10 +89,13 @@ def main(argv):
     if _MODE.value == "train":
       raise app.UsageError("--config is required to train")
     config = _run_config(_WORKDIR.value)
+  if _CHECKPOINT.value is not None or "checkpoint" not in config:  # (config.json of older runs)
+    with config.unlocked():
+      config.checkpoint = _CHECKPOINT.value or "latest"
   validate(config)
   if _MODE.value == "train":
     from flaxattn.train.loop import train_and_evaluate
-    train_and_evaluate(config, _WORKDIR.value)
+    train_and_evaluate(config, _WORKDIR.value, restart=_RESTART.value)
     return
   from flaxattn.train import inference
   if _MODE.value == "eval":

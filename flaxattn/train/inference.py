@@ -1,4 +1,4 @@
-"""Using a trained run: its newest checkpoint evaluated, decoded from, or looked inside.
+"""Using a trained run: a checkpoint (`config.checkpoint`: the newest, the best, a step) evaluated, decoded from, or looked inside.
 
 The run is rebuilt from its config (`build_run`: the same tokenizer, cached in the workdir, and the
 same model), and only the parameters are read from the checkpoint (`load_params`), placed with the
@@ -12,23 +12,26 @@ import os
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from flaxattn import parallel
 from flaxattn.models.decoding import generate
-from flaxattn.train.checkpoint import load_params
+from flaxattn.train.checkpoint import checkpoint_step, load_params
 from flaxattn.train.run import Run, attention_images, build_run
 from flaxattn.train.step import make_eval_step
 
 
 def restore(config, workdir: str) -> tuple[Run, object, object, object]:
-  """`(run, graphdef, params, eval_step)` of the newest checkpoint in `workdir`."""
+  """`(run, graphdef, params, eval_step)` of checkpoint `config.checkpoint` in `workdir`."""
+  step = checkpoint_step(config, workdir)  # A missing one fails first, before anything is built.
+  logging.info("checkpoint %s: step %d", config.checkpoint, step)
   run = build_run(config, workdir)
   abstract = nnx.eval_shape(lambda: run.make_model(nnx.Rngs(0)))
   graphdef, abstract_params = nnx.split(abstract, nnx.Param)
   shardings = parallel.param_shardings(abstract_params, run.mesh, run.rules)
   # Orbax gives list indices back as strings ('0'); compare and place by path.
-  saved = _by_path(load_params(workdir))
+  saved = _by_path(load_params(workdir, step))
   expected = _by_path(nnx.to_pure_dict(abstract_params))
   if {path: np.shape(v) for path, v in saved.items()} != {
       path: np.shape(v) for path, v in expected.items()}:

@@ -6,12 +6,18 @@ on the devices between log steps: the host waits for the devices only to log (ev
 `config.log_every` steps), to evaluate, and to check the loss before a checkpoint. Each log line
 goes to `WORKDIR/metrics.jsonl`, TensorBoard (`WORKDIR/tensorboard`) and a progress bar (step, loss, tokens/s, ETA), with throughput over the interval (the first one includes
 compilation) and MFU: model FLOPs (`flops.train_flops_per_token`) per second over the devices'
-matmul rate measured at startup. SIGTERM finishes the current step, saves, and returns.
+matmul rate measured at startup.
+
+SIGTERM (on any process) finishes the current step, saves it, and returns, with no evaluation or
+report; every process stops at the same step (`_Preemption`). A rerun of the same command resumes
+bit for bit. A workdir holding a run with another config (outside `config.RESUMABLE_KEYS`) is
+refused before anything is written; `restart=True` (`--restart`) moves that run aside instead.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -22,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import tqdm
 from absl import logging
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from flaxattn import parallel
+from flaxattn.config import config_changes, parse_checkpoint
 from flaxattn.train.checkpoint import Checkpointer, abstract_like
 from flaxattn.train.evaluate import prefixed
 from flaxattn.train.flops import measured_peak_flops, train_flops_per_token
@@ -34,21 +42,67 @@ from flaxattn.train.step import init_train_state, jit_steps, make_eval_step, mak
 
 
 class _Preemption:
-  """Records SIGTERM (while active) instead of dying, so the loop can save first."""
+  """SIGTERM (a preemption notice) as a stop at one step that every process agrees on.
 
-  def __init__(self):
-    self.requested = False
+  With several processes, JAX's preemption service (started by `jax.distributed.initialize`, on by
+  default: `jax_enable_preemption_service`) catches SIGTERM on any of them, tells the others, and
+  sets the stop one step past the furthest process; `reached(step)` (Orbax's
+  `CheckpointManager.reached_preemption`, i.e. `multihost_utils.reached_preemption_sync_point`)
+  turns true at that step on every process, so all save the same step and none waits on the others
+  forever. It must be called at every step, starting from the same step on every process. One
+  process alone catches the signal itself: the stop is the step after it arrives.
+  """
+
+  def __init__(self, manager):
+    self.manager = manager
+    self.shared = jax.process_count() > 1
+    self.received_at = None  # time.monotonic() of a SIGTERM, one process alone.
 
   def __enter__(self):
-    self.previous = signal.signal(signal.SIGTERM, self._handle)
+    if not self.shared:
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
+    elif not jax.config.jax_enable_preemption_service:
+      logging.warning("jax_enable_preemption_service is off: SIGTERM ends this %d-process run "
+                      "without a checkpoint", jax.process_count())
     return self
 
   def _handle(self, signum, frame):
     logging.warning("SIGTERM: saving a checkpoint after this step, then exiting")
-    self.requested = True
+    self.received_at = time.monotonic()
+
+  def reached(self, step: int) -> bool:
+    """Whether training stops (and saves) after `step`."""
+    if self.shared:
+      return self.manager.reached_preemption(step)
+    return self.received_at is not None
 
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self.previous)
+    if not self.shared:
+      signal.signal(signal.SIGTERM, self.previous)
+
+
+def _claim_workdir(config, workdir: str, restart: bool) -> None:
+  """Refuses (ValueError, before anything is written) to continue the run in `workdir` when its
+  `config.json` differs from `config` outside `RESUMABLE_KEYS`. With `restart`, a run already there
+  is moved whole to `WORKDIR.old-N` (the first free N) and training starts over."""
+  saved = os.path.join(workdir, "config.json")
+  if restart:
+    if jax.process_index() == 0 and os.path.isdir(workdir) and os.listdir(workdir):
+      aside = next(f"{workdir.rstrip(os.sep)}.old-{n}" for n in itertools.count(1)
+                   if not os.path.exists(f"{workdir.rstrip(os.sep)}.old-{n}"))
+      os.replace(workdir, aside)
+      logging.warning("--restart: the run in %s moved to %s", workdir, aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("workdir moved aside")
+    return
+  if os.path.isfile(saved):
+    with open(saved) as f:
+      changes = config_changes(json.load(f), config)
+    if changes:
+      raise ValueError(
+          f"--workdir={workdir} holds a run with another config ({'; '.join(changes)}; old -> "
+          "new); nothing was changed. Resume it with its config, train in a new --workdir, or "
+          "give --restart to move that run to WORKDIR.old-N and start over")
 
 
 @jax.jit
@@ -77,19 +131,24 @@ def _truncate_metrics(path: str, after_step: int) -> None:
     f.writelines(lines)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   """Trains per `config` (already `flaxattn.config.validate`d), writing to `workdir`.
+
+  A run already in `workdir` is resumed from its newest readable checkpoint when its config
+  matches (`_claim_workdir`; `restart` moves it aside instead); a checkpoint that does not fit the
+  model and optimizer raises `CheckpointMismatch` before anything is written. The final report
+  evaluates the parameters of `config.checkpoint`.
 
   Returns the last logged metrics (a dict of floats, with `step`; after the final evaluation also
   `test_*` metrics when `config.eval.test`).
   """
+  _claim_workdir(config, workdir, restart)
+  report_checkpoint = parse_checkpoint(config.checkpoint)
+  if isinstance(report_checkpoint, int) and report_checkpoint > config.steps:
+    raise ValueError(f"config.checkpoint={config.checkpoint!r} is past config.steps={config.steps}")
   os.makedirs(workdir, exist_ok=True)
   run = build_run(config, workdir)
   mesh, rules = run.mesh, run.rules
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2, sort_keys=True))
-    logging.info("mesh %s; rules %s", dict(mesh.shape), rules)
 
   schedule = make_schedule(config.schedule.name, config.optimizer.learning_rate, steps=config.steps,
                            warmup_steps=config.schedule.warmup_steps,
@@ -111,10 +170,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   evaluator = run.evaluator(graphdef, eval_step)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
-                             best_metric=config.best_checkpoint_metric,
-                             best_mode=config.best_checkpoint_mode)
-  restored = checkpoints.restore_latest(abstract_like(state, state_shardings))
+  checkpoints = Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+      best_metric=config.best_checkpoint_metric, best_mode=config.best_checkpoint_mode,
+      preserve_steps=(report_checkpoint,) if isinstance(report_checkpoint, int) else ())
+  abstract_state = abstract_like(state, state_shardings)
+  # Nothing has been written yet: a checkpoint that does not fit raises here.
+  restored = checkpoints.restore_latest(abstract_state)
   if restored is not None:
     state, data_state = restored
     train_data.set_state(data_state)
@@ -122,6 +184,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   else:
     state = run.with_pretrained(state, state_shardings)
   step = int(state.step)
+  if (isinstance(report_checkpoint, int) and report_checkpoint not in checkpoints.steps() and
+      (report_checkpoint <= step or report_checkpoint % config.checkpoint_every and
+       report_checkpoint != config.steps)):
+    raise ValueError(f"config.checkpoint={config.checkpoint!r}: no such checkpoint in {workdir} "
+                     f"(available steps: {checkpoints.steps()}) and this run will not save one "
+                     f"(every {config.checkpoint_every} steps and at step {config.steps})")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2, sort_keys=True))
+    logging.info("mesh %s; rules %s", dict(mesh.shape), rules)
   _truncate_metrics(metrics_path, step)
 
   record = {}
@@ -130,16 +202,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
   progress = tqdm.tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True,
                        disable=jax.process_index() != 0)
   board = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
-  with _Preemption() as preemption, progress:
-    while step < config.steps:
+  stopping = False
+  with _Preemption(checkpoints.manager) as preemption, progress:
+    preemption.reached(step)  # Every process has a step on record from the start.
+    while step < config.steps and not stopping:
       state, metrics = train_step(state, parallel.global_batch(next(train_data), batch_shardings))
       step += 1
       pending.append(metrics)
-      # Read the flag once: a SIGTERM arriving later in this iteration is handled after the next.
-      stopping = preemption.requested
-      last = step == config.steps or stopping
-      evaluating = last or bool(config.eval_every) and step % config.eval_every == 0
-      if step % config.log_every == 0 or last or evaluating:
+      # Asked once a step: a SIGTERM arriving later in this iteration stops after the next one.
+      # A stop neither evaluates nor reports: a preemption notice leaves seconds to save.
+      stopping = preemption.reached(step)
+      last = step == config.steps
+      evaluating = not stopping and (
+          last or bool(config.eval_every) and step % config.eval_every == 0)
+      if step % config.log_every == 0 or last or stopping or evaluating:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
         # Classification weighs examples, not tokens: each one is `seq_len` input tokens.
@@ -159,19 +235,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.set_postfix(loss=f"{record['loss']:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")
         logging.debug("step %d: %s", step, record)
         pending, interval_start = [], time.perf_counter()
-      if step % config.checkpoint_every == 0 or last:
+      if step % config.checkpoint_every == 0 or last or stopping:
         if not bool(_all_finite(state.params)):
           raise FloatingPointError(
               f"parameters are not finite after step {step}; not saving them, the last good "
               f"checkpoint is step {checkpoints.manager.latest_step()} in {workdir}/checkpoints")
         evaluated = {k: v for k, v in record.items() if k.startswith("eval_")} if evaluating else None
         checkpoints.save(step, state, train_data.get_state(), metrics=evaluated)
-      if stopping:
-        break
-  checkpoints.wait()
+    checkpoints.wait()  # Still under the SIGTERM handler: the last save is not cut short.
+  if stopping:
+    if preemption.received_at is not None:
+      logging.warning("stopped at step %d, saved %.1f s after SIGTERM", step,
+                      time.monotonic() - preemption.received_at)
+    else:
+      logging.warning("preempted: stopped at step %d on every process, saved", step)
+  elif step == config.steps:
+    if not any(key.startswith("eval_") for key in record):  # The loop did not run (resumed at the end): evaluate now.
+      record = {"step": step, **prefixed(evaluator.evaluate(state.params, step=step), "eval")}
+    params, used = state.params, step
+    if report_checkpoint != "latest":
+      used = checkpoints.select(report_checkpoint)
+      params = checkpoints.restore(used, abstract_state)[0].params
+    record.update(write_final_report(run, evaluator, params, workdir, record, board,
+                                     checkpoint=f"{config.checkpoint} (step {used})"))
   checkpoints.close()
-  if step == config.steps and not preemption.requested:
-    record.update(write_final_report(run, evaluator, state.params, workdir, record, board))
   if board is not None:
     board.close()
   return record

@@ -235,9 +235,10 @@ def build_run(config, workdir: str) -> Run:
 
 
 def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, record: dict,
-                       board) -> dict[str, float]:
+                       board, checkpoint: str = "") -> dict[str, float]:
   """Final metrics on the test split (`config.eval.test`), learning curves, attention maps, the
-  baseline (`config.report.baseline`) and `WORKDIR/report.md`. Returns the `test_*` metrics."""
+  baseline (`config.report.baseline`) and `WORKDIR/report.md`, of `params` (from `checkpoint`,
+  named in the report). Returns the `test_*` metrics."""
   config = run.config
   final = {}
   if run.task is not None and config.eval.test and "test" in run.task.examples:
@@ -253,7 +254,8 @@ def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, 
   from flaxattn.train import report  # Deferred: matplotlib.
   images = [report.plot_learning_curves(os.path.join(workdir, "metrics.jsonl"),
                                         os.path.join(workdir, "learning_curves.png"))]
-  tables, notes = {}, []
+  tables = {}
+  notes = [f"test metrics and attention maps of checkpoint {checkpoint}"] if checkpoint else []
   if run.task is not None:
     if attention:
       images.extend(attention.values())
