@@ -55,6 +55,7 @@ class _Options:
   pad_id: int
   decoder_start_id: int
   return_scores: bool
+  max_length: int | None
 
 
 def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: int,
@@ -62,7 +63,7 @@ def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: in
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              num_beams: int | None = None, length_penalty: float = 0.6, eos_id: int | None = None,
              pad_id: int = 0, decoder_start_id: int | None = None, rng: jax.Array | None = None,
-             return_scores: bool = False):
+             return_scores: bool = False, max_length: int | None = None):
   """Generates up to `max_new_tokens` tokens per row.
 
   Args:
@@ -88,6 +89,9 @@ def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: in
     return_scores: also return scores (float32): for 'greedy'/'sample' `[batch]`, the summed model
       log-probabilities of the generated tokens (before temperature or filtering); for 'beam'
       `[batch, num_beams]`, each hypothesis' length-penalised score (-inf where none was found).
+    max_length: slots of the KV cache, at least the prompt (1 for an `EncoderDecoder`) plus
+      `max_new_tokens`; None = exactly that. A larger cache gives the same tokens: a step attends
+      only the slots written so far.
 
   Returns:
     int32 tokens `[batch, prompt_len + max_new_tokens]` ('greedy', 'sample'; an `EncoderDecoder` gives
@@ -108,9 +112,14 @@ def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: in
       num_beams=(4 if method == "beam" else 1) if num_beams is None else num_beams,
       length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
       decoder_start_id=pad_id if decoder_start_id is None else decoder_start_id,
-      return_scores=return_scores)
+      return_scores=return_scores, max_length=max_length)
   if method == "sample" and rng is None:
     raise ValueError("method='sample' needs rng (a jax.random key)")
+  needed = (1 if isinstance(model, EncoderDecoder) else input_ids.shape[1]) + max_new_tokens
+  if max_length is not None and not (
+      isinstance(max_length, (int, np.integer)) and max_length >= needed):
+    raise ValueError(f"max_length (cache slots) must be an int >= {needed} (the prompt plus "
+                     f"max_new_tokens), got {max_length!r}")
   graphdef, state = nnx.split(model)
   tokens, scores = _generate(graphdef, state, input_ids.astype(jnp.int32), valid,
                              jax.random.key(0) if rng is None else rng, options=options)
@@ -236,7 +245,7 @@ def _generate(graphdef, state, input_ids, valid, rng, *, options: _Options):
       del context  # A decoder-only model has none.
       return model(ids, mask, cache=cache)
 
-  max_length = prompt.shape[1] + options.max_new_tokens
+  max_length = options.max_length or prompt.shape[1] + options.max_new_tokens
   cache = model.init_cache(batch, max_length)
   # Each row continues from its last real token (right padding: not the last column).
   last = prompt.shape[1] - 1 - jnp.argmax(prompt_valid[:, ::-1], axis=1)
