@@ -209,22 +209,65 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int | N
   return logits
 
 
-def _batch_axes(init_cache, max_length: int):
-  """For each cache leaf, its batch axis (found by comparing the abstract caches of batch 1 and 2), or
-  None for leaves shared by the batch (the write index)."""
-  one = jax.eval_shape(lambda: init_cache(1, max_length))
-  two = jax.eval_shape(lambda: init_cache(2, max_length))
+# Beam search moves the cache's written slots to their new beams this many slots at a time.
+REORDER_CHUNK = 64
+
+
+def _cache_axes(init_cache, max_length: int):
+  """`(batch_axes, length_axes)`: for each cache leaf its batch axis and its slot axis, found by
+  comparing abstract caches of batch 1 vs 2 and of `max_length` vs `max_length + 1`; None where a
+  leaf has no such axis (the write index; a cross-attention or recurrent state has no slot axis)."""
+  base = jax.eval_shape(lambda: init_cache(1, max_length))
+  wider = jax.eval_shape(lambda: init_cache(2, max_length))
+  longer = jax.eval_shape(lambda: init_cache(1, max_length + 1))
 
   def axis(a, b):
     differ = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
     return differ[0] if differ else None
 
-  return jax.tree.map(axis, one, two)
+  return jax.tree.map(axis, base, wider), jax.tree.map(axis, base, longer)
 
 
 def _take_rows(tree, rows: jax.Array, axes):
   """Gathers `rows` (int `[new_batch]`) along each leaf's batch axis (`axes`: a tree of ints / None)."""
   return jax.tree.map(lambda a, axis: a if axis is None else jnp.take(a, rows, axis=axis), tree, axes)
+
+
+def _reorder_rows(cache, rows: jax.Array, axes, filled):
+  """`_take_rows` for a permutation `rows` `[batch]`, moving only the `filled` (traced) written slots.
+
+  Leaves with a slot axis are moved `REORDER_CHUNK` slots at a time, in place, so a beam-search step
+  costs what its tokens cost, not what the cache could hold (the slots past `filled` are empty in
+  every row; they stay as they are). The last chunk is clamped to the end of the cache; slots it
+  shares with the chunk before are kept as already moved. `axes`: `(batch_axes, length_axes)` from `_cache_axes`.
+  """
+  batch_axes, length_axes = axes
+  leaves, treedef = jax.tree.flatten(cache)
+  batch_axes = treedef.flatten_up_to(batch_axes)
+  length_axes = treedef.flatten_up_to(length_axes)
+  sliced = [i for i, axis in enumerate(length_axes) if axis is not None]
+  leaves = [leaf if axis is None or i in sliced else jnp.take(leaf, rows, axis=axis)
+            for i, (leaf, axis) in enumerate(zip(leaves, batch_axes))]
+  if sliced:
+    max_length = leaves[sliced[0]].shape[length_axes[sliced[0]]]
+    chunk = min(REORDER_CHUNK, max_length)
+
+    def move(index, leaves):
+      wanted = index * chunk
+      start = jnp.minimum(wanted, max_length - chunk)
+      leaves = list(leaves)
+      for i in sliced:
+        leaf, length_axis = leaves[i], length_axes[i]
+        piece = jax.lax.dynamic_slice_in_dim(leaf, start, chunk, axis=length_axis)
+        slot = start + jnp.arange(chunk)
+        fresh = ((slot >= wanted) & (slot < filled)).reshape(
+            (-1,) + (1,) * (leaf.ndim - 1 - length_axis))
+        piece = jnp.where(fresh, jnp.take(piece, rows, axis=batch_axes[i]), piece)
+        leaves[i] = jax.lax.dynamic_update_slice_in_dim(leaf, piece, start, axis=length_axis)
+      return leaves
+
+    leaves = jax.lax.fori_loop(0, (filled + chunk - 1) // chunk, move, leaves)
+  return jax.tree.unflatten(treedef, leaves)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
@@ -261,9 +304,9 @@ def _generate(graphdef, state, input_ids, valid, rng, *, options: _Options):
     return logits[:, 0], cache
 
   if options.method == "beam":
-    cache_axes = _batch_axes(model.init_cache, max_length)
+    cache_axes = _cache_axes(model.init_cache, max_length)
     rows = jnp.repeat(jnp.arange(batch), options.num_beams)
-    cache = _take_rows(cache, rows, cache_axes)
+    cache = _take_rows(cache, rows, cache_axes[0])
     context = None if context is None else jax.tree.map(lambda a: a[rows], context)
     return _beam_search(step, prompt, jnp.repeat(logits, options.num_beams, axis=0), cache,
                         context, cache_axes, options)
@@ -319,7 +362,8 @@ def _sample(step, prompt, logits, cache, context, rng, options: _Options):
 def _beam_search(step, prompt, logits, cache, context, cache_axes, options: _Options):
   """Beam search over `num_beams` hypotheses per row.
 
-  `logits` `[batch * beams, vocab]` and `cache` already hold each prompt repeated `beams` times.
+  `logits` `[batch * beams, vocab]` and `cache` already hold each prompt repeated `beams` times;
+  `cache_axes` as `_cache_axes` gives them.
   Returns tokens `[batch, beams, prompt_len + new]` and scores `[batch, beams]`, best first.
   """
   beams, alpha, eos_id = options.num_beams, options.length_penalty, options.eos_id
@@ -355,7 +399,8 @@ def _beam_search(step, prompt, logits, cache, context, cache_axes, options: _Opt
     tokens = jnp.take_along_axis(tokens, parent[:, :, None], axis=1)
     tokens = _write_column(tokens, token, prompt_len + index)
     rows = (jnp.arange(batch)[:, None] * beams + parent).reshape(-1)
-    cache = _take_rows(cache, rows, cache_axes)
+    # The prefill wrote the prompt, each step since one token.
+    cache = _reorder_rows(cache, rows, cache_axes, prompt_len + index)
     carry = (index + 1, tokens, live_log_probs, finished_tokens, finished_scores)
     return carry, token.reshape(-1), cache
 
