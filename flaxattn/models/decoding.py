@@ -55,6 +55,7 @@ class _Options:
   pad_id: int
   decoder_start_id: int
   return_scores: bool
+  max_length: int | None
 
 
 def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: int,
@@ -62,7 +63,7 @@ def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: in
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              num_beams: int | None = None, length_penalty: float = 0.6, eos_id: int | None = None,
              pad_id: int = 0, decoder_start_id: int | None = None, rng: jax.Array | None = None,
-             return_scores: bool = False):
+             return_scores: bool = False, max_length: int | None = None):
   """Generates up to `max_new_tokens` tokens per row.
 
   Args:
@@ -88,6 +89,9 @@ def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: in
     return_scores: also return scores (float32): for 'greedy'/'sample' `[batch]`, the summed model
       log-probabilities of the generated tokens (before temperature or filtering); for 'beam'
       `[batch, num_beams]`, each hypothesis' length-penalised score (-inf where none was found).
+    max_length: slots of the KV cache, at least the prompt (1 for an `EncoderDecoder`) plus
+      `max_new_tokens`; None = exactly that. A larger cache gives the same tokens: a step attends
+      only the slots written so far.
 
   Returns:
     int32 tokens `[batch, prompt_len + max_new_tokens]` ('greedy', 'sample'; an `EncoderDecoder` gives
@@ -108,9 +112,14 @@ def generate(model: DecoderLM | EncoderDecoder, input_ids, *, max_new_tokens: in
       num_beams=(4 if method == "beam" else 1) if num_beams is None else num_beams,
       length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
       decoder_start_id=pad_id if decoder_start_id is None else decoder_start_id,
-      return_scores=return_scores)
+      return_scores=return_scores, max_length=max_length)
   if method == "sample" and rng is None:
     raise ValueError("method='sample' needs rng (a jax.random key)")
+  needed = (1 if isinstance(model, EncoderDecoder) else input_ids.shape[1]) + max_new_tokens
+  if max_length is not None and not (
+      isinstance(max_length, (int, np.integer)) and max_length >= needed):
+    raise ValueError(f"max_length (cache slots) must be an int >= {needed} (the prompt plus "
+                     f"max_new_tokens), got {max_length!r}")
   graphdef, state = nnx.split(model)
   tokens, scores = _generate(graphdef, state, input_ids.astype(jnp.int32), valid,
                              jax.random.key(0) if rng is None else rng, options=options)
@@ -200,22 +209,65 @@ def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int | N
   return logits
 
 
-def _batch_axes(init_cache, max_length: int):
-  """For each cache leaf, its batch axis (found by comparing the abstract caches of batch 1 and 2), or
-  None for leaves shared by the batch (the write index)."""
-  one = jax.eval_shape(lambda: init_cache(1, max_length))
-  two = jax.eval_shape(lambda: init_cache(2, max_length))
+# Beam search moves the cache's written slots to their new beams this many slots at a time.
+REORDER_CHUNK = 64
+
+
+def _cache_axes(init_cache, max_length: int):
+  """`(batch_axes, length_axes)`: for each cache leaf its batch axis and its slot axis, found by
+  comparing abstract caches of batch 1 vs 2 and of `max_length` vs `max_length + 1`; None where a
+  leaf has no such axis (the write index; a cross-attention or recurrent state has no slot axis)."""
+  base = jax.eval_shape(lambda: init_cache(1, max_length))
+  wider = jax.eval_shape(lambda: init_cache(2, max_length))
+  longer = jax.eval_shape(lambda: init_cache(1, max_length + 1))
 
   def axis(a, b):
     differ = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
     return differ[0] if differ else None
 
-  return jax.tree.map(axis, one, two)
+  return jax.tree.map(axis, base, wider), jax.tree.map(axis, base, longer)
 
 
 def _take_rows(tree, rows: jax.Array, axes):
   """Gathers `rows` (int `[new_batch]`) along each leaf's batch axis (`axes`: a tree of ints / None)."""
   return jax.tree.map(lambda a, axis: a if axis is None else jnp.take(a, rows, axis=axis), tree, axes)
+
+
+def _reorder_rows(cache, rows: jax.Array, axes, filled):
+  """`_take_rows` for a permutation `rows` `[batch]`, moving only the `filled` (traced) written slots.
+
+  Leaves with a slot axis are moved `REORDER_CHUNK` slots at a time, in place, so a beam-search step
+  costs what its tokens cost, not what the cache could hold (the slots past `filled` are empty in
+  every row; they stay as they are). The last chunk is clamped to the end of the cache; slots it
+  shares with the chunk before are kept as already moved. `axes`: `(batch_axes, length_axes)` from `_cache_axes`.
+  """
+  batch_axes, length_axes = axes
+  leaves, treedef = jax.tree.flatten(cache)
+  batch_axes = treedef.flatten_up_to(batch_axes)
+  length_axes = treedef.flatten_up_to(length_axes)
+  sliced = [i for i, axis in enumerate(length_axes) if axis is not None]
+  leaves = [leaf if axis is None or i in sliced else jnp.take(leaf, rows, axis=axis)
+            for i, (leaf, axis) in enumerate(zip(leaves, batch_axes))]
+  if sliced:
+    max_length = leaves[sliced[0]].shape[length_axes[sliced[0]]]
+    chunk = min(REORDER_CHUNK, max_length)
+
+    def move(index, leaves):
+      wanted = index * chunk
+      start = jnp.minimum(wanted, max_length - chunk)
+      leaves = list(leaves)
+      for i in sliced:
+        leaf, length_axis = leaves[i], length_axes[i]
+        piece = jax.lax.dynamic_slice_in_dim(leaf, start, chunk, axis=length_axis)
+        slot = start + jnp.arange(chunk)
+        fresh = ((slot >= wanted) & (slot < filled)).reshape(
+            (-1,) + (1,) * (leaf.ndim - 1 - length_axis))
+        piece = jnp.where(fresh, jnp.take(piece, rows, axis=batch_axes[i]), piece)
+        leaves[i] = jax.lax.dynamic_update_slice_in_dim(leaf, piece, start, axis=length_axis)
+      return leaves
+
+    leaves = jax.lax.fori_loop(0, (filled + chunk - 1) // chunk, move, leaves)
+  return jax.tree.unflatten(treedef, leaves)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
@@ -236,7 +288,7 @@ def _generate(graphdef, state, input_ids, valid, rng, *, options: _Options):
       del context  # A decoder-only model has none.
       return model(ids, mask, cache=cache)
 
-  max_length = prompt.shape[1] + options.max_new_tokens
+  max_length = options.max_length or prompt.shape[1] + options.max_new_tokens
   cache = model.init_cache(batch, max_length)
   # Each row continues from its last real token (right padding: not the last column).
   last = prompt.shape[1] - 1 - jnp.argmax(prompt_valid[:, ::-1], axis=1)
@@ -252,9 +304,9 @@ def _generate(graphdef, state, input_ids, valid, rng, *, options: _Options):
     return logits[:, 0], cache
 
   if options.method == "beam":
-    cache_axes = _batch_axes(model.init_cache, max_length)
+    cache_axes = _cache_axes(model.init_cache, max_length)
     rows = jnp.repeat(jnp.arange(batch), options.num_beams)
-    cache = _take_rows(cache, rows, cache_axes)
+    cache = _take_rows(cache, rows, cache_axes[0])
     context = None if context is None else jax.tree.map(lambda a: a[rows], context)
     return _beam_search(step, prompt, jnp.repeat(logits, options.num_beams, axis=0), cache,
                         context, cache_axes, options)
@@ -310,7 +362,8 @@ def _sample(step, prompt, logits, cache, context, rng, options: _Options):
 def _beam_search(step, prompt, logits, cache, context, cache_axes, options: _Options):
   """Beam search over `num_beams` hypotheses per row.
 
-  `logits` `[batch * beams, vocab]` and `cache` already hold each prompt repeated `beams` times.
+  `logits` `[batch * beams, vocab]` and `cache` already hold each prompt repeated `beams` times;
+  `cache_axes` as `_cache_axes` gives them.
   Returns tokens `[batch, beams, prompt_len + new]` and scores `[batch, beams]`, best first.
   """
   beams, alpha, eos_id = options.num_beams, options.length_penalty, options.eos_id
@@ -346,7 +399,8 @@ def _beam_search(step, prompt, logits, cache, context, cache_axes, options: _Opt
     tokens = jnp.take_along_axis(tokens, parent[:, :, None], axis=1)
     tokens = _write_column(tokens, token, prompt_len + index)
     rows = (jnp.arange(batch)[:, None] * beams + parent).reshape(-1)
-    cache = _take_rows(cache, rows, cache_axes)
+    # The prefill wrote the prompt, each step since one token.
+    cache = _reorder_rows(cache, rows, cache_axes, prompt_len + index)
     carry = (index + 1, tokens, live_log_probs, finished_tokens, finished_scores)
     return carry, token.reshape(-1), cache
 

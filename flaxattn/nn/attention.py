@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxattn.attention import Mask, dot_product_attention, linear
+from flaxattn.attention import Mask, dot_product_attention, implementations, linear
 from flaxattn.attention.linear import RecurrentState
 from flaxattn.attention.mask import as_mask
 from flaxattn.nn.layers import Dense, RMSNorm
@@ -442,11 +442,16 @@ class MultiHeadAttention(nnx.Module):
                               cache=cache, deterministic=deterministic, dropout_rng=dropout_rng,
                               return_weights=return_weights)
     kv_positions = positions
+    implementation = self.implementation
     if isinstance(cache, KVCache):
       cache = cache.update(key, value, positions)
       key, value = cache.key.astype(self.dtype), cache.value.astype(self.dtype)
       kv_positions = cache.positions
-      mask = Mask(array=cache.visible(positions, self.window))
+      # kv_lengths = the slots written so far: kernels that skip key blocks (blockwise, cuDNN,
+      # tokamax) then cost what the tokens cost, not what the cache could hold.
+      mask = Mask(array=cache.visible(positions, self.window),
+                  kv_lengths=jnp.full((batch,), cache.index, jnp.int32))
+      implementation = _single_device(implementation)
     elif self.window is not None and not cross:
       mask = _with_window(as_mask(mask), self.window)
     if self.positions == "alibi":
@@ -461,7 +466,7 @@ class MultiHeadAttention(nnx.Module):
         query, key, value, mask=mask, bias=bias, softcap=self.softcap,
         dropout_rate=self.dropout_rate if use_dropout else 0.0,
         dropout_rng=dropout_rng if use_dropout else None,
-        implementation=self.implementation, return_weights=return_weights)
+        implementation=implementation, return_weights=return_weights)
     attended, weights = result if return_weights else (result, None)
     out = constrain(self.out(attended), ("batch", "length", "embed"))
     outputs = (out,) + ((cache,) if cache is not None else ()) + (
@@ -525,6 +530,14 @@ class MultiHeadAttention(nnx.Module):
         query_features, key_features, causal=causal, segment_ids=segments if causal else None,
         kv_valid=None if causal else segments > 0)
     return out, weights
+
+
+def _single_device(implementation: str | None) -> str | None:
+  """The implementation for a call against a `KVCache`: a kernel that splits the sequence over a
+  mesh axis (ring) needs equal query and key lengths, which neither a prefill nor a one-token step
+  against the cache has, so those calls go to the dispatcher's choice instead (None)."""
+  sequence_parallel = {impl["name"] for impl in implementations() if impl["mesh_axis"] is not None}
+  return None if implementation in sequence_parallel else implementation
 
 
 def _with_window(mask: Mask | None, window: int) -> Mask:
