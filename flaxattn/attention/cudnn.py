@@ -9,6 +9,11 @@ padding; an additive bias covering whole `[q_len, kv_len]` tiles, with even leng
 Segment ids, soft-capping, explicit mask arrays, dropout and weights are declined: the dispatcher
 sends those calls to tokamax, blockwise or xla.
 
+Under a multi-device mesh nothing is done here: jax registers cuDNN attention (forward and
+backward) with `custom_partitioning`, so XLA runs it on each device's batch and heads as the
+operands are sharded (query, key and value alike; never along length or head_dim). Checked in
+jax 0.10.2's source; no multi-GPU run yet.
+
 `cudnn_arguments` is the Call -> keyword translation, kept apart so it can be checked on a CPU by
 feeding the same arguments to `jax.nn.dot_product_attention(implementation='xla')`.
 """

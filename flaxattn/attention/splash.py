@@ -98,8 +98,11 @@ def make_kernel(*, mqa: bool, heads: int, padded_q: int, padded_kv: int, offset:
       use_fused_bwd_kernel=True)
   maker = splash.make_splash_mqa_single_device if mqa else splash.make_splash_mha_single_device
   # The kernel holds its mask metadata as arrays: make them concrete even when first asked for
-  # inside a trace (a shard_map would otherwise make them tracers, which the cache would leak).
-  with jax.ensure_compile_time_eval():
+  # inside a trace (a shard_map would otherwise make them tracers, which the cache would leak), and
+  # outside any mesh (made inside a shard_map they would carry its manual mesh, which a later call
+  # under another mesh, or none, rejects).
+  with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(
+      jax.sharding.AbstractMesh((), ())):
     return maker(splash.MultiHeadMask([head_mask] * heads), block_sizes=block_sizes,
                  attn_logits_soft_cap=softcap)
 

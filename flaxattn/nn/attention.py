@@ -48,9 +48,10 @@ from flax import nnx
 from flaxattn.attention import Mask, dot_product_attention, implementations, linear
 from flaxattn.attention.linear import RecurrentState
 from flaxattn.attention.mask import as_mask
+from flaxattn.attention.placement import activation_layout
 from flaxattn.nn.layers import Dense, RMSNorm
 from flaxattn.nn.positions import alibi_bias, apply_rope
-from flaxattn.nn.sharding import constrain
+from flaxattn.nn.sharding import active_spec, constrain
 
 ATTENTION_POSITIONS = ("none", "rope", "alibi")
 ATTENTION_KINDS = ("softmax", "linear", "performer")
@@ -462,11 +463,14 @@ class MultiHeadAttention(nnx.Module):
     if use_dropout and dropout_rng is None:
       raise ValueError(
           f"attention dropout (rate {self.dropout_rate}, deterministic=False) needs a dropout_rng")
-    result = dot_product_attention(
-        query, key, value, mask=mask, bias=bias, softcap=self.softcap,
-        dropout_rate=self.dropout_rate if use_dropout else 0.0,
-        dropout_rng=dropout_rng if use_dropout else None,
-        implementation=implementation, return_weights=return_weights)
+    # Fused kernels run per device (`flaxattn.attention.placement`); on Auto mesh axes the arrays'
+    # types carry no sharding, so they are told the layout the rules give the queries.
+    with activation_layout(active_spec(("batch", "length", "heads", "head_dim"))):
+      result = dot_product_attention(
+          query, key, value, mask=mask, bias=bias, softcap=self.softcap,
+          dropout_rate=self.dropout_rate if use_dropout else 0.0,
+          dropout_rng=dropout_rng if use_dropout else None,
+          implementation=implementation, return_weights=return_weights)
     attended, weights = result if return_weights else (result, None)
     out = constrain(self.out(attended), ("batch", "length", "embed"))
     outputs = (out,) + ((cache,) if cache is not None else ()) + (

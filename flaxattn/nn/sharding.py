@@ -56,14 +56,23 @@ def logical_spec(logical_axes: Sequence[str | None], rules=None) -> jax.sharding
   return jax.sharding.PartitionSpec(*spec)
 
 
+def active_spec(logical_axes: Sequence[str | None]) -> jax.sharding.PartitionSpec | None:
+  """`logical_spec(logical_axes)` when a mesh and logical axis rules are active (the layout
+  `constrain` gives), else None."""
+  if not spmd.get_logical_axis_rules() or jax.sharding.get_abstract_mesh().empty:
+    return None
+  return logical_spec(logical_axes)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint on activation `x` by logical names; a no-op without a mesh and rules."""
   if len(logical_axes) != jnp.ndim(x):
     raise ValueError(f"logical_axes {tuple(logical_axes)} must name every dimension of shape {x.shape}")
-  mesh = jax.sharding.get_abstract_mesh()
-  if not spmd.get_logical_axis_rules() or mesh.empty:
+  spec = active_spec(logical_axes)
+  if spec is None:
     return x
   # On Explicit mesh axes sharding is part of the type and with_sharding_constraint only asserts it.
+  mesh = jax.sharding.get_abstract_mesh()
   if any(kind == jax.sharding.AxisType.Explicit for kind in mesh.axis_types):
-    return jax.sharding.reshard(x, logical_spec(logical_axes))
-  return jax.lax.with_sharding_constraint(x, logical_spec(logical_axes))
+    return jax.sharding.reshard(x, spec)
+  return jax.lax.with_sharding_constraint(x, spec)

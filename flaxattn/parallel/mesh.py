@@ -6,6 +6,11 @@ the compiler. With Explicit axes each such op whose operands disagree (an FSDP-s
 against a batch-sharded activation) must name its output sharding or fails to trace, so Explicit
 would need sharding code in every layer. Flax rejects meshes that mix axis types, so all four are
 Auto.
+
+On Auto axes the arrays' types carry no sharding, so the fused attention kernels, which run per
+device inside a `shard_map` (`flaxattn.attention.placement`), are told the layout instead:
+`flaxattn.nn` attention passes the spec its logical-axis rules give the queries, and each device
+runs the kernel on its own batch and heads.
 """
 
 from __future__ import annotations
