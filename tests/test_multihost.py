@@ -141,8 +141,9 @@ def assert_same_report(multi, single):
   got, want = report_test_metrics(multi), report_test_metrics(single)
   assert set(got) == set(want) and len(got) > 3
   for key in want:
-    # Cross-process all-reduces add in another order: float32 rounding only.
-    assert abs(got[key] - want[key]) <= 1e-3, (key, got[key], want[key])
+    # Cross-process all-reduces add in another order: float32 rounding only (relative for
+    # perplexity, the exponential of the loss).
+    assert abs(got[key] - want[key]) <= 1e-3 * max(1.0, abs(want[key])), (key, got[key], want[key])
   assert os.listdir(multi / "attention" / "final"), "the report's attention maps"
 
 
