@@ -348,6 +348,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.batch_size={config.batch_size} must be divisible by the {batch_ways} batch shards "
         f"times config.grad_accum_steps={config.grad_accum_steps}")
+  if config.eval.batch_size % batch_ways:
+    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be divisible by the "
+                     f"{batch_ways} batch shards (0: config.batch_size)")
   if seq_len % shards("length"):
     raise ValueError(f"config.data.seq_len={seq_len} must be divisible by the {shards('length')} "
                      "sequence (context) shards")

@@ -101,7 +101,8 @@ def main(argv):
   if _MODE.value == "eval":
     splits = [_SPLIT.value] if _SPLIT.value else None
     for split, metrics in inference.evaluate_checkpoint(config, _WORKDIR.value, splits).items():
-      print(json.dumps({"split": split, **metrics}, sort_keys=True))
+      if jax.process_index() == 0:  # Every process computes the metrics; one prints them.
+        print(json.dumps({"split": split, **metrics}, sort_keys=True))
   elif _MODE.value == "decode":
     source = open(_INPUT.value) if _INPUT.value else sys.stdin
     lines = [line.rstrip("\n") for line in source]
@@ -109,6 +110,8 @@ def main(argv):
                                      max_new_tokens=_MAX_NEW_TOKENS.value,
                                      temperature=_TEMPERATURE.value)
     text = "".join(line + "\n" for line in outputs)
+    if jax.process_index() != 0:  # Every process decodes; one writes.
+      return
     if _OUTPUT.value:
       with open(_OUTPUT.value, "w") as f:
         f.write(text)

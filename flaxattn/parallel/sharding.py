@@ -100,17 +100,18 @@ def row_block(sharding: jax.sharding.NamedSharding, devices=None) -> tuple[int, 
     size = len(shards)
     if shards != list(range(shards[0], shards[0] + size)) or ways % size or shards[0] % size:
       raise ValueError(
-          f"{name} holds batch shards {shards} of {ways} on mesh {dict(mesh.shape)}, not one "
+          f"{name} batch shards {shards} of {ways} on mesh {dict(mesh.shape)}, not one "
           "contiguous block of an equal split; order the devices so that each process's hold "
           "adjacent batch shards")
     return shards[0] // size, ways // size
 
   if devices is not None:
-    return block(devices, "the devices")
+    return block(devices, "the devices hold")
   processes = {}
   for device in shard_of:
     processes.setdefault(device.process_index, []).append(device)
-  blocks = {process: block(group, f"process {process}") for process, group in processes.items()}
+  blocks = {process: block(group, f"process {process} holds")
+            for process, group in processes.items()}
   if len({count for _, count in blocks.values()}) > 1:
     raise ValueError(f"the processes hold unequal shares of the batch on mesh {dict(mesh.shape)}: "
                      f"(block, of blocks) per process {blocks}")
