@@ -56,8 +56,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preserve))
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                         item_names=("state", "progress"))
+    # Handlers named up front: a new manager can then read an old checkpoint's metadata.
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "progress": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, data_state, metrics: dict | None = None) -> None:
     """Starts saving `state` and the data iterator's state (anything JSON-serialisable) as
@@ -104,6 +107,8 @@ class Checkpointer:
     `abstract_state` (missing, unused, other shape or dtype). Errors reading its metadata (a
     corrupt checkpoint) propagate as they are."""
     metadata = self.manager.item_metadata(step)["state"]
+    if metadata is None:
+      raise FileNotFoundError(f"checkpoint {step} has no readable state metadata")
     saved = _shapes_by_path(getattr(metadata, "tree", metadata))
     expected = _shapes_by_path(abstract_state)
     differ = [f"{path}: {saved.get(path, 'absent')} -> {expected.get(path, 'absent')}"
