@@ -98,6 +98,22 @@ def test_keeps_the_last_checkpoints_and_the_best(tmp_path):
     checkpointer.wait()
   assert checkpointer.manager.all_steps() == [2, 5, 6]
   checkpointer.close()
+  # A resumed run still knows step 2 is the best (its metrics are on disk): it keeps it.
+  checkpointer = Checkpointer(tmp_path, keep=2, best_metric="eval_loss", best_mode="min")
+  assert checkpointer.select("best") == 2 and checkpointer.select("latest") == 6
+  for step, loss in ((7, 2.5), (8, None)):
+    checkpointer.save(step, state, step, metrics=None if loss is None else {"eval_loss": loss})
+    checkpointer.wait()
+  assert checkpointer.steps() == [2, 7, 8] and checkpointer.select(7) == 7
+  with pytest.raises(ValueError, match=r"no checkpoint at step 5 .*\(available steps: \[2, 7, 8\]\)"):
+    checkpointer.select(5)
+  checkpointer.close()
+  reader = Checkpointer(tmp_path, keep=1, best_metric="eval_accuracy", best_mode="max",
+                        read_only=True)
+  with pytest.raises(ValueError, match="no checkpoint has a eval_accuracy"):
+    reader.select("best")
+  with pytest.raises(ValueError, match="'best' needs config.best_checkpoint_metric"):
+    Checkpointer(tmp_path, keep=1, read_only=True).select("best")
 
 
 def tensorboard_scalars(logdir):

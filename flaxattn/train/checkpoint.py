@@ -46,15 +46,19 @@ class Checkpointer:
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     self.best_metric, self.best_mode = best_metric, best_mode
     preserve = [ocp.checkpoint_managers.LatestN(keep)]
+    metric = (lambda metrics: metrics[best_metric]) if best_metric else None
     if best_metric:
       # BestN keeps the end of the sorted list: sort descending to keep the minimum.
       preserve.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
+          get_metric_fn=metric, reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
     if preserve_steps:
       preserve.append(ocp.checkpoint_managers.CustomSteps(steps=list(preserve_steps)))
+    # `best_fn` makes Orbax write each step's metrics to disk (without it they live only in this
+    # manager, and a resumed run's BestN would know no best and let the old one be deleted).
     options = ocp.CheckpointManagerOptions(
         create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+        best_fn=metric, best_mode=best_mode,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preserve))
     # Handlers named up front: a new manager can then read an old checkpoint's metadata.
     self.manager = ocp.CheckpointManager(
