@@ -72,7 +72,8 @@ def test_checkpoint_that_does_not_fit_is_refused_not_skipped(tmp_path):
 def tiny_config(**overrides):
   config = lm_tiny.get_config()
   config.update(steps=4, log_every=2, eval_every=2, checkpoint_every=2, eval_batches=1,
-                checkpoint="best", **overrides)
+                checkpoint="best")
+  config.update(overrides)
   validate(config)
   return config
 
