@@ -50,6 +50,11 @@ def test_config_changes_name_the_keys_that_matter():
   assert config_changes(old, new) == ["data.vocab_size: 0 -> 1000", "model.d_model: 512 -> 96",
                                       "optimizer.name: 'adamw' -> 'sgd'"]
   assert config_changes(old, base_config()) == []
+  bad = lm_tiny.get_config()
+  bad.checkpoint = "newest"
+  with pytest.raises(ValueError, match=r"config.checkpoint \(--checkpoint\) must be 'latest', 'best' or a "
+                                       r"step number, got 'newest'"):
+    validate(bad)
 
 
 def test_checkpoint_that_does_not_fit_is_refused_not_skipped(tmp_path):
