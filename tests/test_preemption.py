@@ -52,8 +52,8 @@ def test_config_changes_name_the_keys_that_matter():
   assert config_changes(old, base_config()) == []
   bad = lm_tiny.get_config()
   bad.checkpoint = "newest"
-  with pytest.raises(ValueError, match=r"config.checkpoint \(--checkpoint\) must be 'latest', 'best' or a "
-                                       r"step number, got 'newest'"):
+  with pytest.raises(ValueError, match=r"config.checkpoint \(--checkpoint\) must be 'latest', "
+                                       r"'best' or a step number, got 'newest'"):
     validate(bad)
 
 
@@ -63,7 +63,8 @@ def test_checkpoint_that_does_not_fit_is_refused_not_skipped(tmp_path):
     checkpointer.save(step, {"w": jnp.zeros(4), "b": jnp.ones(2)}, data_state=step)
   checkpointer.wait()
   before = files(tmp_path)
-  wider = {"w": jax.ShapeDtypeStruct((5,), jnp.float32), "b": jax.ShapeDtypeStruct((2,), jnp.float32)}
+  wider = {"w": jax.ShapeDtypeStruct((5,), jnp.float32),
+           "b": jax.ShapeDtypeStruct((2,), jnp.float32)}
   with pytest.raises(CheckpointMismatch, match=r"checkpoint 2 .* w: \(\(4,\), 'float32'\) -> "
                                                r"\(\(5,\), 'float32'\)"):
     checkpointer.restore_latest(wider)
@@ -102,8 +103,8 @@ def test_changed_model_is_refused_untouched_and_restart_moves_it_aside(trained, 
   changed = tiny_config()
   changed.model.d_model = 96
   changed.optimizer.learning_rate = 1e-3
-  with pytest.raises(ValueError, match=r"holds a run with another config \(model.d_model: 64 -> 96; "
-                                       r"optimizer.learning_rate: 0.003 -> 0.001; old -> new\)"):
+  with pytest.raises(ValueError, match=r"holds a run with another config \(model.d_model: 64 -> "
+                                       r"96; optimizer.learning_rate: 0.003 -> 0.001; old -> new\)"):
     train_and_evaluate(changed, str(workdir))
   assert files(workdir) == before
   changed.steps = 2
@@ -125,9 +126,10 @@ def test_report_and_eval_use_the_chosen_checkpoint(trained):
     loss = inference.evaluate_checkpoint(config, str(trained))["eval"]["loss"]
     # The eval mode reads the same batches as the loop's evaluation did at that step.
     assert loss == pytest.approx(evaluated[step], rel=1e-5), checkpoint
-  with pytest.raises(ValueError, match=r"^no checkpoint at step 3 in .* \(available steps: \[2, 4\]\)$"):
+  with pytest.raises(ValueError,
+                     match=r"^no checkpoint at step 3 in .* \(available steps: \[2, 4\]\)$"):
     inference.evaluate_checkpoint(tiny_config(checkpoint="3"), str(trained))
-  with pytest.raises(ValueError, match="config.checkpoint='best' needs config.best_checkpoint_metric"):
+  with pytest.raises(ValueError, match="checkpoint='best' needs config.best_checkpoint_metric"):
     tiny_config(best_checkpoint_metric="")
 
 

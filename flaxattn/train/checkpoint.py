@@ -115,8 +115,9 @@ class Checkpointer:
       raise FileNotFoundError(f"checkpoint {step} has no readable state metadata")
     saved = _shapes_by_path(getattr(metadata, "tree", metadata))
     expected = _shapes_by_path(abstract_state)
+    params_first = lambda path: (not path.startswith("params/"), path)
     differ = [f"{path}: {saved.get(path, 'absent')} -> {expected.get(path, 'absent')}"
-              for path in sorted(set(saved) | set(expected), key=lambda p: (not p.startswith("params/"), p))
+              for path in sorted(set(saved) | set(expected), key=params_first)
               if saved.get(path) != expected.get(path)]
     if differ:
       raise CheckpointMismatch(
