@@ -106,7 +106,8 @@ def test_keeps_the_last_checkpoints_and_the_best(tmp_path):
     checkpointer.save(step, state, step, metrics=None if loss is None else {"eval_loss": loss})
     checkpointer.wait()
   assert checkpointer.steps() == [2, 7, 8] and checkpointer.select(7) == 7
-  with pytest.raises(ValueError, match=r"no checkpoint at step 5 .*\(available steps: \[2, 7, 8\]\)$"):
+  with pytest.raises(ValueError,
+                     match=r"^no checkpoint at step 5 .*\(available steps: \[2, 7, 8\]\)$"):
     checkpointer.select(5)
   checkpointer.close()
   reader = Checkpointer(tmp_path, keep=1, best_metric="eval_accuracy", best_mode="max",
