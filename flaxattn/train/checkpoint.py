@@ -16,20 +16,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from flaxattn.parallel.sharding import _path_keys  # The one path-naming rule.
+
 
 class CheckpointMismatch(ValueError):
   """A readable checkpoint whose arrays do not fit the state being restored (another model,
   optimizer or vocabulary): never skipped as corrupt, so the run is not silently started over."""
 
 
-def _path_key(path) -> str:
-  """'params/layers/0/kernel' of a tree path, whatever the node types (dict, dataclass, list)."""
-  return "/".join(str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
-                  for entry in path)
-
-
 def _shapes_by_path(tree) -> dict[str, tuple]:
-  return {_path_key(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+  """{'params/layers/0/kernel': (shape, dtype name)} of the arrays (or their metadata) in `tree`."""
+  return {"/".join(map(str, _path_keys(path))): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
