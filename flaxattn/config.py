@@ -18,7 +18,8 @@ Knobs (`config.<name>`):
     eval metric: 'eval_loss', 'eval_nll', 'eval_accuracy'; '' = none) among checkpoints saved at an
     eval step, lowest or highest per `best_checkpoint_mode` ('min', 'max').
   checkpoint: which checkpoint the final report and the eval / decode / attend modes use: 'latest',
-    'best' (by `best_checkpoint_metric`) or a step number ('200'); `--checkpoint=` on the command line.
+    'best' (by `best_checkpoint_metric`) or a step number ('200'); `--checkpoint=` on the command
+    line.
   A workdir that holds a run resumes it only with the same config except for the keys in
   `RESUMABLE_KEYS` (loop lengths, evaluation, reporting, the mesh: nothing that changes what a
   checkpoint holds or means); any other difference is refused (`config_changes`).

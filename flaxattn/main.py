@@ -3,8 +3,8 @@
 
 Modes (`--mode=`, or the first word of the console script: `flaxattn attend --workdir=DIR ...`):
   train   (default) train, evaluate, checkpoint, and write `DIR/report.md` at the end.
-  eval    metrics of the newest checkpoint in DIR on `--split` (default validation and test), printed
-          and written to `DIR/eval_<split>.json`.
+  eval    metrics of a checkpoint in DIR (`--checkpoint`, default the newest) on `--split`
+          (default validation and test), printed and written to `DIR/eval_<split>.json`.
   decode  one input per line from `--input` (a file; default stdin) to `--output` (default stdout):
           translations (seq2seq, beam search), continuations (lm, `--max_new_tokens`, greedy or
           `--temperature` sampling), or predicted labels with probabilities (classification).

@@ -42,7 +42,8 @@ def test_half_written_and_corrupted_checkpoints_are_skipped(tmp_path, caplog):
   assert position == 20 and np.array_equal(restored["w"], np.arange(4.0) + 2)
   # A save killed before its final rename leaves only a temporary directory: never a candidate.
   os.makedirs(tmp_path / "3.orbax-checkpoint-tmp" / "state")
-  # Step 2's array data lost: restoring it fails, and step 1 is used instead, with a warning.
+  # Step 2's array data lost: restoring it fails, and step 1 is used instead, with a warning naming
+  # it; step 2 is moved aside (not deleted), so that the resumed run can save step 2 anew.
   for path in glob.glob(str(tmp_path / "2" / "state" / "**" / "*"), recursive=True):
     if os.path.isfile(path) and "metadata" not in os.path.basename(path):
       os.remove(path)
@@ -50,7 +51,13 @@ def test_half_written_and_corrupted_checkpoints_are_skipped(tmp_path, caplog):
   checkpointer = Checkpointer(tmp_path, keep=3)
   restored, position = checkpointer.restore_latest(abstract)
   assert position == 10 and np.array_equal(restored["w"], np.arange(4.0) + 1)
-  assert "checkpoint 2" in caplog.text and "cannot be restored" in caplog.text
+  aside = tmp_path.parent / f"{tmp_path.name}.corrupt" / "2"
+  assert "checkpoint 2" in caplog.text and "cannot be read" in caplog.text
+  assert str(aside) in caplog.text
+  assert os.path.isdir(aside / "state") and checkpointer.steps() == [1]
+  checkpointer.save(2, state, data_state=30)
+  checkpointer.wait()
+  assert checkpointer.restore_latest(abstract)[1] == 30
   checkpointer.close()
 
 
@@ -92,6 +99,23 @@ def test_keeps_the_last_checkpoints_and_the_best(tmp_path):
     checkpointer.wait()
   assert checkpointer.manager.all_steps() == [2, 5, 6]
   checkpointer.close()
+  # A resumed run still knows step 2 is the best (its metrics are on disk): it keeps it.
+  checkpointer = Checkpointer(tmp_path, keep=2, best_metric="eval_loss", best_mode="min")
+  assert checkpointer.select("best") == 2 and checkpointer.select("latest") == 6
+  for step, loss in ((7, 2.5), (8, None)):
+    checkpointer.save(step, state, step, metrics=None if loss is None else {"eval_loss": loss})
+    checkpointer.wait()
+  assert checkpointer.steps() == [2, 7, 8] and checkpointer.select(7) == 7
+  with pytest.raises(ValueError,
+                     match=r"^no checkpoint at step 5 .*\(available steps: \[2, 7, 8\]\)$"):
+    checkpointer.select(5)
+  checkpointer.close()
+  reader = Checkpointer(tmp_path, keep=1, best_metric="eval_accuracy", best_mode="max",
+                        read_only=True)
+  with pytest.raises(ValueError, match="no checkpoint has a eval_accuracy"):
+    reader.select("best")
+  with pytest.raises(ValueError, match="'best' needs config.best_checkpoint_metric"):
+    Checkpointer(tmp_path, keep=1, read_only=True).select("best")
 
 
 def tensorboard_scalars(logdir):

@@ -16,20 +16,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from flaxattn.parallel.sharding import _path_keys  # The one path-naming rule.
+
 
 class CheckpointMismatch(ValueError):
   """A readable checkpoint whose arrays do not fit the state being restored (another model,
   optimizer or vocabulary): never skipped as corrupt, so the run is not silently started over."""
 
 
-def _path_key(path) -> str:
-  """'params/layers/0/kernel' of a tree path, whatever the node types (dict, dataclass, list)."""
-  return "/".join(str(getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry))))
-                  for entry in path)
-
-
 def _shapes_by_path(tree) -> dict[str, tuple]:
-  return {_path_key(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+  """{'params/layers/0/kernel': (shape, dtype name)} of the arrays (or their metadata) in `tree`."""
+  return {"/".join(map(str, _path_keys(path))): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -46,18 +43,25 @@ class Checkpointer:
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     self.best_metric, self.best_mode = best_metric, best_mode
     preserve = [ocp.checkpoint_managers.LatestN(keep)]
+    metric = (lambda metrics: metrics[best_metric]) if best_metric else None
     if best_metric:
       # BestN keeps the end of the sorted list: sort descending to keep the minimum.
       preserve.append(ocp.checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == "min", n=1,
+          get_metric_fn=metric, reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
     if preserve_steps:
       preserve.append(ocp.checkpoint_managers.CustomSteps(steps=list(preserve_steps)))
+    # `best_fn` makes Orbax write each step's metrics to disk (without it they live only in this
+    # manager, and a resumed run's BestN would know no best and let the old one be deleted).
     options = ocp.CheckpointManagerOptions(
         create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+        best_fn=metric, best_mode=best_mode,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(preserve))
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                         item_names=("state", "progress"))
+    # Handlers named up front: a new manager can then read an old checkpoint's metadata.
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "progress": ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state, data_state, metrics: dict | None = None) -> None:
     """Starts saving `state` and the data iterator's state (anything JSON-serialisable) as
@@ -104,10 +108,13 @@ class Checkpointer:
     `abstract_state` (missing, unused, other shape or dtype). Errors reading its metadata (a
     corrupt checkpoint) propagate as they are."""
     metadata = self.manager.item_metadata(step)["state"]
+    if metadata is None:
+      raise FileNotFoundError(f"checkpoint {step} has no readable state metadata")
     saved = _shapes_by_path(getattr(metadata, "tree", metadata))
     expected = _shapes_by_path(abstract_state)
+    params_first = lambda path: (not path.startswith("params/"), path)
     differ = [f"{path}: {saved.get(path, 'absent')} -> {expected.get(path, 'absent')}"
-              for path in sorted(set(saved) | set(expected), key=lambda p: (not p.startswith("params/"), p))
+              for path in sorted(set(saved) | set(expected), key=params_first)
               if saved.get(path) != expected.get(path)]
     if differ:
       raise CheckpointMismatch(

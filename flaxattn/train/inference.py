@@ -1,4 +1,5 @@
-"""Using a trained run: a checkpoint (`config.checkpoint`: the newest, the best, a step) evaluated, decoded from, or looked inside.
+"""Using a trained run: a checkpoint (`config.checkpoint`: the newest, the best, a step) evaluated,
+decoded from, or looked inside.
 
 The run is rebuilt from its config (`build_run`: the same tokenizer, cached in the workdir, and the
 same model), and only the parameters are read from the checkpoint (`load_params`), placed with the

@@ -250,7 +250,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
     else:
       logging.warning("preempted: stopped at step %d on every process, saved", step)
   elif step == config.steps:
-    if not any(key.startswith("eval_") for key in record):  # The loop did not run (resumed at the end): evaluate now.
+    if not any(key.startswith("eval_") for key in record):  # Resumed at the end: evaluate now.
       record = {"step": step, **prefixed(evaluator.evaluate(state.params, step=step), "eval")}
     params, used = state.params, step
     if report_checkpoint != "latest":
