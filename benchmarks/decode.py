@@ -273,12 +273,23 @@ def markdown(result: dict) -> str:
       "First divergence: the index of the first new token where the greedy continuation differs from "
       "transformers' over the tokens both produced (None = all identical); float32 rounding can flip "
       "a near-tie late in a long continuation.",
-      "",
-      "## Compile time of `generate` (random weights, SmolLM2 shapes, batch 1)",
-      "",
-      "| layers | scanned (s) | unrolled (s) |",
-      "|---|---|---|",
   ]
+  if not result["speed"]:  # --sections without 'speed': only the load line of the header.
+    lines = lines[:1] + ["", f"Load average before/after: {result['load_before']} / "
+                             f"{result['load_after']} (shared machine: compare rows of one run)."]
+  if result["compile"]:
+    lines += [
+        "",
+        "## Compile time of `generate` (random weights, SmolLM2 shapes, batch 1)",
+        "",
+        "| layers | scanned (s) | unrolled (s) |",
+        "|---|---|---|",
+    ]
+    by_depth = {}
+    for row in result["compile"]:
+      by_depth.setdefault(row["layers"], {})[row["scanned"]] = row["compile_seconds"]
+    for layers, seconds in sorted(by_depth.items()):
+      lines.append(f"| {layers} | {seconds[True]:.1f} | {seconds[False]:.1f} |")
   if result["cache"]:
     lines += [
         "",
@@ -291,11 +302,6 @@ def markdown(result: dict) -> str:
     for row in result["cache"]:
       lines.append(f"| {row['method']} | {row['cache_length']} | {1e3 * row['step_seconds']:.1f} | "
                    f"{row['vs_smallest_cache']:.2f}x |")
-  by_depth = {}
-  for row in result["compile"]:
-    by_depth.setdefault(row["layers"], {})[row["scanned"]] = row["compile_seconds"]
-  for layers, seconds in sorted(by_depth.items()):
-    lines.append(f"| {layers} | {seconds[True]:.1f} | {seconds[False]:.1f} |")
   return "\n".join(lines) + "\n"
 
 

@@ -324,10 +324,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if platform not in impl["platforms"]:
       raise ValueError(f"config.model.attention_impl={model.attention_impl!r} cannot run on "
                        f"platform {platform!r} (it runs on {impl['platforms']})")
-  seq_len = config.data.seq_len
-  if model.positions == "learned" and seq_len > model.max_length:
-    raise ValueError(f"config.data.seq_len={seq_len} exceeds config.model.max_length="
-                     f"{model.max_length} (the learned position table)")
+  # The lengths of the model's inputs: seq2seq has a source and a target, the others one sequence.
+  if config.task == "seq2seq":
+    lengths = {"data.source_len": data.source_len, "data.target_len": data.target_len}
+  else:
+    lengths = {"data.seq_len": data.seq_len}
+  if model.positions == "learned":
+    for key, length in lengths.items():
+      if length > model.max_length:
+        raise ValueError(f"config.{key}={length} exceeds config.model.max_length="
+                         f"{model.max_length} (the learned position table)")
+    decode_len = config.eval.max_decode_len or data.target_len
+    if config.task == "seq2seq" and decode_len + 1 > model.max_length:
+      raise ValueError(
+          f"config.eval.max_decode_len={config.eval.max_decode_len} (0 = data.target_len="
+          f"{data.target_len}) plus the start token needs a cache of {decode_len + 1} positions, "
+          f"over config.model.max_length={model.max_length} (the learned position table); raise "
+          "config.model.max_length or lower config.eval.max_decode_len")
 
   try:
     shape = dict(zip(("data", "fsdp", "tensor", "context"),
@@ -352,9 +365,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.eval.batch_size % batch_ways:
     raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be divisible by the "
                      f"{batch_ways} batch shards (0: config.batch_size)")
-  if seq_len % shards("length"):
-    raise ValueError(f"config.data.seq_len={seq_len} must be divisible by the {shards('length')} "
-                     "sequence (context) shards")
+  for key, length in lengths.items():
+    if length % shards("length"):
+      raise ValueError(f"config.{key}={length} must be divisible by the {shards('length')} "
+                       "sequence (context) shards")
+  if model.attention_impl == "ring" and config.task == "seq2seq":
+    raise ValueError(
+        "config.model.attention_impl='ring' cannot run seq2seq: ring attention needs equal query "
+        "and key lengths without padding arrays, which cross-attention (target queries, padded "
+        "source keys) lacks; leave config.model.attention_impl unset (None) for seq2seq")
   if model.attention_impl == "ring":
     _validate_ring(config, shape, dict(rules)["length"])
 

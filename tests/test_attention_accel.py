@@ -27,6 +27,7 @@ from attention_support import MaskParts, assert_close, numpy_attention, numpy_vi
 from flaxattn.attention import Mask, api, cudnn, dot_product_attention, rows, splash
 from flaxattn.attention import tokamax_attention
 from flaxattn.attention.spec import Call
+from flaxattn.models.common import padding_segments
 
 ACCELERATOR_KERNELS = ("cudnn", "tokamax", "splash")
 # Fractions of each tensor's scale (see attention_support.assert_close); as test_attention_numpy.py.
@@ -312,6 +313,31 @@ def test_tokamax_wrapper_matches_oracle(name, op):
   problem = TOKAMAX_PROBLEMS[name]
   _assert_matches_oracle(_run(tokamax_attention.attention, problem, implementation=op), problem,
                          f"{name} ({op})")
+
+
+# Padding at both ends of a row, as the models lay it out (`padding_segments`): row 0 a left-padded
+# prompt that is also right-padded, row 1 real tokens then padding (a seq2seq source or target).
+BOTH_ENDS = np.asarray([[0] * 3 + [1] * 9 + [0] * 4, [1] * 11 + [0] * 5], bool)
+
+
+@pytest.mark.skipif(tokamax_attention.load_tokamax() is None, reason="tokamax is not installed")
+@pytest.mark.parametrize("op", ["xla", "xla_chunked"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tokamax_padding_at_both_ends_of_a_row_gives_no_nan(causal, op):
+  segments = np.asarray(padding_segments(jnp.asarray(BOTH_ENDS)))
+  # Each id one contiguous run (the form tokamax's key ranges express exactly) ...
+  assert np.asarray(rows.segment_key_ranges(segments, segments)[2]).all()
+  problem = Problem(2, 16, 16, 4, 2, 8, 8, parts=MaskParts(
+      causal=causal, q_segment_ids=segments, kv_segment_ids=segments))
+  out, grads = _run(tokamax_attention.attention, problem, implementation=op)
+  assert np.isfinite(np.asarray(out)).all() and all(
+      np.isfinite(np.asarray(grad)).all() for grad in grads if grad is not None)
+  _assert_matches_oracle((out, grads), problem, f"padding at both ends ({op})")
+  # ... and the real tokens see exactly the real tokens, as with one padding id.
+  real = MaskParts(causal=causal, q_segment_ids=BOTH_ENDS.astype(np.int32),
+                   kv_segment_ids=BOTH_ENDS.astype(np.int32))
+  visible = numpy_visible(problem.parts, 2, 1, 16, 16)[:, 0]
+  np.testing.assert_array_equal(visible[BOTH_ENDS], numpy_visible(real, 2, 1, 16, 16)[:, 0][BOTH_ENDS])
 
 
 @pytest.mark.skipif(tokamax_attention.load_tokamax() is None, reason="tokamax is not installed")

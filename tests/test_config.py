@@ -24,6 +24,17 @@ def tiny():
   return config
 
 
+def seq2seq(config, source_len=16, target_len=16):
+  """`config` as a seq2seq run (copy task) with these lengths; `data.seq_len` far over max_length."""
+  config.task = "seq2seq"
+  config.data.update(name="copy", source_len=source_len, target_len=target_len, seq_len=1000)
+  return config
+
+
+def test_seq2seq_lengths_that_fit_are_valid_whatever_data_seq_len():
+  validate(seq2seq(tiny()))
+
+
 @pytest.mark.parametrize("variant", ["sharded", "ring"])
 def test_lm_tiny_mesh_variants_are_valid_on_8_devices(variant):
   validate(lm_tiny.get_config(variant))
@@ -65,6 +76,19 @@ def test_valid_configs_pass():
                 c.data.update(seq_len=28), c.model.update(attention_impl="ring")),
      r"config.data.seq_len=28 must be divisible by 2 x config.mesh.context=4"),
     (lambda c: c.sharding.update(overrides="hidden=tensor"), r"config.sharding.overrides: 'hidden=tensor'"),
+    # seq2seq: the source and the target each against the learned positions, not data.seq_len.
+    (lambda c: seq2seq(c, source_len=40), r"config.data.source_len=40 exceeds config.model.max_length=32"),
+    (lambda c: seq2seq(c, target_len=40), r"config.data.target_len=40 exceeds config.model.max_length=32"),
+    (lambda c: seq2seq(c, target_len=32),
+     r"config.eval.max_decode_len=0 \(0 = data.target_len=32\) plus the start token needs a cache "
+     r"of 33 positions, over config.model.max_length=32"),
+    (lambda c: (seq2seq(c, source_len=30), c.mesh.update(data=2, context=4),
+                c.sharding.update(preset="context")),
+     r"config.data.source_len=30 must be divisible by the 4 sequence"),
+    (lambda c: (seq2seq(c), c.mesh.update(data=2, context=4), c.sharding.update(preset="context"),
+                c.model.update(attention_impl="ring")),
+     r"config.model.attention_impl='ring' cannot run seq2seq: .* leave config.model.attention_impl "
+     r"unset \(None\) for seq2seq"),
 ])
 def test_invalid_values_name_key_and_value(change, message):
   config = tiny()

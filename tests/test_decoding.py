@@ -454,3 +454,36 @@ def test_bad_arguments_raise_value_error_naming_them(lm, kwargs, message):
   arguments = dict(max_new_tokens=2) | kwargs
   with pytest.raises(ValueError, match=message):
     generate(lm, jnp.ones((2, 3), jnp.int32), **arguments)
+
+
+@pytest.mark.slow
+def test_an_lm_trained_with_ring_attention_decodes(tmp_path):
+  # Cached decoding has one-token queries, which ring attention cannot split over the context axis:
+  # the layers fall back to a single-device kernel. The tokens must be the greedy continuation of
+  # full forward passes of the same weights with the 'xla' kernel.
+  import pathlib
+  import sys
+
+  from flaxattn.train import inference
+  from flaxattn.train.loop import train_and_evaluate
+
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
+  from experiments import lm_tiny  # pylint: disable=import-outside-toplevel
+
+  config = lm_tiny.get_config("ring")
+  config.update(steps=3, log_every=1, eval_every=0, eval_batches=1, checkpoint_every=3)
+  train_and_evaluate(config, str(tmp_path))
+  run, graphdef, params, _ = inference.restore(config, str(tmp_path))
+  model = nnx.merge(graphdef, params)
+  prompt = [[5, 17, 200, 3, 42]]
+  with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
+    tokens = np.asarray(generate(model, jnp.asarray(prompt, jnp.int32), max_new_tokens=6))
+  reference = nnx.clone(model)
+  for _, module in nnx.iter_modules(reference):
+    if isinstance(module, MultiHeadAttention):
+      module.implementation = "xla"
+  forward = jitted(lambda model, ids: model(ids), reference)
+  expected = naive_decode(
+      lambda sequence: np.asarray(forward(filled(sequence)), np.float64)[0, :len(sequence)],
+      prompt[0], 6)
+  np.testing.assert_array_equal(tokens[0, len(prompt[0]):], expected)

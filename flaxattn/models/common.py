@@ -56,9 +56,24 @@ def token_positions(ids: jax.Array, valid: jax.Array | None, start=0) -> jax.Arr
   return positions_from_mask(jnp.ones(ids.shape, bool) if valid is None else valid, start)
 
 
+def padding_segments(valid: jax.Array) -> jax.Array:
+  """Segment ids `[batch, length]` int32 of a padding mask (`valid` bool, True = real token).
+
+  Real tokens get id 1; each run of padding its own id (0, -1, -2, ... left to right), so padding at
+  both ends of a row (a left-padded prompt; a right-padded target) still gives segments that are
+  contiguous runs: the form range-based kernels (tokamax) need, where one id split into two runs
+  would give NaN. Real tokens see exactly the real tokens either way; padding sees only its run.
+  """
+  valid = jnp.asarray(valid, bool)
+  after_real = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid[:, :-1]], axis=1)
+  runs = jnp.cumsum(~valid & after_real, axis=1, dtype=jnp.int32)  # padding run count so far
+  return jnp.where(valid, 1, 1 - runs).astype(jnp.int32)
+
+
 def self_attention_mask(valid: jax.Array | None, *, causal: bool) -> Mask | None:
-  """Padding (as segment ids: real tokens see only real tokens) and optionally causal."""
-  segments = None if valid is None else valid.astype(jnp.int32)
+  """Padding (as segment ids, `padding_segments`: real tokens see only real tokens) and optionally
+  causal."""
+  segments = None if valid is None else padding_segments(valid)
   if segments is None and not causal:
     return None
   return Mask(causal=causal, q_segment_ids=segments, kv_segment_ids=segments)
