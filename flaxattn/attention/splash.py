@@ -67,7 +67,7 @@ def block_plan(q_len: int, kv_len: int) -> tuple[int, int, int, int]:
 @functools.lru_cache(maxsize=64)
 def make_kernel(*, mqa: bool, heads: int, padded_q: int, padded_kv: int, offset: int, causal: bool,
                 window: tuple[int | None, int | None] | None, block_q: int, block_kv: int,
-                softcap: float | None):
+                softcap: float | None, mesh=None):
   """The splash kernel for these static parameters (cached: building the mask metadata costs
   O(blocks) NumPy work at trace time).
 
@@ -79,6 +79,9 @@ def make_kernel(*, mqa: bool, heads: int, padded_q: int, padded_kv: int, offset:
     causal, window: as `Mask`.
     block_q, block_kv: block sizes, forward and backward.
     softcap: the logit soft-cap or None.
+    mesh: the calling context's abstract mesh (`jax.sharding.get_abstract_mesh()`), a cache key
+      only: the metadata arrays take that context's mesh (inside a shard_map, its manual axes),
+      and calls under another mesh reject them.
   """
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=import-outside-toplevel
 
@@ -97,12 +100,10 @@ def make_kernel(*, mqa: bool, heads: int, padded_q: int, padded_kv: int, offset:
       block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
       use_fused_bwd_kernel=True)
   maker = splash.make_splash_mqa_single_device if mqa else splash.make_splash_mha_single_device
+  del mesh  # Only a cache key.
   # The kernel holds its mask metadata as arrays: make them concrete even when first asked for
-  # inside a trace (a shard_map would otherwise make them tracers, which the cache would leak), and
-  # outside any mesh (made inside a shard_map they would carry its manual mesh, which a later call
-  # under another mesh, or none, rejects).
-  with jax.ensure_compile_time_eval(), jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((), ())):
+  # inside a trace (a shard_map would otherwise make them tracers, which the cache would leak).
+  with jax.ensure_compile_time_eval():
     return maker(splash.MultiHeadMask([head_mask] * heads), block_sizes=block_sizes,
                  attn_logits_soft_cap=softcap)
 
@@ -162,7 +163,7 @@ def _attention_on_device(query, key, value, mask: Mask, bias, *, scale: float, s
   kernel = make_kernel(
       mqa=group > 1, heads=group if group > 1 else heads, padded_q=padded_q, padded_kv=padded_kv,
       offset=kv_len - q_len, causal=mask.causal, window=mask.window, block_q=block_q,
-      block_kv=block_kv, softcap=softcap)
+      block_kv=block_kv, softcap=softcap, mesh=jax.sharding.get_abstract_mesh())
 
   # Scale folded into the query (splash has no scale argument), in float32 before rounding back.
   query = (query.astype(jnp.float32) * scale).astype(query.dtype)
