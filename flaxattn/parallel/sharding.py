@@ -110,7 +110,8 @@ def row_block(sharding: jax.sharding.NamedSharding, devices=None) -> tuple[int, 
   processes = {}
   for device in shard_of:
     processes.setdefault(device.process_index, []).append(device)
-  blocks = {process: block(group, f"process {process} holds") for process, group in processes.items()}
+  blocks = {process: block(group, f"process {process} holds")
+            for process, group in processes.items()}
   if len({count for _, count in blocks.values()}) > 1:
     raise ValueError(f"the processes hold unequal shares of the batch on mesh {dict(mesh.shape)}: "
                      f"(block, of blocks) per process {blocks}")
