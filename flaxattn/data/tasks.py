@@ -206,19 +206,6 @@ def build_tokenizer(config, workdir: str | None, raw: dict[str, Sequence]):
                                     model_path=data.tokenizer_path or None)
 
 
-def _same_tokenizer_everywhere(config, workdir: str | None, raw: dict[str, Sequence]):
-  """`build_tokenizer`, learned once per run: with several processes, process 0 trains (or loads)
-  and caches it in the (shared) workdir while the others wait, then they load that cache, so no
-  two processes can hold different ids."""
-  import jax  # Deferred: the data layer needs jax only to agree across processes.
-  if jax.process_count() == 1 or workdir is None:
-    return build_tokenizer(config, workdir, raw)
-  from jax.experimental import multihost_utils
-  tokenizer = build_tokenizer(config, workdir, raw) if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices("flaxattn tokenizer cached")
-  return build_tokenizer(config, workdir, raw) if tokenizer is None else tokenizer
-
-
 def _tokenize(kind: str, tokenizer, label_index: dict | None):
   def classification(example):
     label = example["label"]
@@ -259,7 +246,7 @@ def build_task(config, workdir: str | None) -> Task:
   data = config.data
   kind = task_kind(config)
   raw = _raw_splits(data)
-  tokenizer = _same_tokenizer_everywhere(config, workdir, raw)
+  tokenizer = build_tokenizer(config, workdir, raw)
   class_names, label_index = (_class_names(data.name, raw["train"]) if kind == "classification"
                               else ((), None))
   if kind == "classification" and data.name == "files":
