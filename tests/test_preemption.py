@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from flaxattn.config import base_config, config_changes, validate
-from flaxattn.train import Checkpointer
+from flaxattn.train import Checkpointer, load_params
 from flaxattn.train.checkpoint import CheckpointMismatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from experiments import lm_tiny  # noqa: E402
-from tests.test_checkpoint import final_params, read_metrics  # noqa: E402
+from tests.test_checkpoint import read_metrics  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
            XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -219,6 +219,6 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes(tmp_
   assert resumed.returncode == 0, output[-3000:]
   want = read_metrics(tmp_path / "uninterrupted")
   assert [r for r in read_metrics(workdir) if r["step"] % 5 == 0] == want
-  for got, expected in zip(jax.tree.leaves(final_params(workdir, 60)),
-                           jax.tree.leaves(final_params(tmp_path / "uninterrupted", 60))):
+  for got, expected in zip(jax.tree.leaves(load_params(workdir, 60)),
+                           jax.tree.leaves(load_params(tmp_path / "uninterrupted", 60))):
     np.testing.assert_array_equal(got, expected)
