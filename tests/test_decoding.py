@@ -135,10 +135,12 @@ def test_a_cached_step_never_reads_the_slots_past_the_written_ones():
   x = jax.random.normal(jax.random.key(1), (2, 5, 16))
   positions = jnp.asarray([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2]], jnp.int32)  # row 1 left-padded
 
-  def run(cache):
+  def prefill_and_step(layer, cache):
     out, cache = layer(x[:, :4], positions=positions[:, :4], cache=cache)
     step, _ = layer(x[:, 4:], positions=positions[:, 4:], cache=cache)
     return jnp.concatenate([out, step], axis=1)
+
+  run = jitted(prefill_and_step, layer)
 
   small = run(layer.init_cache(2, 5))
   big = layer.init_cache(2, 1100)
