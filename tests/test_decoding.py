@@ -33,10 +33,10 @@ def right_padded(prompts):
 
 
 def lm_config(**overrides):
-  return TransformerConfig(
+  return TransformerConfig(**(dict(
       vocab_size=VOCAB, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64, num_layers=2,
       activation="silu", gated_mlp=True, norm="rmsnorm", use_bias=False, positions="rope",
-      max_length=32, **overrides)
+      max_length=32) | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -135,10 +135,12 @@ def test_a_cached_step_never_reads_the_slots_past_the_written_ones():
   x = jax.random.normal(jax.random.key(1), (2, 5, 16))
   positions = jnp.asarray([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2]], jnp.int32)  # row 1 left-padded
 
-  def run(cache):
+  def prefill_and_step(layer, cache):
     out, cache = layer(x[:, :4], positions=positions[:, :4], cache=cache)
     step, _ = layer(x[:, 4:], positions=positions[:, 4:], cache=cache)
     return jnp.concatenate([out, step], axis=1)
+
+  run = jitted(prefill_and_step, layer)
 
   small = run(layer.init_cache(2, 5))
   big = layer.init_cache(2, 1100)
@@ -487,3 +489,13 @@ def test_an_lm_trained_with_ring_attention_decodes(tmp_path):
       lambda sequence: np.asarray(forward(filled(sequence)), np.float64)[0, :len(sequence)],
       prompt[0], 6)
   np.testing.assert_array_equal(tokens[0, len(prompt[0]):], expected)
+
+
+def test_beam_search_fills_a_learned_position_cache_to_max_length():
+  # The cache is exactly config.max_length slots, the most learned positions allow; one beam with
+  # no length penalty is greedy.
+  model = DecoderLM(lm_config(positions="learned", max_length=8), rngs=nnx.Rngs(2))
+  ids = jnp.asarray([[3, 4, 5]], jnp.int32)
+  beam = generate(model, ids, max_new_tokens=5, method="beam", num_beams=1, length_penalty=0.0)
+  greedy = generate(model, ids, max_new_tokens=5)
+  np.testing.assert_array_equal(np.asarray(beam)[:, 0], np.asarray(greedy))

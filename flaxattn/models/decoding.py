@@ -215,17 +215,18 @@ REORDER_CHUNK = 64
 
 def _cache_axes(init_cache, max_length: int):
   """`(batch_axes, length_axes)`: for each cache leaf its batch axis and its slot axis, found by
-  comparing abstract caches of batch 1 vs 2 and of `max_length` vs `max_length + 1`; None where a
-  leaf has no such axis (the write index; a cross-attention or recurrent state has no slot axis)."""
+  comparing abstract caches of batch 1 vs 2 and of `max_length` slots vs one fewer (not one more:
+  learned positions may cap the length); None where a leaf has no such axis (the write index; a
+  cross-attention or recurrent state has no slot axis)."""
   base = jax.eval_shape(lambda: init_cache(1, max_length))
   wider = jax.eval_shape(lambda: init_cache(2, max_length))
-  longer = jax.eval_shape(lambda: init_cache(1, max_length + 1))
+  other = jax.eval_shape(lambda: init_cache(1, max_length - 1 if max_length > 1 else 2))
 
   def axis(a, b):
     differ = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
     return differ[0] if differ else None
 
-  return jax.tree.map(axis, base, wider), jax.tree.map(axis, base, longer)
+  return jax.tree.map(axis, base, wider), jax.tree.map(axis, base, other)
 
 
 def _take_rows(tree, rows: jax.Array, axes):
@@ -239,7 +240,8 @@ def _reorder_rows(cache, rows: jax.Array, axes, filled):
   Leaves with a slot axis are moved `REORDER_CHUNK` slots at a time, in place, so a beam-search step
   costs what its tokens cost, not what the cache could hold (the slots past `filled` are empty in
   every row; they stay as they are). The last chunk is clamped to the end of the cache; slots it
-  shares with the chunk before are kept as already moved. `axes`: `(batch_axes, length_axes)` from `_cache_axes`.
+  shares with the chunk before are kept as already moved. `axes`: `(batch_axes, length_axes)` from
+  `_cache_axes`.
   """
   batch_axes, length_axes = axes
   leaves, treedef = jax.tree.flatten(cache)
