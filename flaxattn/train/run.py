@@ -21,8 +21,7 @@ from flax import nnx
 
 from flaxattn import parallel
 from flaxattn.config import transformer_config
-from flaxattn.data import tasks
-from flaxattn.data.synthetic import MarkovCorpus
+from flaxattn.data import registry, tasks
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
 from flaxattn.train.evaluate import Evaluator, prefixed
 from flaxattn.train.losses import LOSSES
@@ -38,12 +37,11 @@ class Run:
   rules: Any
   kind: str
   model_config: Any
-  task: tasks.Task | None
+  task: tasks.Task
   make_model: Callable
   loss_fn: Callable
   seq_len: int
   batch_shardings: dict
-  corpus: MarkovCorpus | None = None
 
   @property
   def data_shard(self) -> tuple[int, int]:
@@ -57,8 +55,6 @@ class Run:
   def train_iterator(self):
     """This process's training batches: an iterator with `get_state()` / `set_state()`."""
     config = self.config
-    if self.corpus is not None:
-      return tasks.MarkovData(self.corpus, config.batch_size, self._rows(config.batch_size))
     index, count = self.data_shard
     return iter(self.task.dataset(
         "train", batch_size=config.batch_size // count, train=True, seed=config.data.seed,
@@ -66,10 +62,6 @@ class Run:
 
   def eval_batches(self, split: str):
     """This process's eval batches of `split`: every example once (Markov: `config.eval_batches`)."""
-    config = self.config
-    if self.corpus is not None:
-      return tasks.MarkovData(self.corpus, config.batch_size, self._rows(config.batch_size),
-                              split="eval", limit=config.eval_batches)
     index, count = self.data_shard
     return self.task.dataset(split, batch_size=self.eval_batch_size // count, train=False,
                              process_index=index, process_count=count)
@@ -119,13 +111,13 @@ class RunEvaluator:
 
   def evaluate(self, params, *, step: int, board=None) -> dict[str, float]:
     config = self.run.config
-    split = "eval" if self.run.corpus is not None else "validation"
+    split = self.run.task.validation_split
     result = self.evaluator.evaluate(params, split, max_batches=config.eval_batches,
                                      decode=config.eval.decode_every_eval,
                                      max_decode_examples=config.eval.decode_examples)
     # Process 0 draws (it has the board); the others join in gathering the parameters.
     drawing = board is not None or jax.process_index() > 0
-    if drawing and self.run.task is not None and config.report.attention_examples:
+    if drawing and self.run.task.tokenizer is not None and config.report.attention_examples:
       images = attention_images(self.run, self.evaluator.graphdef, params,
                                 os.path.join(self.run.workdir, "attention", f"step_{step}"),
                                 examples=1)
@@ -181,31 +173,26 @@ def build_run(config, workdir: str) -> Run:
   `WORKDIR/tokenizer`)."""
   mesh = parallel.make_mesh(dict(config.mesh))
   rules = parallel.make_rules(config.sharding.preset, config.sharding.overrides)
-  kind = tasks.task_kind(config)
+  kind = registry.task_kind(config)
   model_config = transformer_config(config.model)
-  task = corpus = None
-  if config.data.name == "markov":
-    corpus = MarkovCorpus(model_config.vocab_size, config.data.seq_len,
-                          branching=config.data.branching, seed=config.data.seed)
+  task = registry.build_task(config, workdir)
+  if config.model.pretrained:
+    # The architecture is the checkpoint's; the config keeps only what does not change the
+    # weights' meaning (dropout, the attention kernel, dtypes).
+    from flaxattn.models.pretrained import bert  # Deferred: needs the `pretrained` extra.
+    from flaxattn.models.pretrained.weights import override
+    directory = pathlib.Path(tasks.pretrained_dir(config.model.pretrained))
+    overrides = {name: getattr(model_config, name) for name in (
+        "dropout_rate", "attention_dropout_rate", "attention_impl", "dtype", "param_dtype")}
+    model_config = override(bert.transformer_config(bert.read_config(directory), str(directory)),
+                            overrides, str(directory))
   else:
-    task = tasks.build_task(config, workdir)
-    if config.model.pretrained:
-      # The architecture is the checkpoint's; the config keeps only what does not change the
-      # weights' meaning (dropout, the attention kernel, dtypes).
-      from flaxattn.models.pretrained import bert  # Deferred: needs the `pretrained` extra.
-      from flaxattn.models.pretrained.weights import override
-      directory = pathlib.Path(tasks.pretrained_dir(config.model.pretrained))
-      overrides = {name: getattr(model_config, name) for name in (
-          "dropout_rate", "attention_dropout_rate", "attention_impl", "dtype", "param_dtype")}
-      model_config = override(bert.transformer_config(bert.read_config(directory), str(directory)),
-                              overrides, str(directory))
-    else:
-      model_config = dataclasses.replace(model_config, vocab_size=task.vocab_size)
+    model_config = dataclasses.replace(model_config, vocab_size=task.vocab_size)
   model = config.model
   if kind == "lm":
     make_model = functools.partial(DecoderLM, model_config)
   elif kind == "classification":
-    num_classes = len(task.class_names) if task is not None else model.num_classes
+    num_classes = len(task.class_names)
     make_model = functools.partial(EncoderClassifier, model_config, num_classes,
                                    pooling=model.pooling)
   else:
@@ -213,18 +200,12 @@ def build_run(config, workdir: str) -> Run:
                                    share_embeddings=model.share_embeddings)
   loss_fn = functools.partial(LOSSES[kind], label_smoothing=config.loss.label_smoothing,
                               z_loss=config.loss.z_loss)
-  if task is None:
-    shapes = {name: (config.batch_size,) + value.shape[1:] for name, value in
-              corpus.batch(0, 1, rows=slice(0, 1)).items()}
-    seq_len = config.data.seq_len
-  else:
-    first = next(iter(task.dataset("train", batch_size=1, train=True, seed=config.data.seed)))
-    shapes = {name: (config.batch_size,) + value.shape[1:] for name, value in first.items()}
-    seq_len = max(task.lengths.values())
+  first = next(iter(task.dataset("train", batch_size=1, train=True, seed=config.data.seed)))
+  shapes = {name: (config.batch_size,) + value.shape[1:] for name, value in first.items()}
   run = Run(config=config, workdir=workdir, mesh=mesh, rules=rules, kind=kind,
             model_config=model_config, task=task, make_model=lambda rngs: make_model(rngs=rngs),
-            loss_fn=loss_fn, seq_len=seq_len,
-            batch_shardings=parallel.batch_shardings(shapes, mesh, rules), corpus=corpus)
+            loss_fn=loss_fn, seq_len=max(task.lengths.values()),
+            batch_shardings=parallel.batch_shardings(shapes, mesh, rules))
   for name, size in (("config.batch_size", config.batch_size),
                      ("config.eval.batch_size", run.eval_batch_size)):
     try:
@@ -241,11 +222,11 @@ def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, 
   named in the report). Returns the `test_*` metrics."""
   config = run.config
   final = {}
-  if run.task is not None and config.eval.test and "test" in run.task.examples:
+  if config.eval.test and "test" in run.task.splits:
     final = prefixed(evaluator.evaluator.evaluate(
         params, "test", decode=True, max_decode_examples=config.eval.decode_examples), "test")
   attention = {}
-  if run.task is not None and config.report.attention_examples:  # On every process (a gather).
+  if run.task.tokenizer is not None and config.report.attention_examples:  # Every process: a gather.
     attention = attention_images(run, evaluator.evaluator.graphdef, params,
                                  os.path.join(workdir, "attention", "final"),
                                  examples=config.report.attention_examples)
@@ -256,7 +237,7 @@ def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, 
                                         os.path.join(workdir, "learning_curves.png"))]
   tables = {}
   notes = [f"test metrics and attention maps of checkpoint {checkpoint}"] if checkpoint else []
-  if run.task is not None:
+  if run.task.tokenizer is not None:
     if attention:
       images.extend(attention.values())
       if board is not None:
