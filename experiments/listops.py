@@ -15,15 +15,13 @@ Any variant takes another attention: `--config.model.attention_impl=...` (exact 
 model's approximate attention options (`flaxattn.nn.TransformerConfig`).
 """
 
-from flaxattn.config import base_config
+from flaxattn.config import base_config, parse_variant
 
 VARIANTS = ("", "cpu", "smoke")
 
 
 def get_config(arg=None):
-  arg = arg or ""
-  if arg not in VARIANTS:
-    raise ValueError(f"experiments/listops.py variant must be one of {VARIANTS}, got {arg!r}")
+  variant = parse_variant(arg, __file__, VARIANTS).variant
   config = base_config()
   config.task = "classification"
   config.update(steps=5000, batch_size=32, log_every=100, eval_every=1000, eval_batches=0,
@@ -37,14 +35,14 @@ def get_config(arg=None):
   config.schedule.warmup_steps = 1000
   config.report.attention_examples = 1
 
-  if arg == "cpu":
+  if variant == "cpu":
     config.update(steps=2000, batch_size=32, eval_every=500, checkpoint_every=500)
     config.data.update(seq_len=512, min_length=100, max_length=500, train_examples=32_000,
                        eval_examples=1_000)
     config.model.update(d_model=128, num_heads=4, mlp_dim=256, num_layers=2, max_length=512)
     config.optimizer.learning_rate = 1e-3
     config.schedule.warmup_steps = 200
-  elif arg == "smoke":
+  elif variant == "smoke":
     config.update(steps=20, batch_size=16, log_every=10, eval_every=20, checkpoint_every=20)
     config.data.update(seq_len=64, min_length=20, max_length=60, train_examples=320,
                        eval_examples=48)

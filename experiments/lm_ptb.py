@@ -11,15 +11,13 @@ Variants: '' (a 2-layer decoder, d_model 256, dropout 0.3, about 2 epochs: sized
 scale `model.num_layers`, `model.d_model` and `steps` up on an accelerator), 'smoke'.
 """
 
-from flaxattn.config import base_config
+from flaxattn.config import base_config, parse_variant
 
 VARIANTS = ("", "smoke")
 
 
 def get_config(arg=None):
-  arg = arg or ""
-  if arg not in VARIANTS:
-    raise ValueError(f"experiments/lm_ptb.py variant must be one of {VARIANTS}, got {arg!r}")
+  variant = parse_variant(arg, __file__, VARIANTS).variant
   config = base_config()
   config.task = "lm"
   config.update(steps=900, batch_size=32, log_every=50, eval_every=300, eval_batches=0,
@@ -31,7 +29,7 @@ def get_config(arg=None):
   config.schedule.warmup_steps = 200
   config.report.attention_examples = 1
 
-  if arg == "smoke":
+  if variant == "smoke":
     config.update(steps=20, batch_size=16, log_every=10, eval_every=20, checkpoint_every=20,
                   eval_batches=4)
     config.data.seq_len = 32

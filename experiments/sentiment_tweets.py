@@ -16,15 +16,13 @@ Variants:
   'smoke'    a tiny model for 30 steps: checks the whole path (train, eval, checkpoint, report).
 """
 
-from flaxattn.config import base_config
+from flaxattn.config import base_config, parse_variant
 
 VARIANTS = ("", "scratch", "smoke")
 
 
 def get_config(arg=None):
-  arg = arg or ""
-  if arg not in VARIANTS:
-    raise ValueError(f"experiments/sentiment_tweets.py variant must be one of {VARIANTS}, got {arg!r}")
+  variant = parse_variant(arg, __file__, VARIANTS).variant
   config = base_config()
   config.task = "classification"
   config.update(steps=300, batch_size=32, log_every=25, eval_every=0, eval_batches=0,
@@ -37,7 +35,7 @@ def get_config(arg=None):
   config.report.baseline = "tfidf"
   config.report.attention_examples = 1
 
-  if arg in ("scratch", "smoke"):
+  if variant in ("scratch", "smoke"):
     config.model.pretrained = ""
     config.update(steps=1500, batch_size=64, log_every=50, eval_every=500, checkpoint_every=500)
     config.data.update(tokenizer="sentencepiece", vocab_size=4000)
@@ -46,7 +44,7 @@ def get_config(arg=None):
     config.optimizer.update(learning_rate=1e-3, weight_decay=0.05)
     config.schedule.warmup_steps = 100
     config.report.attention_examples = 2
-  if arg == "smoke":
+  if variant == "smoke":
     config.update(steps=30, batch_size=32, log_every=10, eval_every=30, checkpoint_every=30)
     config.data.update(seq_len=32, vocab_size=500)
     config.model.update(d_model=32, num_heads=2, mlp_dim=64, num_layers=1, max_length=32)

@@ -7,13 +7,15 @@ English (a translation into an 850-word vocabulary), verse by verse, scored with
 Variants: '' and 'smoke' (tiny, 30 steps, 16 decoded verses).
 """
 
-from flaxattn.config import bible_seq2seq_config
+import os
+
+from flaxattn.config import load_experiment, parse_variant
+
+base = load_experiment(os.path.join(os.path.dirname(__file__), "base.py"))
 
 VARIANTS = ("", "smoke")
 
 
 def get_config(arg=None):
-  arg = arg or ""
-  if arg not in VARIANTS:
-    raise ValueError(f"experiments/simplify_bible.py variant must be one of {VARIANTS}, got {arg!r}")
-  return bible_seq2seq_config("3", smoke=arg == "smoke")
+  arg = parse_variant(arg, __file__, VARIANTS)
+  return base.bible_seq2seq_config("3", smoke=arg.variant == "smoke")

@@ -7,13 +7,16 @@ on held-out books (the split is by book, so no verse of a test book is seen in t
 Variants: 'en-fr' (default), 'en-de', and 'smoke' (EN->FR, tiny, 30 steps, 16 decoded verses).
 """
 
-from flaxattn.config import bible_seq2seq_config
+import os
+
+from flaxattn.config import load_experiment, parse_variant
+
+base = load_experiment(os.path.join(os.path.dirname(__file__), "base.py"))
 
 VARIANTS = ("", "en-fr", "en-de", "smoke")
 
 
 def get_config(arg=None):
-  arg = arg or ""
-  if arg not in VARIANTS:
-    raise ValueError(f"experiments/translate_bible.py variant must be one of {VARIANTS}, got {arg!r}")
-  return bible_seq2seq_config("e" if arg == "en-de" else "l", smoke=arg == "smoke")
+  arg = parse_variant(arg, __file__, VARIANTS)
+  return base.bible_seq2seq_config("e" if arg.variant == "en-de" else "l",
+                                   smoke=arg.variant == "smoke")

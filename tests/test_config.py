@@ -27,7 +27,8 @@ def tiny():
 def seq2seq(config, source_len=16, target_len=16):
   """`config` as a seq2seq run (copy task) with these lengths; `data.seq_len` far over max_length."""
   config.task = "seq2seq"
-  config.data.update(name="copy", source_len=source_len, target_len=target_len, seq_len=1000)
+  config.data.update(name="copy", source_len=source_len, target_len=target_len, seq_len=1000,
+                     vocab_size=20)
   return config
 
 
@@ -80,8 +81,8 @@ def test_valid_configs_pass():
     (lambda c: seq2seq(c, source_len=40), r"config.data.source_len=40 exceeds config.model.max_length=32"),
     (lambda c: seq2seq(c, target_len=40), r"config.data.target_len=40 exceeds config.model.max_length=32"),
     (lambda c: seq2seq(c, target_len=32),
-     r"config.eval.max_decode_len=0 \(0 = data.target_len=32\) plus the start token needs a cache "
-     r"of 33 positions, over config.model.max_length=32"),
+     r"config.eval.max_decode_len=None \(None = data.target_len=32\) plus the start token needs a "
+     r"cache of 33 positions, over config.model.max_length=32"),
     (lambda c: (seq2seq(c, source_len=30), c.mesh.update(data=2, context=4),
                 c.sharding.update(preset="context")),
      r"config.data.source_len=30 must be divisible by the 4 sequence"),

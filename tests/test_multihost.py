@@ -75,7 +75,7 @@ def test_batches_the_processes_cannot_split_are_one_line_errors():
   with pytest.raises(ValueError, match=r"config.eval.batch_size=6 must be divisible by the 4 "
                                        "batch shards"):
     validate(config)
-  config.eval.batch_size, config.batch_size = 0, 6
+  config.eval.batch_size, config.batch_size = None, 6
   with pytest.raises(ValueError, match=r"config.batch_size=6 must be divisible by the 4 batch"):
     validate(config)
 

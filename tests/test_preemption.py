@@ -47,7 +47,7 @@ def test_config_changes_name_the_keys_that_matter():
   # Loop lengths, evaluation, reporting and the mesh may change on resume.
   new.update(steps=5, eval_every=7, checkpoint="best")
   new.mesh.data, new.eval.batch_size, new.report.attention_examples = 2, 4, 0
-  assert config_changes(old, new) == ["data.vocab_size: 0 -> 1000", "model.d_model: 512 -> 96",
+  assert config_changes(old, new) == ["data.vocab_size: None -> 1000", "model.d_model: 512 -> 96",
                                       "optimizer.name: 'adamw' -> 'sgd'"]
   assert config_changes(old, base_config()) == []
   bad = lm_tiny.get_config()
