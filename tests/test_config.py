@@ -1,6 +1,7 @@
 """Config validation: each invalid case names the key and the value; the CLI reports it."""
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import ml_collections
 import pytest
 
 import flaxattn.attention
-from flaxattn.config import base_config, validate
+from flaxattn.config import base_config, load_experiment, parse_variant, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -146,3 +147,42 @@ def test_main_reports_config_errors():
   result = subprocess.run(command + ["--config.model.num_layerz=3"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and 'Did you mean "num_layers"' in result.stderr
+
+
+def _experiment_variants():
+  for path in sorted(pathlib.Path(REPO, "experiments").glob("*.py")):
+    for variant in load_experiment(str(path)).VARIANTS:
+      yield path.name, variant
+
+
+@pytest.mark.parametrize("name, variant", list(_experiment_variants()))
+def test_every_experiment_variant_builds_and_validates(name, variant):
+  module = load_experiment(os.path.join(REPO, "experiments", name))
+  validate(module.get_config(variant))
+
+
+def test_parse_variant_types_options_from_their_defaults():
+  parse = lambda arg: parse_variant(arg, "/x/experiments/demo.py", ("", "small"), steps=10,
+                                    rate=0.5, name="a", packed=False)
+  assert parse(None).to_dict() == dict(variant="", steps=10, rate=0.5, name="a", packed=False)
+  assert parse("small,steps=3,rate=2,name=b,packed").to_dict() == dict(
+      variant="small", steps=3, rate=2.0, name="b", packed=True)
+  assert parse("packed=false,steps=4").to_dict() == dict(
+      variant="", steps=4, rate=0.5, name="a", packed=False)
+  for arg, message in [
+      ("huge", r"^experiments/demo.py variant must be one of \('', 'small'\), got 'huge'$"),
+      ("small,step=3", r"^experiments/demo.py: 'step' is not an option; the options are "
+                       r"\['name', 'packed', 'rate', 'steps'\] \(variants \('', 'small'\)\)$"),
+      ("steps=many", r"^experiments/demo.py: option steps='many' must be int$"),
+      ("packed=yes", r"^experiments/demo.py: option packed='yes' must be bool$")]:
+    with pytest.raises(ValueError, match=message):
+      parse(arg)
+
+
+def test_sequence_tasks_length_option_sets_the_lengths():
+  module = load_experiment(os.path.join(REPO, "experiments", "sequence_tasks.py"))
+  config = module.get_config("copy,length=20")
+  assert (config.data.name, config.data.min_length, config.data.source_len,
+          config.model.max_length) == ("copy", 20, 24, 48)
+  assert module.get_config("recall").data.min_length == 11  # Pairs then a query: odd.
+  validate(config)

@@ -206,7 +206,8 @@ def files(config, workdir):
                                              on_bad_line=data.files.on_bad_line)
       if report.total_bad:
         logging.warning("%s", report.summary())
-      raw[split] = [tasks.record_fields(record, data.fields) for record in records]
+      raw[split] = [tasks.record_fields(record, data.fields, task_kind(config))
+                    for record in records]
   return tasks.text_task(config, workdir, raw, kind=task_kind(config))
 
 
@@ -214,7 +215,8 @@ def _source_splits(config, load: Callable) -> dict:
   """split -> examples of `load(source_split)` for each split `config.data.splits` names."""
   data = config.data
   return {split: tasks.lazy_map(load(data.splits[split]),
-                                functools.partial(tasks.record_fields, fields=data.fields))
+                                functools.partial(tasks.record_fields, fields=data.fields,
+                                                  kind=task_kind(config)))
           for split in SPLITS if data.splits[split]}
 
 

@@ -118,15 +118,22 @@ def pretrained_dir(name_or_path: str) -> str:
   return name_or_path
 
 
-def record_fields(record: Mapping, fields) -> dict:
-  """A record of a file, an HF data set or TFDS as an example: `config.data.fields` picks the
-  'text' / 'label' / 'source' / 'target' values (those the record has); bytes (TFDS text) become
-  str and NumPy scalars Python values; labels are strings (their sorted set names the classes)."""
+# The fields of an example of each kind of task.
+EXAMPLE_FIELDS = {"lm": ("text",), "classification": ("text", "label"),
+                  "seq2seq": ("source", "target")}
+
+
+def record_fields(record: Mapping, fields, kind: str) -> dict:
+  """A record of a file, an HF data set or TFDS as an example of a `kind` task: its
+  `EXAMPLE_FIELDS`, read from the record's fields that `config.data.fields` names. Bytes (TFDS
+  text) become str and NumPy scalars Python values; labels become strings (their sorted set names
+  the classes)."""
   example = {}
-  for key in ("text", "label", "source", "target"):
-    value = record.get(fields[key])
-    if value is None:
-      continue
+  for key in EXAMPLE_FIELDS[kind]:
+    if fields[key] not in record:
+      raise ValueError(f"a record has no field {fields[key]!r} (config.data.fields.{key}); its "
+                       f"fields are {sorted(record)}")
+    value = record[fields[key]]
     value = value.item() if isinstance(value, np.generic) else value
     value = value.decode("utf-8") if isinstance(value, bytes) else value
     example[key] = str(value) if key == "label" else value
