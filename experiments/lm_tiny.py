@@ -6,10 +6,11 @@ log(256) = 5.55 for guessing; 300 steps bring the loss from 5.5 to about 1.3.
   python -m flaxattn.main --config=experiments/lm_tiny.py --workdir=/tmp/lm_tiny
   python -m flaxattn.main --config=experiments/lm_tiny.py:bf16 --workdir=/tmp/lm_tiny_bf16
 
-Variants: '' (float32), 'bf16' (bfloat16 compute, float32 master weights), 'accum' (the same batch
-of 16 in 2 microbatches: also valid on 8 devices), 'sharded' (fsdp=2, tensor=2, context=2 on 8 devices:
-XLA_FLAGS=--xla_force_host_platform_device_count=8), 'ring' (context parallelism: the sequence split
-over context=4 devices with ring attention, batch over fsdp=2; 8 devices as for 'sharded').
+Variants: '' (float32), 'bf16' (bfloat16 compute, float32 master weights), 'accum' (the same
+batch of 16 in 2 microbatches: also valid on 8 devices), 'sharded' (fsdp=2, tensor=2, context=2
+on 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8), 'ring' (context parallelism:
+the sequence split over context=4 devices with ring attention, batch over fsdp=2; 8 devices as for
+'sharded').
 """
 
 from flaxattn.config import base_config, parse_variant

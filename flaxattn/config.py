@@ -67,9 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_batches = 4  # Batches per evaluation; 0: the whole split (the final eval always is).
   config.checkpoint_every = 500  # Steps between checkpoints (also at the end and on SIGTERM).
   config.keep_checkpoints = 3  # Most recent checkpoints kept (plus the best, below).
-  config.best_checkpoint_metric = "eval_loss"  # Also keep the best by: one of BEST_METRICS; '' none.
+  config.best_checkpoint_metric = "eval_loss"  # Also keep the best by this (BEST_METRICS; '': no).
   config.best_checkpoint_mode = "min"  # 'min' or 'max' of best_checkpoint_metric.
-  config.checkpoint = "latest"  # Read by the report and eval/decode/attend: 'latest', 'best', '200'.
+  config.checkpoint = "latest"  # For the report, eval, decode, attend: 'latest', 'best' or '200'.
   config.task = "lm"  # 'lm', 'seq2seq' or 'classification'; a data set that implies one must agree.
 
   # Device mesh: axis sizes; one may be -1 (the remaining devices).
@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.data = -1  # Data parallelism (whole replicas).
   config.mesh.fsdp = 1  # Data parallelism with parameters and optimizer state sharded.
   config.mesh.tensor = 1  # Heads and MLP columns split (Megatron).
-  config.mesh.context = 1  # The sequence split (with model.attention_impl='ring' or sharded kernels).
+  config.mesh.context = 1  # The sequence split (ring attention, or kernels sharded by length).
 
   # Logical-axis rules (`flaxattn.parallel.rules`).
   config.sharding = ml_collections.ConfigDict()
@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.clip_norm = 1.0  # Global gradient-norm clipping; 0: none.
 
   config.schedule = ml_collections.ConfigDict()
-  config.schedule.name = "warmup_cosine"  # 'constant', 'warmup_cosine', 'warmup_linear', 'inverse_sqrt'.
+  config.schedule.name = "warmup_cosine"  # Or 'constant', 'warmup_linear', 'inverse_sqrt'.
   config.schedule.warmup_steps = 100  # Linear warmup from 0 to the peak.
   config.schedule.end_factor = 0.1  # Final rate as a fraction of the peak (the decays).
 
@@ -142,10 +142,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.tfds.name = ""  # 'name[/config][:version]', prepared as array_record; required.
   config.data.tfds.data_dir = ""  # The TFDS data directory holding it (nothing is downloaded).
   config.data.splits = ml_collections.ConfigDict()  # hf_disk, tfds: the source's split per ours.
-  config.data.splits.train = "train"  # hf_disk: a DatasetDict key; tfds: a split, e.g. 'train[:90%]'.
+  config.data.splits.train = "train"  # hf_disk: a DatasetDict key; tfds: a split ('train[:90%]').
   config.data.splits.validation = "validation"  # '': no validation split.
   config.data.splits.test = "test"  # '': no test split.
-  config.data.fields = ml_collections.ConfigDict()  # files, hf_disk, tfds: the records' field names.
+  config.data.fields = ml_collections.ConfigDict()  # files, hf_disk, tfds: the records' fields.
   config.data.fields.text = "text"  # lm and classification input.
   config.data.fields.label = "label"  # classification: class names are the sorted distinct labels.
   config.data.fields.source = "source"  # seq2seq input.
@@ -154,14 +154,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = config_dict.placeholder(int)  # Global eval batch; None: batch_size.
   config.eval.test = True  # Evaluate the test split at the end.
-  config.eval.decode_every_eval = False  # seq2seq: beam-search metrics at every eval, not only last.
+  config.eval.decode_every_eval = False  # seq2seq: beam-search metrics at every eval, not the last.
   config.eval.decode_examples = 0  # seq2seq: examples decoded; 0: the whole split.
   config.eval.beam_size = 4  # seq2seq beam search.
   config.eval.length_penalty = 0.6  # seq2seq: GNMT length penalty exponent.
-  config.eval.max_decode_len = config_dict.placeholder(int)  # Tokens decoded; None: data.target_len.
+  config.eval.max_decode_len = config_dict.placeholder(int)  # Most tokens; None: data.target_len.
 
   config.report = ml_collections.ConfigDict()
-  config.report.attention_examples = 1  # Validation examples drawn as attention maps (+ TensorBoard).
+  config.report.attention_examples = 1  # Validation examples drawn as attention maps (also to TB).
   config.report.baseline = ""  # 'tfidf': TF-IDF + logistic regression on the same split; '': none.
   return config
 

@@ -1,6 +1,6 @@
-"""Data sets by name (`flaxattn.data.registry`): registration, defaults, the Markov corpus as a Task,
-and the loaders of your own data (files, Hugging Face `datasets` on disk, TFDS) against the rows
-written; SentencePiece BPE chosen from the config."""
+"""Data sets by name (`flaxattn.data.registry`): registration, defaults, the Markov corpus as a
+Task, and the loaders of your own data (files, Hugging Face `datasets` on disk, TFDS) against the
+rows written; SentencePiece BPE chosen from the config."""
 
 import json
 
@@ -133,7 +133,8 @@ def test_markov_task_rows_are_the_corpus_rows():
     np.testing.assert_array_equal(batch["inputs"], full["inputs"][3:6])
   evaluation = list(task.dataset("eval", batch_size=4, train=False))
   assert len(evaluation) == 2  # config.eval_batches
-  np.testing.assert_array_equal(evaluation[1]["targets"], reference.batch(1, 4, split="eval")["targets"])
+  np.testing.assert_array_equal(evaluation[1]["targets"],
+                                reference.batch(1, 4, split="eval")["targets"])
   with pytest.raises(ValueError, match=r"split must be one of \('train', 'eval'\), got 'test'"):
     task.dataset("test", batch_size=4, train=False)
 

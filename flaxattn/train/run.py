@@ -226,7 +226,7 @@ def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, 
     final = prefixed(evaluator.evaluator.evaluate(
         params, "test", decode=True, max_decode_examples=config.eval.decode_examples), "test")
   attention = {}
-  if run.task.tokenizer is not None and config.report.attention_examples:  # Every process: a gather.
+  if run.task.tokenizer is not None and config.report.attention_examples:  # All processes: gather.
     attention = attention_images(run, evaluator.evaluator.graphdef, params,
                                  os.path.join(workdir, "attention", "final"),
                                  examples=config.report.attention_examples)
