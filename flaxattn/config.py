@@ -418,8 +418,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"times config.grad_accum_steps={config.grad_accum_steps}")
   eval_batch_size = config.eval.batch_size
   if eval_batch_size is not None and (eval_batch_size <= 0 or eval_batch_size % batch_ways):
-    raise ValueError(f"config.eval.batch_size={eval_batch_size} must be a positive multiple of the "
-                     f"{batch_ways} batch shards (None: config.batch_size)")
+    raise ValueError(f"config.eval.batch_size={eval_batch_size} must be divisible by the "
+                     f"{batch_ways} batch shards and positive (None: config.batch_size)")
   for key, length in lengths.items():
     if length % shards("length"):
       raise ValueError(f"config.{key}={length} must be divisible by the {shards('length')} "

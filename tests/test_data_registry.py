@@ -205,3 +205,13 @@ def test_bpe_tokenizer_is_sentencepiece_bpe(tmp_path):
   # A resumed run loads the cached model, whatever it would train now.
   again = registry.build_task(config, str(tmp_path / "work"))
   assert again.tokenizer.encode(text) == task.tokenizer.encode(text)
+
+
+def test_a_record_without_a_configured_field_is_named(tmp_path):
+  config = own_data("files", "classification")
+  path = tmp_path / "train.jsonl"
+  path.write_text(json.dumps({"sentence": "a b"}) + "\n")
+  config.data.files.update(train=str(path))
+  with pytest.raises(ValueError, match=r"^a record has no field 'y' \(config.data.fields.label\); "
+                                       r"its fields are \['sentence'\]$"):
+    registry.build_task(config, None)
