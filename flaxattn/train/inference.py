@@ -20,7 +20,6 @@ from flaxattn import parallel
 from flaxattn.models.decoding import generate
 from flaxattn.train.checkpoint import checkpoint_step, load_params
 from flaxattn.train.run import Run, attention_images, build_run
-from flaxattn.train.step import make_eval_step
 
 
 def restore(config, workdir: str) -> tuple[Run, object, object, object]:
@@ -45,7 +44,7 @@ def restore(config, workdir: str) -> tuple[Run, object, object, object]:
       nnx.to_pure_dict(abstract_params))
   nnx.replace_by_pure_dict(abstract_params, placed)
   params = nnx.as_pure(abstract_params)
-  jitted = jax.jit(make_eval_step(graphdef, run.loss_fn))
+  jitted = jax.jit(run.eval_step(graphdef))
 
   def eval_step(params, batch):
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
@@ -66,14 +65,14 @@ def evaluate_checkpoint(config, workdir: str, splits: list[str] | None = None) -
   """Metrics of the newest checkpoint per split (default: validation and test), each also written
   to `WORKDIR/eval_<split>.json`."""
   run, graphdef, params, eval_step = restore(config, workdir)
-  evaluator = run.evaluator(graphdef, eval_step).evaluator
+  evaluator = run.evaluator(graphdef, eval_step)
   if splits is None:
     splits = ["eval"] if run.task is None else [s for s in ("validation", "test")
                                                  if s in run.task.examples]
   results = {}
   for split in splits:
     results[split] = evaluator.evaluate(params, split, decode=True,
-                                        max_decode_examples=config.eval.decode_examples)
+                                        max_decode_examples=config.eval.decode_examples).metrics
     if jax.process_index() == 0:
       with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
         json.dump(results[split], f, indent=2, sort_keys=True)
@@ -88,7 +87,7 @@ def decode_lines(config, workdir: str, lines: list[str], *, max_new_tokens: int 
     raise ValueError("decode needs a data set with a tokenizer; the Markov corpus has none")
   task, model = run.task, nnx.merge(graphdef, params)
   if run.kind == "seq2seq":
-    return run.evaluator(graphdef, eval_step).evaluator.translate(params, lines)
+    return run.evaluator(graphdef, eval_step).translate(params, lines)[0]
   outputs = []
   # Every process runs every line (replicated inputs: any number of processes) and reads the
   # gathered outputs.
