@@ -20,13 +20,13 @@ from __future__ import annotations
 import collections
 import io
 import json
-import os
 import pathlib
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from flaxattn.files import write_atomically
 
 DESCRIPTOR_FILE = "tokenizer.json"
 WORDS_FILE = "tokenizer.words"
@@ -36,16 +36,7 @@ KINDS = ("byte", "word", "sentencepiece", "wordpiece")
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> pathlib.Path:
-  """Writes `data` to `path` through a temporary file in the same directory and `os.replace`."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(handle, "wb") as file:
-      file.write(data)
-    os.replace(temporary, path)
-  except BaseException:
-    pathlib.Path(temporary).unlink(missing_ok=True)
-    raise
+  write_atomically(path, lambda file: file.write(data), binary=True)
   return path
 
 
