@@ -39,9 +39,9 @@ def restore(config, workdir: str) -> tuple[Run, object, object, object]:
     raise ValueError(f"the checkpoint in {workdir} does not fit the model of its config.json: "
                      f"missing {missing[:5]}, unused {unused[:5]}, or shapes differ")
   target_shardings = _by_path(nnx.to_pure_dict(shardings))
-  placed = jax.tree_util.tree_map_with_path(
-      lambda path, _: jax.device_put(saved[_path_key(path)], target_shardings[_path_key(path)]),
-      nnx.to_pure_dict(abstract_params))
+  place = lambda name: jax.device_put(saved[name], target_shardings[name])
+  placed = jax.tree_util.tree_map_with_path(lambda path, _: place(parallel.path_name(path)),
+                                            nnx.to_pure_dict(abstract_params))
   nnx.replace_by_pure_dict(abstract_params, placed)
   params = nnx.as_pure(abstract_params)
   jitted = jax.jit(run.eval_step(graphdef))
@@ -52,13 +52,9 @@ def restore(config, workdir: str) -> tuple[Run, object, object, object]:
   return run, graphdef, params, eval_step
 
 
-def _path_key(path) -> str:
-  return "/".join(str(getattr(entry, "key", entry)) for entry in path)
-
-
 def _by_path(tree) -> dict:
   """`{'a/0/b': leaf}` of a nested dict, whatever the type of its keys."""
-  return {_path_key(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {parallel.path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def evaluate_checkpoint(config, workdir: str, splits: list[str] | None = None) -> dict[str, dict]:
