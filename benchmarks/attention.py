@@ -392,7 +392,7 @@ def main(argv=None) -> dict:
   described = {d["name"]: d for d in implementations()}
   # Mesh-only implementations (ring attention) need a sharded setup of their own: benchmarks/ring.py.
   runnable = [name for name, d in described.items()
-              if jax.default_backend() in d["platforms"] and not d["mesh_axis"]]
+              if jax.default_backend() in d["platforms"] and not d["sequence_sharded"]]
   names = args.impls.split(",") if args.impls else [*runnable, TORCH]
   unknown = sorted(set(names) - set(described) - {TORCH})
   if unknown:

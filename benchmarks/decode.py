@@ -158,7 +158,7 @@ def speed(args, clock: CompileClock, threads: int) -> list[dict]:
   pad_id = 0
   rows = []
   for batch in args.batches:
-    prompts = [tokenizer.encode(text) for text in (PROMPTS * batch)[:batch]]
+    prompts = [tokenizer.encode(text, add_special_tokens=True) for text in (PROMPTS * batch)[:batch]]
     ids, mask = left_padded(prompts, pad_id)
     runs = {name: flaxattn_runner(model, ids, mask, args.new_tokens) for name, model in models.items()}
     runs[reference_name] = transformers_runner(reference, ids, mask, args.new_tokens, pad_id,

@@ -47,7 +47,7 @@ def main(argv=None):
   import jax.numpy as jnp
   import numpy as np
 
-  from flaxattn.attention import Mask, dot_product_attention
+  from flaxattn.attention import Mask, activation_layout, dot_product_attention
 
   spec = jax.sharding.PartitionSpec(None, "context", None, None)
   mesh = jax.make_mesh((args.devices,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -65,9 +65,12 @@ def main(argv=None):
     inputs = [jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in shapes]
     programs = []
     for label, implementation, on_mesh in variants:
-      def loss(query, key, value, implementation=implementation):
-        out = dot_product_attention(query, key, value, mask=Mask(causal=causal),
-                                    implementation=implementation)
+      def loss(query, key, value, implementation=implementation, on_mesh=on_mesh):
+        # The layout the inputs are placed in, stated as flaxattn.nn does (ring rings over its
+        # length axis).
+        with activation_layout(spec if on_mesh else None):
+          out = dot_product_attention(query, key, value, mask=Mask(causal=causal),
+                                      implementation=implementation)
         return jnp.sum(out * out)
 
       if on_mesh:

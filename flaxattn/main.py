@@ -59,7 +59,8 @@ _RESTART = flags.DEFINE_bool("restart", False, "train: move a run already in --w
                              "WORKDIR.old-N and start over (otherwise it is resumed).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the "
                                "resolved config.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (it "
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process run first "
+                                 "(flaxattn.parallel.distributed.initialize; it "
                                  "detects TPU VMs and SLURM; implied by --coordinator_address).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
@@ -83,7 +84,8 @@ def main(argv):
   import jax  # Deferred, like the loop: --helpfull stays fast.
 
   if _DISTRIBUTED.value or _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    from flaxattn.parallel import distributed
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   if config is None:
     if _MODE.value == "train":

@@ -33,12 +33,12 @@ def supporting(*, masks=(), bias=False, softcap=False, dropout=False, weights=Fa
   """Names of the registered implementations whose declaration covers these features here.
 
   Read from `implementations()`, so an implementation merged later is tested without naming it.
-  Implementations that run only inside a mesh (`mesh_axis`, e.g. ring attention) are left out: these
+  Implementations that run only inside a mesh (`sequence_sharded`, e.g. ring attention) are left out: these
   shared tests call without one; each has its own tests on a mesh (tests/test_attention_ring.py).
   """
   names = []
   for described in implementations():
-    if described.get("mesh_axis"):
+    if described.get("sequence_sharded"):
       continue
     if jax.default_backend() not in described["platforms"] or dtype not in described["dtypes"]:
       continue

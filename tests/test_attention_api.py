@@ -328,7 +328,7 @@ def test_named_implementation_runs_what_it_declares_and_rejects_the_rest(describ
   name = described["name"]
   if jax.default_backend() not in described["platforms"]:
     pytest.skip(f"{name} does not run on {jax.default_backend()}")
-  if described["mesh_axis"]:
+  if described["sequence_sharded"]:
     pytest.skip(f"{name} runs only inside a mesh: tests/test_attention_{name}.py checks it there")
   for features in _single_features():
     (feature,) = features

@@ -13,9 +13,10 @@ from matplotlib.figure import Figure
 
 from flaxattn.attention import Mask
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
-from flaxattn.models.attention_maps import (attention_report, attention_weights, figure_array,
-                                            plot_alignment, plot_attention, png_to_array, rollout)
+from flaxattn.models.attention_maps import (attention_report, attention_weights, plot_alignment,
+                                            plot_attention, rollout)
 from flaxattn.nn import TransformerConfig
+from flaxattn.train.report import figure_array, png_to_array
 
 # GQA + partial RoPE; the configured kernel ('xla') returns no weights: the override is exercised.
 LLAMA = TransformerConfig(

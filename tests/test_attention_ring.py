@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from attention_support import MaskParts, assert_close, numpy_attention, numpy_visible
-from flaxattn.attention import Mask, api, dot_product_attention, ring
+from flaxattn.attention import Mask, activation_layout, api, dot_product_attention, ring
 
 P = jax.sharding.PartitionSpec
 TOLERANCES = {"float32": dict(out=1e-5, grad=1e-5), "bfloat16": dict(out=2e-2, grad=4e-2)}
@@ -74,27 +74,35 @@ def _inputs(case: Case, seed: int = 0):
   return inputs, segment_ids
 
 
+def _layout(mesh, batch: int) -> P:
+  """The layout the `context` preset gives activations, stated to ring attention as `flaxattn.nn`
+  does: batch over data/fsdp (where it divides; else replicated, as ring attention then leaves it),
+  length over context, heads over tensor."""
+  batch_axis = next((axis for axis in ("data", "fsdp") if axis in mesh.axis_names
+                     and batch % mesh.shape[axis] == 0), None)
+  return P(batch_axis, "context", "tensor" if "tensor" in mesh.axis_names else None, None)
+
+
 def _run(case: Case, implementation: str = "ring", mesh=None):
   """`(out, (dq, dk, dv), hlo_text)` of `implementation` on `case`, on `mesh` if given."""
   inputs, segment_ids = _inputs(case)
   mask = Mask(causal=case.causal,
               q_segment_ids=None if segment_ids is None else jnp.asarray(segment_ids))
 
+  layout = None if mesh is None else _layout(mesh, case.batch)
+
   def forward_and_vjp(query, key, value, d_out, mask):
-    out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(
-        q, k, v, mask=mask, softcap=case.softcap, implementation=implementation), query, key, value)
+    with activation_layout(layout):
+      out, vjp = jax.vjp(lambda q, k, v: dot_product_attention(
+          q, k, v, mask=mask, softcap=case.softcap, implementation=implementation), query, key,
+          value)
     return out, vjp(d_out)
 
   arguments = (inputs["query"], inputs["key"], inputs["value"], inputs["d_out"], mask)
   if mesh is None:
     return *jax.jit(forward_and_vjp)(*arguments), ""
-  # Laid out as the `context` preset shards activations: batch over data/fsdp (where it divides;
-  # else replicated, as ring attention then leaves it), length over context, heads over tensor.
-  batch_axis = next((axis for axis in ("data", "fsdp") if axis in mesh.axis_names
-                     and case.batch % mesh.shape[axis] == 0), None)
-  head_axis = "tensor" if "tensor" in mesh.axis_names else None
   place = lambda x: jax.device_put(x, jax.sharding.NamedSharding(
-      mesh, P(batch_axis, "context", head_axis, None) if x.ndim == 4 else P(batch_axis, "context")))
+      mesh, layout if x.ndim == 4 else P(*layout[:2])))
   with jax.set_mesh(mesh):
     sharded = jax.tree.map(place, arguments)
     compiled = jax.jit(forward_and_vjp).lower(*sharded).compile()
@@ -161,8 +169,10 @@ def test_explicit_mesh_axes_and_replicated_inputs():
   inputs, segment_ids = _inputs(case)
   mask = Mask(causal=True, q_segment_ids=jnp.asarray(segment_ids))
   with jax.set_mesh(mesh):
-    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, mask=mask, implementation="ring"))(
-        inputs["query"], inputs["key"], inputs["value"])
+    def attend(q, k, v):
+      with activation_layout(_layout(mesh, case.batch)):
+        return dot_product_attention(q, k, v, mask=mask, implementation="ring")
+    out = jax.jit(attend)(inputs["query"], inputs["key"], inputs["value"])
   assert out.sharding.spec == P("data", "context", None, None)
   parts = MaskParts(causal=True, q_segment_ids=segment_ids)
   exact = {name: np.asarray(x, np.float64) for name, x in inputs.items()}
@@ -191,6 +201,24 @@ def test_zigzag_order_and_its_inverse(context):
   np.testing.assert_array_equal(np.asarray(restored), np.asarray(positions))
 
 
+def test_the_ring_is_the_axis_the_layout_gives_the_length():
+  """No axis name is built in: a mesh whose axes are called `rows` and `seq` rings over `seq`."""
+  case = Case(context=4, causal=True, segments=False, length=16)
+  inputs, _ = _inputs(case)
+  mesh = jax.make_mesh((2, 4), ("rows", "seq"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+  def attend(q, k, v):
+    with activation_layout(P("rows", "seq", None, None)):
+      return dot_product_attention(q, k, v, mask=Mask(causal=True), implementation="ring")
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(attend).lower(inputs["query"], inputs["key"], inputs["value"]).compile()
+    out = compiled(inputs["query"], inputs["key"], inputs["value"])
+  _assert_ring_communication(compiled.as_text())
+  expected = dot_product_attention(inputs["query"], inputs["key"], inputs["value"],
+                                   mask=Mask(causal=True), implementation="reference")
+  assert_close(out, np.asarray(expected, np.float64), TOLERANCES["float32"]["out"], "ring over seq")
+
+
 def test_context_axis_of_one_device_is_blockwise_attention():
   case = Case(context=1, causal=True, segments=True, length=16)
   _check_against_oracle(case, mesh=_mesh(1, devices=1))
@@ -208,7 +236,9 @@ def _shapes(length=16, kv_length=None):
 
 
 def _trace(shapes, mesh=None, **kwargs):
-  attend = lambda q, k, v: dot_product_attention(q, k, v, implementation="ring", **kwargs)
+  def attend(q, k, v):
+    with activation_layout(P(None, "context", None, None)):
+      return dot_product_attention(q, k, v, implementation="ring", **kwargs)
   if mesh is None:
     return jax.eval_shape(attend, *shapes)
   with jax.set_mesh(mesh):
@@ -247,6 +277,6 @@ def test_never_chosen_automatically():
   # Inside a context mesh it could run the call, yet the dispatcher picks it only by name.
   call = api.Call(masks=frozenset({"causal"}), bias=False, softcap=False, dropout=False,
                   weights=False, dtype="float32", platform=jax.default_backend(), q_len=16,
-                  kv_len=16, mesh_axes=frozenset({"data", "context"}))
+                  kv_len=16, mesh_axes=frozenset({"data", "context"}), sequence_axes=("context",))
   assert api._REGISTRY["ring"].unsupported(call) is None
   assert api._select(None, call).name != "ring"

@@ -186,3 +186,44 @@ def test_build_tokenizer_errors(tmp_path):
   with pytest.raises(ValueError, match="text must be a str, got bytes"):
     tok.ByteTokenizer().encode(b"x")
   assert np.array_equal(tok.ByteTokenizer().encode(""), [])
+
+
+def _check_contract(tokenizer, text: str):
+  """The contract of `flaxattn.data.tokenizers` (module docstring), checked on one text."""
+  specials = {role: getattr(tokenizer, f"{role}_id") for role in ("pad", "bos", "eos", "unk")}
+  for role, index in specials.items():
+    assert index is None or (isinstance(index, int) and 0 <= index < tokenizer.vocab_size), role
+  ids = tokenizer.encode(text)
+  assert ids and not {specials["pad"], specials["bos"], specials["eos"]} & set(ids)
+  framed = tokenizer.encode(text, add_special_tokens=True)
+  assert framed == tok.framed(tokenizer, ids)
+  pad = [] if specials["pad"] is None else [specials["pad"]]
+  assert tokenizer.decode(ids) == tokenizer.decode(framed + pad) == tokenizer.decode(np.asarray(ids))
+  assert len(tokenizer.pieces(framed)) == len(framed)
+  kept = tokenizer.decode(framed, skip_special_tokens=False)
+  pieces = tokenizer.pieces(framed)
+  assert kept.startswith(pieces[0]) and kept.endswith(pieces[-1]) and kept != tokenizer.decode(ids)
+  with pytest.raises(ValueError, match="text must be a str"):
+    tokenizer.encode(ids)
+  with pytest.raises(ValueError, match=r"ids must lie in \[0, "):
+    tokenizer.decode([tokenizer.vocab_size])
+  return tokenizer.decode(ids)
+
+
+def test_every_tokenizer_family_satisfies_one_contract(unigram, bert_vocab, tmp_path):
+  """The tokenizers trained here and a pretrained checkpoint's WordPiece (the real MiniLM vocab, as
+  `load_pretrained` builds it) answer the same calls the same way."""
+  pytest.importorskip("tokenizers")
+  from flaxattn.models.pretrained import bert  # pylint: disable=import-outside-toplevel
+  text = "the cat sat on the mat"
+  words = tok.WordTokenizer.build(TEXTS)
+  checkpoint = tmp_path / "minilm"
+  checkpoint.mkdir()
+  (checkpoint / "vocab.txt").write_bytes(bert_vocab.read_bytes())
+  pretrained = bert.read_tokenizer(checkpoint, bert.TransformerConfig(max_length=16))
+  for tokenizer in (tok.ByteTokenizer(), words, unigram, tok.WordPieceTokenizer(bert_vocab),
+                    pretrained):
+    assert _check_contract(tokenizer, text) == text, type(tokenizer).__name__
+  assert pretrained.encode(text, add_special_tokens=True) == pretrained.encode_batch([text])[0][0].tolist()
+  assert words.decode(words.encode(text, add_special_tokens=True), skip_special_tokens=False) == (
+      "<bos> the cat sat on the mat <eos>")

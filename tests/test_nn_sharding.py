@@ -1,9 +1,12 @@
 """Logical axis names drive real sharding: a scanned DecoderLM placed on an 8-device mesh through
 logical axis rules computes the same logits as the unsharded model."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -33,3 +36,15 @@ def test_sharded_forward_matches_unsharded():
   query = sharded["decoder"]["layers"]["attention"]["query"]["kernel"]
   assert query[...].sharding.spec == PartitionSpec(None, None, "tensor", None)  # [layers, embed, heads, head_dim]
   np.testing.assert_allclose(got, want, atol=1e-5)  # float32, different reduction order
+
+
+def test_constrain_and_param_reject_unknown_logical_names():
+  from flaxattn.nn.sharding import LOGICAL_AXES, constrain, param  # pylint: disable=import-outside-toplevel
+  known = re.escape(str(LOGICAL_AXES))
+  with pytest.raises(ValueError, match=rf"logical_axes \('batch', 'seq'\) name unknown logical "
+                     rf"axes \['seq'\]; known: {known}"):
+    constrain(jnp.zeros((2, 3)), ("batch", "seq"))  # Refused without a mesh too.
+  with pytest.raises(ValueError, match=rf"axes \('embed', 'hidden'\) name unknown logical axes "
+                     rf"\['hidden'\]; known: {known}"):
+    param(nnx.Rngs(0), jax.nn.initializers.zeros, (2, 3), ("embed", "hidden"), jnp.float32)
+  assert constrain(jnp.zeros((2, 3)), ("batch", None)).shape == (2, 3)

@@ -68,7 +68,8 @@ def test_tokenizer_matches_reference(loaded, reference):
   ids, mask = tokenizer.encode_batch(SENTENCES)
   np.testing.assert_array_equal(ids, reference["ids"])
   np.testing.assert_array_equal(mask, reference["mask"])
-  assert tokenizer.decode(tokenizer.encode("Hello, World!")) == "[CLS] hello, world! [SEP]"
+  assert tokenizer.decode(tokenizer.encode("Hello, World!", add_special_tokens=True),
+                          skip_special_tokens=False) == "[CLS] hello, world! [SEP]"
 
 
 def test_hidden_states_and_embeddings_match_sentence_transformers(loaded, reference):
@@ -87,6 +88,6 @@ def test_padding_does_not_change_results(loaded):
   ids, mask = tokenizer.encode_batch(SENTENCES)
   batched = np.asarray(model(ids, attention_mask=mask))
   for row, sentence in enumerate(SENTENCES):
-    alone = np.asarray(model(np.asarray([tokenizer.encode(sentence)], np.int32)))[0]
+    alone = np.asarray(model(np.asarray([tokenizer.encode(sentence, add_special_tokens=True)], np.int32)))[0]
     np.testing.assert_allclose(batched[row, :len(alone)], alone, rtol=0, atol=1e-5,
                                err_msg=f"sentence {row} differs padded vs alone")

@@ -70,15 +70,16 @@ def test_tokenizer_matches_transformers(loaded, reference):
   _, tokenizer = loaded
   _, reference_tokenizer = reference
   for text in TEXTS:
-    ids = tokenizer.encode(text)
+    ids = tokenizer.encode(text, add_special_tokens=True)
     assert ids == reference_tokenizer.encode(text), text
-    assert tokenizer.decode(ids) == reference_tokenizer.decode(ids) == text
+    assert (tokenizer.decode(ids, skip_special_tokens=False) == reference_tokenizer.decode(ids)
+            == text)
 
 
 def test_logits_match_transformers(loaded, reference):
   model, tokenizer = loaded
   reference_model, _ = reference
-  ids = np.asarray([tokenizer.encode(TEXTS[2])], np.int32)
+  ids = np.asarray([tokenizer.encode(TEXTS[2], add_special_tokens=True)], np.int32)
   with torch.no_grad():
     expected = reference_model(torch.from_numpy(ids).long()).logits.numpy()
   logits = np.asarray(model(jnp.asarray(ids)))
@@ -107,7 +108,7 @@ def test_greedy_continuation_matches_transformers(loaded, reference):
     expected = reference_model.generate(
         prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
   expected = expected[0, prompt.shape[1]:].tolist()
-  assert greedy(model, tokenizer.encode(PROMPT), NEW_TOKENS) == expected
+  assert greedy(model, tokenizer.encode(PROMPT, add_special_tokens=True), NEW_TOKENS) == expected
 
 
 def test_batched_generate_matches_transformers_per_prompt(loaded, reference):
@@ -129,7 +130,7 @@ def test_batched_generate_matches_transformers_per_prompt(loaded, reference):
     continuation = tokens[0, prompt.shape[1]:].tolist()
     expected.append(continuation + [pad_id] * (new_tokens - len(continuation)))
   assert any(eos_id in row for row in expected), "no prompt reached end-of-sequence"
-  ids = [tokenizer.encode(text) for text in prompts]
+  ids = [tokenizer.encode(text, add_special_tokens=True) for text in prompts]
   batch = np.zeros((len(ids), max(map(len, ids))), np.int32)
   for row, prompt in enumerate(ids):
     batch[row, :len(prompt)] = prompt

@@ -70,9 +70,9 @@ def test_loads_bert_directory_and_tokenizes(bert_dir):
   model, tokenizer = load_pretrained(bert_dir)
   assert isinstance(model, EncoderModel)
   assert model.config.num_layers == LAYERS and model.config.norm_eps == 1e-12
-  ids = tokenizer.encode("Hello, cats!")
+  ids = tokenizer.encode("Hello, cats!", add_special_tokens=True)
   assert [VOCAB[i] for i in ids] == ["[CLS]", "hello", ",", "cat", "##s", "!", "[SEP]"]
-  assert tokenizer.decode(ids) == "[CLS] hello, cats! [SEP]"
+  assert tokenizer.decode(ids, skip_special_tokens=False) == "[CLS] hello, cats! [SEP]"
   batch, valid = tokenizer.encode_batch(["hello", "the cat sat"])
   np.testing.assert_array_equal(batch, [[2, 5, 3, 0, 0], [2, 7, 8, 10, 3]])
   np.testing.assert_array_equal(valid, batch != 0)
@@ -265,9 +265,9 @@ def test_gguf_llama_matches_numpy_reference(llama_gguf):
   assert (model.config.num_kv_heads, model.config.rope_base, model.config.tie_embeddings) == (
       LLAMA["kv_heads"], LLAMA["rope_base"], True)
   text = "<|im_start|>ab ab c12<|im_end|>"
-  ids = tokenizer.encode(text)
+  ids = tokenizer.encode(text, add_special_tokens=True)
   # Control tokens whole, merges applied, digits one by one (the 'smollm' pre-tokenizer).
   assert [TOKENS[i] for i in ids] == ["<|im_start|>", "ab", "Ġab", "Ġc", "1", "2", "<|im_end|>"]
-  assert tokenizer.decode(ids) == text
+  assert tokenizer.decode(ids, skip_special_tokens=False) == text
   logits = np.asarray(model(np.asarray([ids], np.int32)))[0]
   np.testing.assert_allclose(logits, llama_reference(llama_weights(), ids), rtol=0, atol=1e-4)

@@ -9,6 +9,7 @@ import numpy as np
 from flaxattn.attention import (blockwise, cudnn, reference, ring, splash, tokamax_attention,
                                 xla)
 from flaxattn.attention.mask import Mask, as_mask
+from flaxattn.attention.placement import axes_of, call_layout
 from flaxattn.attention.spec import Call, Implementation
 
 _REGISTRY: dict[str, Implementation] = {}
@@ -43,7 +44,7 @@ register(blockwise.IMPLEMENTATION, prefer_on={"cpu": 0, "gpu": 1, "tpu": 1})
 register(cudnn.IMPLEMENTATION, prefer_on={"gpu": 0})
 register(tokamax_attention.IMPLEMENTATION, prefer_on={"gpu": 1})
 register(splash.IMPLEMENTATION, prefer_on={"tpu": 0})
-# Only by name: it needs the sequence sharded over a mesh's context axis, a choice for the caller.
+# Only by name: it needs the sequence sharded over a mesh axis, a choice for the caller.
 register(ring.IMPLEMENTATION)
 
 
@@ -163,6 +164,7 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
       head_dim=query.shape[3],
       value_dim=value.shape[3],
       mesh_axes=_mesh_axes(),
+      sequence_axes=axes_of(call_layout(query)[1]),
   )
   impl = _select(implementation, call)
   return impl.fn(query, key, value, mask=mask, bias=bias, scale=scale,

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxattn.attention.mask import Mask
+from flaxattn.attention.rows import max_shift, pad_length
 from flaxattn.attention.spec import Implementation
 
 # (block_q, block_kv) per platform. CPU: from benchmarks/tune_blockwise.py on 2 cores, head_dim 64, 8
@@ -182,8 +183,7 @@ def _tile_rows(x, *, plan: _Plan, pad_value=0.0):
   batch, q_len, heads, dim = x.shape
   kv_heads = heads // plan.group
   x = x.reshape(batch, q_len, kv_heads, plan.group, dim)
-  x = jnp.pad(x, ((0, 0), (0, plan.q_blocks * plan.block_q - q_len), (0, 0), (0, 0), (0, 0)),
-              constant_values=pad_value)
+  x = pad_length(x, plan.q_blocks * plan.block_q, value=pad_value)
   x = x.reshape(batch, plan.q_blocks, plan.block_q, kv_heads, plan.group, dim)
   return x.transpose(1, 0, 3, 2, 4, 5).reshape(
       plan.q_blocks, batch, kv_heads, plan.block_q * plan.group, dim)
@@ -205,7 +205,7 @@ def _untile_kv(x, plan: _Plan):
 
 def _kv_blocks(x, plan: _Plan, kv_pad: int):
   """`[batch, kv_len, kv_heads, d]` zero padded to whole key blocks (a copy only when `kv_pad`)."""
-  return jnp.pad(x, ((0, 0), (0, kv_pad), (0, 0), (0, 0))) if kv_pad else x
+  return pad_length(x, x.shape[1] + kv_pad)
 
 
 def _kv_tile(x, kv_block, plan: _Plan):
@@ -353,8 +353,8 @@ def _forward(q, k, v, bias, mask: Mask, plan: _Plan):
       s, _ = _logits(q_i, _kv_tile(k, kv_block, plan), bias, mask, plan, q_block, kv_block,
                      transposed=False)
       new_max = jnp.maximum(row_max, s.max(-1))
-      # Until a row has seen a key its max is -inf; shift by 0 then so exp gives 0, not NaN.
-      shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+      # Until a row has seen a key its max is -inf (`max_shift` then shifts by 0).
+      shift = max_shift(new_max)
       p = jnp.exp(s - shift[..., None])
       correction = jnp.exp(row_max - shift)
       row_sum = row_sum * correction + p.sum(-1)

@@ -75,8 +75,7 @@ def cudnn_arguments(query, key, value, *, mask: Mask | None, bias, scale: float)
   """
   batch, q_len, _, _ = query.shape
   kv_len = key.shape[1]
-  width = max(query.shape[-1], value.shape[-1])
-  arrays = tuple(jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),)) for x in (query, key, value))
+  arrays = rows.pad_to_one_head_dim(query, key, value)
   keywords = dict(scale=scale, is_causal=False, local_window_size=None, bias=None,
                   query_seq_lengths=None, key_value_seq_lengths=None)
   mask = mask if mask is not None else Mask()
@@ -117,8 +116,7 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
       query, key, value, mask=mask, bias=bias, scale=scale)
   out = jax.nn.dot_product_attention(query_padded, key_padded, value_padded, implementation=backend,
                                      **keywords)[..., :value.shape[-1]]
-  # `where`, not a product: a NaN in an empty row must not survive, nor send gradient back.
-  return jnp.where(sees_any[:, :, None, None], out, jnp.zeros((), out.dtype))
+  return rows.zero_rows_without_keys(out, sees_any)
 
 
 IMPLEMENTATION = Implementation(

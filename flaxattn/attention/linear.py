@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxattn.attention.rows import max_shift, pad_length
+
 # The running key maximum of an empty state: finite, so that `exp(old - new)` is 0 (not NaN) when
 # the first keys arrive and 1 while none has.
 _EMPTY_LOG_SCALE = -1e30
@@ -225,7 +227,7 @@ def kernelized_attention(query_log_features: jax.Array, key_log_features: jax.Ar
   if kv_valid is not None:
     key_log_features = jnp.where(kv_valid[:, :, None, None], key_log_features, -jnp.inf)
   key_max = jax.lax.stop_gradient(jnp.max(key_log_features, axis=(1, 3), keepdims=True))
-  key_features = jnp.exp(key_log_features - jnp.where(jnp.isfinite(key_max), key_max, 0.0))
+  key_features = jnp.exp(key_log_features - max_shift(key_max))
   query_features = _group_queries(query_log_features, kv_heads)
   value32 = value.astype(jnp.float32)
   key_value = jnp.einsum("bskm,bskd->bkmd", key_features, value32)
@@ -282,7 +284,7 @@ def causal_kernelized_attention(query_log_features: jax.Array, key_log_features:
   padded = chunks * chunk
 
   def split(x, fill=0):
-    x = jnp.pad(x, [(0, 0), (0, padded - length)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    x = pad_length(x, padded, value=fill)
     return jnp.moveaxis(x.reshape((batch, chunks, chunk) + x.shape[2:]), 1, 0)
 
   def step(carry, inputs):
@@ -320,7 +322,7 @@ def kernelized_weights(query_log_features: jax.Array, key_log_features: jax.Arra
     visible = jnp.broadcast_to(kv_valid[:, None, :], (batch, q_len, kv_len))
   key_log_features = jnp.where(jnp.any(visible, axis=1)[:, :, None, None], key_log_features, -jnp.inf)
   key_max = jax.lax.stop_gradient(jnp.max(key_log_features, axis=(1, 3), keepdims=True))
-  key_features = jnp.exp(key_log_features - jnp.where(jnp.isfinite(key_max), key_max, 0.0))
+  key_features = jnp.exp(key_log_features - max_shift(key_max))
   query_features = _group_queries(query_log_features, kv_heads)
   scores = jnp.einsum("bqkgm,bskm->bkgqs", query_features, key_features)
   scores = jnp.where(visible[:, None, None], scores, 0.0).reshape(batch, heads, q_len, kv_len)

@@ -61,15 +61,31 @@ def _spec4(x) -> tuple:
   return spec + (None,) * (4 - len(spec))
 
 
-def _axes(entry) -> tuple[str, ...]:
+def call_layout(query) -> tuple:
+  """The layout of a call's `[batch, length, heads, head_dim]` activations, as 4 `PartitionSpec`
+  entries: `activation_layout`'s when one is set, else the query's type on Explicit mesh axes, else
+  all None."""
+  stated = _LAYOUT.get()
+  if stated is not None:
+    return tuple(stated) + (None,) * (4 - len(stated))
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types:
+    return _spec4(query)
+  return (None,) * 4
+
+
+def axes_of(entry) -> tuple[str, ...]:
+  """The mesh axes of one `PartitionSpec` entry (None, a name, or a tuple of names)."""
   return (entry,) if isinstance(entry, str) else tuple(entry or ())
 
 
-def _dividing(mesh, entry, *sizes):
-  """The leading mesh axes of spec `entry` (size > 1) whose product divides all `sizes`, as an
-  entry."""
+def dividing_axes(mesh, entry, *sizes):
+  """The leading mesh axes of spec `entry` (present in `mesh`, size > 1) whose product divides all
+  `sizes`, as an entry."""
   chosen = []
-  for axis in _axes(entry):
+  for axis in axes_of(entry):
+    if axis not in mesh.shape:
+      continue
     ways = math.prod(mesh.shape[name] for name in chosen) * mesh.shape[axis]
     if mesh.shape[axis] > 1 and all(size % ways == 0 for size in sizes):
       chosen.append(axis)
@@ -117,9 +133,9 @@ def device_placement(query, key, value, *, name: str):
     batch_axes, head_axes = _explicit_specs(query, key, value, name)
   else:
     layout = tuple(_LAYOUT.get() or ()) + (None,) * 4
-    usable = lambda entry: tuple(axis for axis in _axes(entry) if axis in free_axes)
-    batch_axes = _dividing(mesh, usable(layout[0]), query.shape[0])
-    head_axes = _dividing(mesh, usable(layout[2]), query.shape[2], key.shape[2])
+    usable = lambda entry: tuple(axis for axis in axes_of(entry) if axis in free_axes)
+    batch_axes = dividing_axes(mesh, usable(layout[0]), query.shape[0])
+    head_axes = dividing_axes(mesh, usable(layout[2]), query.shape[2], key.shape[2])
   return mesh, free_axes, batch_axes, head_axes
 
 

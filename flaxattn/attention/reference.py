@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxattn.attention.mask import Mask
+from flaxattn.attention.rows import max_shift
 from flaxattn.attention.spec import Implementation
 
 
@@ -34,8 +35,7 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
     logits = jnp.where(visible, logits, -jnp.inf)
 
   # Max-subtracted softmax; a row that sees no key gets all-zero weights (not NaN, zero gradient).
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  row_max = max_shift(jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
   unnormalized = jnp.exp(logits - row_max)
   total = jnp.sum(unnormalized, axis=-1, keepdims=True)
   weights = unnormalized / jnp.where(total == 0.0, 1.0, total)

@@ -1,6 +1,11 @@
-"""Ring attention: exact attention with the sequence sharded over the mesh's `context` axis.
+"""Ring attention: exact attention with the sequence sharded over one mesh axis (the ring).
 
-Each of the `C` devices of the `context` axis holds `length / C` queries, keys and values. The key/value
+The caller names the axes: the ring is the mesh axis the call's layout gives the length
+(`flaxattn.attention.activation_layout(P(batch, RING, heads, None))`, which `flaxattn.nn` sets from
+its logical rules, 'length' -> `context` in the `context` preset; or the query's type on Explicit
+axes), and the batch and heads are split as that layout says.
+
+Each of the `C` devices of the ring holds `length / C` queries, keys and values. The key/value
 blocks travel around the ring (`lax.ppermute` to the next device, `C - 1` hops); each device attends its
 queries to every block as it passes, with the blockwise kernel (`blockwise.forward_with_lse`), and
 merges the partial results by their log-sum-exp (an online softmax over blocks). A device holds two
@@ -27,10 +32,10 @@ output (and autodiff runs them in reverse for the gradients). That costs about o
 traffic each way; a model that kept its tokens in zig-zag order throughout could save it.
 
 Sharding. The function runs under `jax.shard_map` over the mesh set with `jax.set_mesh` (its
-`jax.sharding.get_abstract_mesh()`): length over `context`; batch over `data` and `fsdp` and heads
-over `tensor` where those axes exist and divide the sizes (the `context` preset of
-`flaxattn.parallel.rules` lays activations out exactly so, so nothing moves on entry). Other axes see
-the same work repeated. On Explicit mesh axes the arguments are resharded to that layout first.
+`jax.sharding.get_abstract_mesh()`): length over the ring; batch and heads over the layout's axes
+where they divide the sizes (the layout is the one the model constrains its activations to, so
+nothing moves on entry). Other axes see the same work repeated. On Explicit mesh axes the arguments
+are resharded to that layout first.
 
 Supported: causal and segment-id masks (packing; padding as its own segment id), GQA/MQA, softcap,
 float32/bfloat16/float16. Not supported (the dispatcher says so): `q_len != kv_len`, bias, window,
@@ -49,12 +54,8 @@ import jax.numpy as jnp
 
 from flaxattn.attention import blockwise
 from flaxattn.attention.mask import Mask
+from flaxattn.attention.placement import axes_of, call_layout, dividing_axes
 from flaxattn.attention.spec import Implementation
-
-CONTEXT_AXIS = "context"
-# Mesh axes that shard the batch and the heads, as the logical-axis rules of `flaxattn.parallel` do.
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXES = ("tensor",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +72,13 @@ class _Ring:
 
 
 def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softcap, dropout_rate: float,
-              dropout_rng, return_weights: bool, axis_name: str = CONTEXT_AXIS,
-              block_q: int | None = None, block_kv: int | None = None):
-  """Exact attention with the sequence split over mesh axis `axis_name`, forward and backward.
+              dropout_rng, return_weights: bool, block_q: int | None = None,
+              block_kv: int | None = None):
+  """Exact attention with the sequence split over the layout's length axis, forward and backward.
 
-  Call it inside `jax.set_mesh(mesh)` (under `jit` or not); the arrays are global, in natural order.
+  Call it inside `jax.set_mesh(mesh)` (under `jit` or not), with the layout stated
+  (`activation_layout`, or the query's type on Explicit axes); the arrays are global, in natural
+  order.
 
   Args:
     query: `[batch, length, heads, head_dim]`, float32/bfloat16/float16.
@@ -85,14 +88,13 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
     scale, softcap: as `flaxattn.attention.dot_product_attention`.
     bias, dropout_rate, dropout_rng, return_weights: unsupported (declared so); the dispatcher never
       sets them.
-    axis_name: the mesh axis that splits the sequence.
     block_q, block_kv: tile sizes of the per-device blockwise kernel (default: its own).
 
   Returns:
     `[batch, length, heads, value_dim]` in the query dtype, sharded like the query.
 
   Raises:
-    ValueError: no mesh with `axis_name`, `q_len != kv_len`, a length not divisible by the ring's
+    ValueError: no mesh with the ring axis, `q_len != kv_len`, a length not divisible by the ring's
       chunks, or a mask part other than causal and segment ids.
   """
   del bias, dropout_rate, dropout_rng, return_weights  # Unsupported: the dispatcher rejects them first.
@@ -104,9 +106,13 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
     raise ValueError(f"ring attention supports causal and segment-id masks, got mask kinds "
                      f"{sorted(mask.kinds)}")
   mesh = jax.sharding.get_abstract_mesh()
+  batch_entry, length_entry, heads_entry, _ = call_layout(query)
+  length_axes = axes_of(length_entry)
+  axis_name = length_axes[0] if len(length_axes) == 1 else None
   if mesh.empty or axis_name not in mesh.axis_names:
-    raise ValueError(f"ring attention needs a mesh with axis {axis_name!r} set with jax.set_mesh; "
-                     f"the current mesh axes are {list(mesh.axis_names)}")
+    raise ValueError(f"ring attention needs the length split over one axis of the mesh set with "
+                     f"jax.set_mesh, got layout axes {list(length_axes)} and mesh axes "
+                     f"{list(mesh.axis_names)}")
   causal = mask is not None and mask.causal
   ring = _Ring(axis_name=axis_name, size=mesh.shape[axis_name], causal=causal, scale=float(scale),
                softcap=None if softcap is None else float(softcap), block_q=block_q,
@@ -117,8 +123,8 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
     raise ValueError(f"ring attention over mesh axis {axis_name!r} of size {ring.size} needs a length "
                      f"divisible by {chunks} ({reason}), got length {length}")
 
-  batch_axes = _dividing_axes(mesh, BATCH_AXES, batch)
-  head_axes = _dividing_axes(mesh, HEAD_AXES, heads, kv_heads)
+  batch_axes = dividing_axes(mesh, batch_entry, batch)
+  head_axes = dividing_axes(mesh, heads_entry, heads, kv_heads)
   spec = jax.sharding.PartitionSpec(batch_axes, axis_name, head_axes, None)
   segments = ()
   if mask is not None and mask.q_segment_ids is not None:
@@ -140,18 +146,6 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
     # in_specs say, so lay them out so (a no-op when they already are).
     arguments = tuple(jax.sharding.reshard(x, s) for x, s in zip(arguments, in_specs))
   return jax.shard_map(local, in_specs=in_specs, out_specs=spec)(*arguments)
-
-
-def _dividing_axes(mesh, names, *sizes):
-  """The axes of `names` in `mesh` (size > 1) whose product divides every one of `sizes`, as a
-  `PartitionSpec` entry (None, a name, or a tuple of names)."""
-  chosen = []
-  for name in names:
-    ways = math.prod(mesh.shape[axis] for axis in chosen)
-    if name in mesh.axis_names and mesh.shape[name] > 1 and all(
-        size % (ways * mesh.shape[name]) == 0 for size in sizes):
-      chosen.append(name)
-  return None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -359,9 +353,10 @@ IMPLEMENTATION = Implementation(
     weights=False,
     dtypes=frozenset({"float32", "bfloat16", "float16"}),
     platforms=frozenset({"cpu", "gpu", "tpu"}),
-    memory="O(length / context) per device",
-    notes="Sequence split over the mesh's 'context' axis; key/value blocks passed around the ring "
+    memory="O(length / ring size) per device",
+    notes="Sequence split over the mesh axis the layout gives the length ('context' in flaxattn's "
+          "'context' preset); key/value blocks passed around the ring "
           "(zig-zag balanced when causal). Never picked automatically: ask for it by name.",
-    mesh_axis=CONTEXT_AXIS,
+    sequence_sharded=True,
     equal_lengths=True,
 )

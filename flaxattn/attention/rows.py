@@ -3,7 +3,11 @@
 Fused kernels (cuDNN, tokamax, splash) take masks in their own forms and do not promise flaxattn's
 contract for a query that sees no key (zeros, zero gradient): some return the mean of the values, some
 NaN. These helpers say, per query row and without a `[q_len, kv_len]` array, which keys a row may see,
-so the wrappers can build the kernel's mask and zero the empty rows themselves.
+so the wrappers can build the kernel's mask and zero the empty rows themselves
+(`zero_rows_without_keys`). Also the two other pieces every kernel repeats: the max shift of a
+softmax whose row may see no key (`max_shift`), padding along the length to whole blocks
+(`pad_length`), and zero padding to one head_dim for kernels that take query, key and value of one
+width (`pad_to_one_head_dim`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,40 @@ import jax
 import jax.numpy as jnp
 
 from flaxattn.attention.mask import Mask
+
+
+def max_shift(row_max):
+  """What a max-subtracted softmax subtracts: `row_max`, or 0 where it is not finite (a row that
+  sees no key has max -inf; shifting by 0 makes its `exp` 0, not NaN)."""
+  return jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+
+
+def zero_rows_without_keys(out, sees_any):
+  """`out` `[batch, q_len, heads, dim]` with the queries that see no key set to 0, and their
+  gradient cut (`where`, not a product: a kernel's NaN in such a row does not survive).
+
+  `sees_any`: bool `[batch, q_len]`, or `[batch|1, heads|1, q_len]` per head.
+  """
+  if sees_any.ndim == 2:
+    sees_any = sees_any[:, None, :]
+  return jnp.where(jnp.swapaxes(sees_any, 1, 2)[..., None], out, jnp.zeros((), out.dtype))
+
+
+def pad_length(x, length: int, *, value=0):
+  """`x` `[batch, len, ...]` padded with `value` at the end of its length axis (axis 1) to `length`
+  (`x` itself when it is that long already)."""
+  extra = length - x.shape[1]
+  if not extra:
+    return x
+  return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+
+
+def pad_to_one_head_dim(query, key, value):
+  """`(query, key, value)` zero padded along their last axis to the wider of head_dim and
+  value_dim, for kernels that take one width. Zeros change neither the logits (pass the scale
+  explicitly) nor the first value_dim output columns: slice `[..., :value_dim]` after."""
+  width = max(query.shape[-1], value.shape[-1])
+  return tuple(jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),)) for x in (query, key, value))
 
 
 def key_ranges(mask: Mask, batch: int, q_len: int, kv_len: int):

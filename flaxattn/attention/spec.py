@@ -29,6 +29,8 @@ class Call:
   value_dim: int = 0
   # Axis names of the mesh set with `jax.set_mesh` around the call (empty without one).
   mesh_axes: frozenset[str] = frozenset()
+  # The mesh axes the call's layout (`placement.call_layout`) splits the length over.
+  sequence_axes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +40,10 @@ class Implementation:
   `fn(query, key, value, *, mask, bias, scale, softcap, dropout_rate, dropout_rng, return_weights)`
   receives validated arguments: `mask` a `Mask` or None, `bias` rank 4 or None, `scale` a float.
 
-  `mesh_axis`: the implementation spreads the sequence over this axis of the current mesh
-  (`jax.set_mesh`) and runs only where that axis exists. `equal_lengths`: it needs `q_len == kv_len`.
+  `sequence_sharded`: the implementation spreads the sequence over the one mesh axis that the
+  call's layout (`flaxattn.attention.activation_layout`, set by `flaxattn.nn` from the logical rule
+  of 'length'; or the query's type on Explicit axes) gives the length, and runs only where the
+  current mesh (`jax.set_mesh`) has that axis. `equal_lengths`: it needs `q_len == kv_len`.
   """
 
   name: str
@@ -56,7 +60,7 @@ class Implementation:
   # Extra, implementation-specific limits checked after the declared features: `constraints(call)`
   # returns the unsupported feature in words, or None. Also where an optional dependency is missing.
   constraints: Callable[[Call], str | None] | None = None
-  mesh_axis: str | None = None
+  sequence_sharded: bool = False
   equal_lengths: bool = False
 
   def unsupported(self, call: Call) -> str | None:
@@ -73,9 +77,14 @@ class Implementation:
         return {"weights": "return_weights=True"}.get(feature, feature)
     if self.equal_lengths and call.q_len != call.kv_len:
       return f"q_len != kv_len ({call.q_len} vs {call.kv_len}; it needs equal lengths)"
-    if self.mesh_axis is not None and self.mesh_axis not in call.mesh_axes:
-      return (f"a call outside a mesh with axis {self.mesh_axis!r} (set one with jax.set_mesh; the "
-              f"current mesh axes are {sorted(call.mesh_axes)})")
+    if self.sequence_sharded:
+      if len(call.sequence_axes) != 1:
+        return (f"a layout that splits the length over {list(call.sequence_axes)} (it needs one "
+                "mesh axis: set it with activation_layout(P(batch, AXIS, heads, None)) or the "
+                "'length' logical rule)")
+      if call.sequence_axes[0] not in call.mesh_axes:
+        return (f"a call outside a mesh with axis {call.sequence_axes[0]!r} (set one with "
+                f"jax.set_mesh; the current mesh axes are {sorted(call.mesh_axes)})")
     if self.constraints is not None:
       return self.constraints(call)
     return None
@@ -93,6 +102,6 @@ class Implementation:
         "platforms": sorted(self.platforms),
         "memory": self.memory,
         "notes": self.notes,
-        "mesh_axis": self.mesh_axis,
+        "sequence_sharded": self.sequence_sharded,
         "equal_lengths": self.equal_lengths,
     }

@@ -167,8 +167,8 @@ def _attention_on_device(query, key, value, mask: Mask, bias, *, scale: float, s
 
   # Scale folded into the query (splash has no scale argument), in float32 before rounding back.
   query = (query.astype(jnp.float32) * scale).astype(query.dtype)
-  pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0)))
-  query, key, value = pad(query, padded_q), pad(key, padded_kv), pad(value, padded_kv)
+  query = rows.pad_length(query, padded_q)
+  key, value = rows.pad_length(key, padded_kv), rows.pad_length(value, padded_kv)
   ids = _segment_ids(mask, batch, q_len, kv_len, padded_q, padded_kv)
   segment_ids = None if ids is None else splash.SegmentIds(q=ids[0], kv=ids[1])
 
@@ -193,7 +193,7 @@ def _attention_on_device(query, key, value, mask: Mask, bias, *, scale: float, s
     out = out.reshape(batch, padded_q, heads, -1)
   out = out[:, :q_len].astype(query.dtype)
   sees_any = rows.sees_any_key(mask, batch, q_len, kv_len)
-  return jnp.where(sees_any[:, :, None, None], out, jnp.zeros((), out.dtype))
+  return rows.zero_rows_without_keys(out, sees_any)
 
 
 IMPLEMENTATION = Implementation(

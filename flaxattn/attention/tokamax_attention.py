@@ -147,7 +147,7 @@ def _attention_on_device(query, key, value, mask: Mask, bias, *, scale: float, s
   else:
     raise ValueError(f"no tokamax op ran this call: {'; '.join(errors)}")
   # Zero (and cut the gradient of) queries that see nothing; NaN where a split segment was widened.
-  out = jnp.where(jnp.swapaxes(sees_any, 1, 2)[..., None], out, jnp.zeros((), out.dtype))
+  out = rows.zero_rows_without_keys(out, sees_any)
   return jnp.where(exact[:, :, None, None], out, jnp.full((), jnp.nan, out.dtype))
 
 

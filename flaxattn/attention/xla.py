@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flaxattn.attention import rows
 from flaxattn.attention.mask import Mask
 from flaxattn.attention.spec import Implementation
 
@@ -20,21 +21,15 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
   del softcap, dropout_rate, dropout_rng, return_weights  # Not supported: the dispatcher never passes them.
   q_len, kv_len = query.shape[1], key.shape[1]
   value_dim = value.shape[-1]
-  # jax.nn.dot_product_attention wants one head_dim for query, key and value. Zero padding to the
-  # wider one changes neither the logits (the scale is passed explicitly) nor the first value_dim
-  # output columns.
-  width = max(query.shape[-1], value_dim)
-  query, key, value = (
-      jnp.pad(x, ((0, 0),) * 3 + ((0, width - x.shape[-1]),)) for x in (query, key, value))
+  # jax.nn.dot_product_attention wants one head_dim for query, key and value.
+  query, key, value = rows.pad_to_one_head_dim(query, key, value)
   visible = None if mask is None else mask.materialize(q_len, kv_len)
   if bias is not None:
     bias = bias.astype(jnp.promote_types(query.dtype, jnp.float32))
   out = jax.nn.dot_product_attention(
       query, key, value, bias=bias, mask=visible, scale=scale, implementation="xla")[..., :value_dim]
   if visible is not None:
-    sees_any = jnp.any(visible, axis=-1)  # [batch|1, heads|1, q_len]
-    sees_any = jnp.broadcast_to(sees_any, (sees_any.shape[0], query.shape[2], q_len))
-    out = out * jnp.swapaxes(sees_any, 1, 2)[..., None].astype(out.dtype)
+    out = rows.zero_rows_without_keys(out, jnp.any(visible, axis=-1))
   return out
 
 

@@ -90,13 +90,8 @@ class Task:
     after the previous one's end)."""
     if self.stream:
       return [self.tokenizer.eos_id] + list(self.tokenizer.encode(text)) + [self.tokenizer.eos_id]
-    return _with_specials(self.tokenizer, self.tokenizer.encode(text))
+    return tokenizers.framed(self.tokenizer, self.tokenizer.encode(text))
 
-
-def _with_specials(tokenizer, ids: list[int]) -> list[int]:
-  head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-  tail = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-  return head + list(ids) + tail
 
 
 def pretrained_dir(name_or_path: str) -> str:
@@ -173,7 +168,7 @@ def _tokenize(kind: str, tokenizer, label_index: dict | None):
       if label not in label_index:
         raise ValueError(f"label {label!r} is not one of the classes {sorted(label_index)}")
       label = label_index[label]
-    return {"tokens": np.asarray(_with_specials(tokenizer, tokenizer.encode(example["text"])),
+    return {"tokens": np.asarray(tokenizers.framed(tokenizer, tokenizer.encode(example["text"])),
                                  np.int32), "label": int(label)}
 
   def seq2seq(example):
@@ -182,7 +177,7 @@ def _tokenize(kind: str, tokenizer, label_index: dict | None):
             "target": np.asarray(tokenizer.encode(example["target"]) + eos, np.int32)}
 
   def lm(example):
-    return {"tokens": np.asarray(_with_specials(tokenizer, tokenizer.encode(example["text"])),
+    return {"tokens": np.asarray(tokenizers.framed(tokenizer, tokenizer.encode(example["text"])),
                                  np.int32)}
   return {"classification": classification, "seq2seq": seq2seq, "lm": lm}[kind]
 

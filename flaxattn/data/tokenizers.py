@@ -1,14 +1,25 @@
-"""Tokenizers: bytes, whitespace words, SentencePiece (trained here or loaded) and BERT WordPiece.
+"""Tokenizers: bytes, whitespace words, SentencePiece (trained here or loaded), BERT WordPiece, and
+the wrapper of Hugging Face `tokenizers` that pretrained checkpoints' tokenizers use.
 
-Every tokenizer has the same surface, so pipelines, tasks and attention maps need not know which one
-they hold:
+Every tokenizer, here and in `flaxattn.models.pretrained`, satisfies the one `Tokenizer` protocol, so
+pipelines, tasks, evaluation and attention maps need not know which one they hold:
 
-  vocab_size: int                     number of ids, special tokens included
-  pad_id, bos_id, eos_id: int         special ids (`unk_id` may be None: no unknown token)
-  encode(text) -> list[int]           no special tokens added
-  decode(ids) -> str                  pad/bos/eos dropped
-  pieces(ids) -> list[str]            one display label per id (attention-map axes)
-  save(directory) -> path             the model file; also writes `tokenizer.json` for `load_tokenizer`
+  vocab_size: int                          number of ids, special tokens included
+  pad_id, bos_id, eos_id, unk_id: int | None
+                                           the special ids; None: the tokenizer has no such token
+  encode(text, *, add_special_tokens=False) -> list[int]
+                                           the ids of `text`, nothing added; with
+                                           `add_special_tokens`, framed as its models take one text:
+                                           `[bos] + ids + [eos]` (those that exist; BERT: `[CLS] ...
+                                           [SEP]`), or a checkpoint's own template (GGUF: bos only)
+  decode(ids, *, skip_special_tokens=True) -> str
+                                           the text of `ids` (ints in `[0, vocab_size)`), pad, bos and
+                                           eos dropped; `skip_special_tokens=False` keeps them, spelled
+                                           as their pieces
+  pieces(ids) -> list[str]                 one display label per id (attention-map axes)
+
+The tokenizers of this module also have `save(directory) -> path` (the model file, with
+`tokenizer.json` for `load_tokenizer`).
 
 `build_tokenizer` trains or loads one cached in a directory (a run's workdir); `load_tokenizer` reloads
 what it saved. Every file is written atomically (a temporary file, then `os.replace`), so a run killed
@@ -20,13 +31,14 @@ from __future__ import annotations
 import collections
 import io
 import json
-import os
 import pathlib
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
+
+from flaxattn.files import write_atomically
 
 DESCRIPTOR_FILE = "tokenizer.json"
 WORDS_FILE = "tokenizer.words"
@@ -36,16 +48,7 @@ KINDS = ("byte", "word", "sentencepiece", "wordpiece")
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> pathlib.Path:
-  """Writes `data` to `path` through a temporary file in the same directory and `os.replace`."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(handle, "wb") as file:
-      file.write(data)
-    os.replace(temporary, path)
-  except BaseException:
-    pathlib.Path(temporary).unlink(missing_ok=True)
-    raise
+  write_atomically(path, lambda file: file.write(data), binary=True)
   return path
 
 
@@ -81,7 +84,58 @@ def _check_text(text) -> str:
   return text
 
 
-class ByteTokenizer:
+class Tokenizer(Protocol):
+  """What every tokenizer provides (the module docstring states the contract)."""
+
+  vocab_size: int
+  pad_id: int | None
+  bos_id: int | None
+  eos_id: int | None
+  unk_id: int | None
+
+  def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]: ...
+
+  def decode(self, ids, *, skip_special_tokens: bool = True) -> str: ...
+
+  def pieces(self, ids) -> list[str]: ...
+
+
+def framed(tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:
+  """`[bos] + ids + [eos]`, leaving out a special the tokenizer lacks."""
+  head = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+  tail = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+  return head + list(ids) + tail
+
+
+class _Contract:
+  """`encode` and `decode` of the contract over a class's `_encode(text)` (nothing added) and
+  `_decode(ids)` (a list of ids without pad, bos or eos)."""
+
+  # Between decoded runs and kept special pieces (`decode(skip_special_tokens=False)`).
+  separator = ""
+
+  def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+    ids = self._encode(_check_text(text))
+    return framed(self, ids) if add_special_tokens else ids
+
+  def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+    ids = _as_id_list(ids, self.vocab_size)
+    specials = {self.pad_id, self.bos_id, self.eos_id} - {None}
+    if skip_special_tokens:
+      return self._decode([index for index in ids if index not in specials])
+    parts, run = [], []
+    for index in ids:
+      if index in specials:
+        parts.extend([self._decode(run)] if run else [])
+        parts.append(self.pieces([index])[0])
+        run = []
+      else:
+        run.append(index)
+    parts.extend([self._decode(run)] if run else [])
+    return self.separator.join(parts)
+
+
+class ByteTokenizer(_Contract):
   """UTF-8 bytes: id 0 pad, 1 bos, 2 eos, byte `b` at id `b + 3` (vocabulary 259, no unknown)."""
 
   pad_id, bos_id, eos_id, unk_id = 0, 1, 2, None
@@ -89,15 +143,13 @@ class ByteTokenizer:
   vocab_size = 256 + offset
   _SPECIAL_PIECES = ("<pad>", "<bos>", "<eos>")
 
-  def encode(self, text: str) -> list[int]:
+  def _encode(self, text: str) -> list[int]:
     """The UTF-8 bytes of `text` shifted by 3."""
-    return [byte + self.offset for byte in _check_text(text).encode("utf-8")]
+    return [byte + self.offset for byte in text.encode("utf-8")]
 
-  def decode(self, ids) -> str:
-    """Text of the byte ids (specials dropped); invalid UTF-8 becomes U+FFFD, never an error."""
-    data = bytes(index - self.offset for index in _as_id_list(ids, self.vocab_size)
-                 if index >= self.offset)
-    return data.decode("utf-8", errors="replace")
+  def _decode(self, ids: list[int]) -> str:
+    """Text of the byte ids; invalid UTF-8 becomes U+FFFD, never an error."""
+    return bytes(index - self.offset for index in ids).decode("utf-8", errors="replace")
 
   def pieces(self, ids) -> list[str]:
     """Printable ASCII bytes as themselves, other bytes as `<0xNN>`, specials as `<pad>`/`<bos>`/`<eos>`."""
@@ -119,7 +171,7 @@ DEFAULT_WORD_SPECIALS = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>", "unk": 
 _ROLES = ("pad", "bos", "eos", "unk")
 
 
-class WordTokenizer:
+class WordTokenizer(_Contract):
   """Whitespace-separated words, each one id; words outside the vocabulary map to `unk_id`.
 
   The special tokens take the first ids in the order pad, bos, eos, unk. A text that already contains
@@ -197,10 +249,12 @@ class WordTokenizer:
       words = words[:max_size - len(special_tokens)]
     return cls(special_tokens + words, specials)
 
-  def encode(self, text: str) -> list[int]:
+  separator = " "
+
+  def _encode(self, text: str) -> list[int]:
     """Ids of the whitespace-separated words of `text`; unknown words give `unk_id` (counted)."""
     ids, unknown = [], 0
-    for word in _check_text(text).split():
+    for word in text.split():
       index = self._ids.get(word)
       if index is None:
         if self.unk_id is None:
@@ -213,11 +267,9 @@ class WordTokenizer:
       self.encoded_count += len(ids)
     return ids
 
-  def decode(self, ids) -> str:
-    """Words joined by single spaces; pad, bos and eos dropped."""
-    dropped = {self.pad_id, self.bos_id, self.eos_id}
-    return " ".join(self.words[index] for index in _as_id_list(ids, self.vocab_size)
-                    if index not in dropped)
+  def _decode(self, ids: list[int]) -> str:
+    """Words joined by single spaces."""
+    return " ".join(self.words[index] for index in ids)
 
   def pieces(self, ids) -> list[str]:
     return [self.words[index] for index in _as_id_list(ids, self.vocab_size)]
@@ -239,7 +291,7 @@ class WordTokenizer:
       raise ValueError(f"{path} is not a tokenizer.words file written by WordTokenizer.save: {error}") from error
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_Contract):
   """A SentencePiece model (unigram or BPE); models trained by `train` use pad 0, unk 1, bos 2, eos 3."""
 
   def __init__(self, model_path=None, *, model_proto: bytes | None = None):
@@ -304,14 +356,12 @@ class SentencePieceTokenizer:
       _write_atomic(pathlib.Path(f"{model_prefix}.model"), tokenizer.model_proto)
     return tokenizer
 
-  def encode(self, text: str) -> list[int]:
-    return self._processor.encode(_check_text(text), out_type=int)
+  def _encode(self, text: str) -> list[int]:
+    return self._processor.encode(text, out_type=int)
 
-  def decode(self, ids) -> str:
-    """Text of `ids`; pad, bos and eos dropped (unk decodes to SentencePiece's ` ⁇ `)."""
-    dropped = {self.pad_id, self.bos_id, self.eos_id}
-    return self._processor.decode(
-        [index for index in _as_id_list(ids, self.vocab_size) if index not in dropped])
+  def _decode(self, ids: list[int]) -> str:
+    """Text of `ids` (unk decodes to SentencePiece's ` ⁇ `)."""
+    return self._processor.decode(ids)
 
   def pieces(self, ids) -> list[str]:
     """The pieces, with SentencePiece's word-start mark `▁`."""
@@ -324,38 +374,110 @@ class SentencePieceTokenizer:
     return path
 
 
-class WordPieceTokenizer:
-  """BERT WordPiece from a `vocab.txt`, with the ids of the checkpoint that ships it.
+def _hf_tokenizers():
+  """The Hugging Face `tokenizers` package (an optional dependency: the 'pretrained' extra)."""
+  try:
+    import tokenizers  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError("WordPiece and pretrained checkpoints' tokenizers need the `tokenizers` "
+                      "package: pip install 'flaxattn[pretrained]'") from error
+  return tokenizers
 
-  `bos_id` is `[CLS]`, `eos_id` `[SEP]`, `pad_id` `[PAD]`, `unk_id` `[UNK]`; `encode` adds none of them
-  (a pipeline adds bos/eos where the model wants them).
+
+class HFTokenizer:
+  """A Hugging Face `tokenizers.Tokenizer` (Rust, fast) with its special ids stated, under the
+  contract of this module; `encode(add_special_tokens=True)` applies the backend's own template.
+
+  Attributes:
+    max_length: inputs longer than this many tokens are truncated (None: never).
   """
 
-  def __init__(self, vocab_file, *, lowercase: bool = True):
-    # The WordPiece rules (BERT normalisation, pre-tokenisation, ## continuation) live in one place.
-    from flaxattn.models.pretrained import tokenizer as pretrained  # pylint: disable=import-outside-toplevel
-    self.vocab_file = pathlib.Path(vocab_file)
-    self.lowercase = bool(lowercase)
-    self._tokenizer = pretrained.wordpiece(self.vocab_file, lowercase=self.lowercase, max_length=None)
-    token_id = self._tokenizer.token_to_id
-    self.pad_id, self.bos_id = token_id("[PAD]"), token_id("[CLS]")
-    self.eos_id, self.unk_id = token_id("[SEP]"), token_id("[UNK]")
+  def __init__(self, backend, *, pad_id: int, bos_id: int | None = None,
+               eos_id: int | None = None, unk_id: int | None = None,
+               max_length: int | None = None):
+    self._backend = backend
+    self.pad_id = int(pad_id)
+    self.bos_id, self.eos_id, self.unk_id = (None if index is None else int(index)
+                                             for index in (bos_id, eos_id, unk_id))
+    self.max_length = max_length
+    if max_length is not None:
+      backend.enable_truncation(max_length)
 
   @property
   def vocab_size(self) -> int:
-    return self._tokenizer.vocab_size
+    return self._backend.get_vocab_size(with_added_tokens=True)
 
-  def encode(self, text: str) -> list[int]:
-    return self._tokenizer.encode(text, add_special_tokens=False)
+  def token_to_id(self, token: str) -> int | None:
+    """The id of one vocabulary entry (e.g. `'[CLS]'`, `'<|im_end|>'`), or None if absent."""
+    return self._backend.token_to_id(token)
 
-  def decode(self, ids) -> str:
-    """Text of `ids` with `##` continuations joined; [PAD], [CLS] and [SEP] dropped."""
-    dropped = {self.pad_id, self.bos_id, self.eos_id}
-    return self._tokenizer.decode(
-        [index for index in _as_id_list(ids, self.vocab_size) if index not in dropped])
+  def id_to_token(self, index: int) -> str | None:
+    """The vocabulary entry of one id (e.g. `'##ing'`), or None if out of range."""
+    return self._backend.id_to_token(int(index))
+
+  def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
+    return self._backend.encode(_check_text(text), add_special_tokens=add_special_tokens).ids
+
+  def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
+    ids = _as_id_list(ids, self.vocab_size)
+    if skip_special_tokens:
+      dropped = {self.pad_id, self.bos_id, self.eos_id}
+      ids = [index for index in ids if index not in dropped]
+    # The backend's own skipping would drop every added token (`<|im_start|>`, `[MASK]`), not
+    # the three of the contract.
+    return self._backend.decode(ids, skip_special_tokens=False)
 
   def pieces(self, ids) -> list[str]:
-    return [self._tokenizer.id_to_token(index) for index in _as_id_list(ids, self.vocab_size)]
+    return [self._backend.id_to_token(index) for index in _as_id_list(ids, self.vocab_size)]
+
+  def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The model inputs of `texts`: each encoded with its special tokens, right-padded to the
+    longest.
+
+    Returns:
+      `(ids, mask)`: `ids` `[batch, length]` int32 padded with `pad_id`; `mask` `[batch, length]` bool,
+      True on real tokens.
+    """
+    if isinstance(texts, str) or not texts:
+      raise ValueError(f"texts must be a non-empty sequence of str, got {texts!r}")
+    encoded = [self.encode(text, add_special_tokens=True) for text in texts]
+    length = max(len(ids) for ids in encoded)
+    batch = np.full((len(encoded), length), self.pad_id, np.int32)
+    mask = np.zeros((len(encoded), length), bool)
+    for row, ids in enumerate(encoded):
+      batch[row, :len(ids)] = ids
+      mask[row, :len(ids)] = True
+    return batch, mask
+
+
+class WordPieceTokenizer(HFTokenizer):
+  """BERT WordPiece from a `vocab.txt` (one token a line, id = line number), with the ids of the
+  checkpoint that ships it: `bos_id` is `[CLS]`, `eos_id` `[SEP]`, `pad_id` `[PAD]`, `unk_id`
+  `[UNK]`.
+
+  BERT's text cleaning and CJK splitting; `lowercase` (uncased checkpoints) also strips accents, as
+  BERT's `BasicTokenizer` does. `decode` joins `##` continuations.
+  """
+
+  def __init__(self, vocab_file, *, lowercase: bool = True, max_length: int | None = None):
+    tokenizers = _hf_tokenizers()
+    self.vocab_file = pathlib.Path(vocab_file)
+    self.lowercase = bool(lowercase)
+    backend = tokenizers.Tokenizer(
+        tokenizers.models.WordPiece.from_file(str(self.vocab_file), unk_token="[UNK]"))
+    special = {token: backend.token_to_id(token)
+               for token in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")}
+    absent = [token for token, index in special.items() if index is None]
+    if absent:
+      raise ValueError(f"vocab.txt at {self.vocab_file} lacks the special tokens {absent}")
+    backend.add_special_tokens(list(special))
+    backend.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=self.lowercase)
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = tokenizers.processors.BertProcessing(
+        ("[SEP]", special["[SEP]"]), ("[CLS]", special["[CLS]"]))
+    backend.decoder = tokenizers.decoders.WordPiece()
+    super().__init__(backend, pad_id=special["[PAD]"], bos_id=special["[CLS]"],
+                     eos_id=special["[SEP]"], unk_id=special["[UNK]"], max_length=max_length)
 
   def save(self, directory) -> pathlib.Path:
     """Copies the vocabulary to `vocab.txt` and writes `tokenizer.json`; returns the former."""
@@ -364,7 +486,6 @@ class WordPieceTokenizer:
     return path
 
 
-Tokenizer = ByteTokenizer | WordTokenizer | SentencePieceTokenizer | WordPieceTokenizer
 
 
 def build_tokenizer(kind: str, *, directory, texts: Callable[[], Iterable[str]] | None = None,

@@ -6,8 +6,7 @@ removed;
 `rollout` combines a stack of self-attention layers into one token-to-input attribution (Abnar &
 Zuidema 2020, "Quantifying Attention Flow in Transformers"); `plot_attention` / `plot_alignment`
 draw them as heatmaps with the tokens on both axes; `attention_report` does all of it for a text and
-a tokenizer, writing PNG files. `figure_array` / `png_to_array` turn plots into uint8 `[height,
-width, 3]` images for TensorBoard (`SummaryWriter.add_image(tag, image, step, dataformats='HWC')`).
+a tokenizer, writing PNG files (`flaxattn.train.report` sends them to TensorBoard).
 
 Plots use matplotlib's object API on an Agg canvas (no pyplot), so importing this module never
 changes the process-wide matplotlib backend.
@@ -18,17 +17,16 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 import unicodedata
 from collections.abc import Sequence
 
 import jax
-import matplotlib.image
 import numpy as np
 from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from flaxattn.files import write_atomically
 from flaxattn.models.decoder import DecoderLM
 from flaxattn.models.decoding import generate
 from flaxattn.models.encoder import EncoderClassifier, EncoderModel
@@ -231,21 +229,6 @@ def _panel_inches(count: int) -> float:
   return float(np.clip(0.16 * min(count, MAX_TICK_LABELS) + 1.4, 2.5, 9.0))
 
 
-def write_atomically(path: str, write, *, binary: bool = False) -> None:
-  """Calls `write(file)` on a temporary file beside `path`, then renames it over `path`, so a reader
-  (TensorBoard, a report viewer) never sees half a file. Creates the parent directories."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-  try:
-    with os.fdopen(handle, "wb" if binary else "w") as f:
-      write(f)
-    os.replace(temporary, path)
-  except BaseException:
-    os.unlink(temporary)
-    raise
-
-
 def _save(figure: Figure, path: str) -> str:
   """Writes `figure` to `path` as PNG, atomically; returns `path`."""
   write_atomically(path, lambda f: figure.savefig(f, format="png", dpi=_DPI), binary=True)
@@ -374,27 +357,6 @@ def plot_alignment(cross_weights: Sequence[np.ndarray] | np.ndarray, source_labe
                      target_labels, source_labels, title=title, row_name="target token",
                      col_name="source token")
   return _save(figure, path)
-
-
-def figure_array(figure: Figure) -> np.ndarray:
-  """A matplotlib figure rendered as uint8 RGB `[height, width, 3]`."""
-  canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
-  canvas.draw()
-  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
-
-
-def png_to_array(path: str) -> np.ndarray:
-  """A PNG file as uint8 RGB `[height, width, 3]` (grey scale expanded, transparency composited on
-  white), ready for `SummaryWriter.add_image(tag, image, step, dataformats='HWC')`."""
-  image = matplotlib.image.imread(path)
-  if image.dtype == np.uint8:
-    image = image.astype(np.float32) / 255.0
-  if image.ndim == 2:
-    image = np.repeat(image[..., None], 3, axis=-1)
-  if image.shape[-1] == 4:
-    alpha = image[..., 3:]
-    image = image[..., :3] * alpha + (1.0 - alpha)
-  return np.clip(np.rint(image[..., :3] * 255.0), 0, 255).astype(np.uint8)
 
 
 def _tokenize(tokenizer, text: str, name: str, encode=None) -> tuple[list[int], list[str]]:

@@ -540,7 +540,7 @@ def _single_device(implementation: str | None) -> str | None:
   """The implementation for a call against a `KVCache`: a kernel that splits the sequence over a
   mesh axis (ring) needs equal query and key lengths, which neither a prefill nor a one-token step
   against the cache has, so those calls go to the dispatcher's choice instead (None)."""
-  sequence_parallel = {impl["name"] for impl in implementations() if impl["mesh_axis"] is not None}
+  sequence_parallel = {impl["name"] for impl in implementations() if impl["sequence_sharded"]}
   return None if implementation in sequence_parallel else implementation
 
 

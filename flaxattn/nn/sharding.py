@@ -31,10 +31,14 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Sequence[s
   shape, axes = tuple(shape), tuple(axes)
   if len(shape) != len(axes):
     raise ValueError(f"axes {axes} must name every dimension of shape {shape}")
+  _check_known("axes", axes)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def _check_known(what: str, axes: tuple) -> None:
   unknown = [name for name in axes if name is not None and name not in LOGICAL_AXES]
   if unknown:
-    raise ValueError(f"axes {axes} name unknown logical axes {unknown}; known: {LOGICAL_AXES}")
-  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+    raise ValueError(f"{what} {axes} name unknown logical axes {unknown}; known: {LOGICAL_AXES}")
 
 
 def logical_spec(logical_axes: Sequence[str | None], rules=None) -> jax.sharding.PartitionSpec:
@@ -65,7 +69,10 @@ def active_spec(logical_axes: Sequence[str | None]) -> jax.sharding.PartitionSpe
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint on activation `x` by logical names; a no-op without a mesh and rules."""
+  """Sharding constraint on activation `x` by logical names (each in `LOGICAL_AXES` or None); a no-op
+  without a mesh and rules."""
+  logical_axes = tuple(logical_axes)
+  _check_known("logical_axes", logical_axes)
   if len(logical_axes) != jnp.ndim(x):
     raise ValueError(f"logical_axes {tuple(logical_axes)} must name every dimension of shape {x.shape}")
   spec = active_spec(logical_axes)

@@ -13,9 +13,16 @@ from flaxattn.nn.sharding import logical_spec
 from flaxattn.parallel.rules import Rules
 
 
-def _path_keys(path) -> tuple:
+def path_keys(path) -> tuple:
+  """The plain keys of a `jax.tree_util` key path (dict keys, sequence indices, attribute names):
+  `(DictKey('a'), SequenceKey(0))` -> `('a', 0)`."""
   return tuple(getattr(entry, "key", getattr(entry, "idx", getattr(entry, "name", entry)))
                for entry in path)
+
+
+def path_name(path) -> str:
+  """A key path as one string, `'a/0/b'`: how checkpoints, restores and errors name a leaf."""
+  return "/".join(map(str, path_keys(path)))
 
 
 def _check_divisible(where: str, shape, spec: jax.sharding.PartitionSpec, mesh: jax.sharding.Mesh):
@@ -35,7 +42,7 @@ def param_shardings(abstract_params: nnx.State, mesh: jax.sharding.Mesh, rules: 
   def sharding(path, variable):
     axes = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
     spec = logical_spec(axes, rules)
-    _check_divisible("parameter " + "/".join(map(str, _path_keys(path))), variable.shape, spec, mesh)
+    _check_divisible("parameter " + path_name(path), variable.shape, spec, mesh)
     return jax.sharding.NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(sharding, abstract_params,
@@ -49,11 +56,11 @@ def like_params(tree, params, shardings, mesh: jax.sharding.Mesh):
   by_path = {}
   for (path, param), (_, sharding) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                           jax.tree_util.tree_flatten_with_path(shardings)[0]):
-    by_path[_path_keys(path)] = (param.shape, sharding)
+    by_path[path_keys(path)] = (param.shape, sharding)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def sharding(path, leaf):
-    keys = _path_keys(path)
+    keys = path_keys(path)
     for start in range(len(keys)):
       shape, param_sharding = by_path.get(keys[start:], (None, None))
       if shape is not None:

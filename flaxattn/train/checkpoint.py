@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from flaxattn.parallel.sharding import _path_keys  # The one path-naming rule.
+from flaxattn.parallel.sharding import path_name  # The one path-naming rule.
 
 
 class CheckpointMismatch(ValueError):
@@ -26,7 +26,7 @@ class CheckpointMismatch(ValueError):
 
 def _shapes_by_path(tree) -> dict[str, tuple]:
   """{'params/layers/0/kernel': (shape, dtype name)} of the arrays (or their metadata) in `tree`."""
-  return {"/".join(map(str, _path_keys(path))): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
+  return {path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

@@ -20,7 +20,6 @@ from flaxattn import parallel
 from flaxattn.models.decoding import generate
 from flaxattn.train.checkpoint import checkpoint_step, load_params
 from flaxattn.train.run import Run, attention_images, build_run
-from flaxattn.train.step import make_eval_step
 
 
 def restore(config, workdir: str) -> tuple[Run, object, object, object]:
@@ -40,12 +39,12 @@ def restore(config, workdir: str) -> tuple[Run, object, object, object]:
     raise ValueError(f"the checkpoint in {workdir} does not fit the model of its config.json: "
                      f"missing {missing[:5]}, unused {unused[:5]}, or shapes differ")
   target_shardings = _by_path(nnx.to_pure_dict(shardings))
-  placed = jax.tree_util.tree_map_with_path(
-      lambda path, _: jax.device_put(saved[_path_key(path)], target_shardings[_path_key(path)]),
-      nnx.to_pure_dict(abstract_params))
+  place = lambda name: jax.device_put(saved[name], target_shardings[name])
+  placed = jax.tree_util.tree_map_with_path(lambda path, _: place(parallel.path_name(path)),
+                                            nnx.to_pure_dict(abstract_params))
   nnx.replace_by_pure_dict(abstract_params, placed)
   params = nnx.as_pure(abstract_params)
-  jitted = jax.jit(make_eval_step(graphdef, run.loss_fn))
+  jitted = jax.jit(run.eval_step(graphdef))
 
   def eval_step(params, batch):
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
@@ -53,26 +52,22 @@ def restore(config, workdir: str) -> tuple[Run, object, object, object]:
   return run, graphdef, params, eval_step
 
 
-def _path_key(path) -> str:
-  return "/".join(str(getattr(entry, "key", entry)) for entry in path)
-
-
 def _by_path(tree) -> dict:
   """`{'a/0/b': leaf}` of a nested dict, whatever the type of its keys."""
-  return {_path_key(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  return {parallel.path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def evaluate_checkpoint(config, workdir: str, splits: list[str] | None = None) -> dict[str, dict]:
   """Metrics of the newest checkpoint per split (default: validation and test), each also written
   to `WORKDIR/eval_<split>.json`."""
   run, graphdef, params, eval_step = restore(config, workdir)
-  evaluator = run.evaluator(graphdef, eval_step).evaluator
+  evaluator = run.evaluator(graphdef, eval_step)
   if splits is None:
     splits = [s for s in (run.task.validation_split, "test") if s in run.task.splits]
   results = {}
   for split in splits:
     results[split] = evaluator.evaluate(params, split, decode=True,
-                                        max_decode_examples=config.eval.decode_examples)
+                                        max_decode_examples=config.eval.decode_examples).metrics
     if jax.process_index() == 0:
       with open(os.path.join(workdir, f"eval_{split}.json"), "w") as f:
         json.dump(results[split], f, indent=2, sort_keys=True)
@@ -87,7 +82,7 @@ def decode_lines(config, workdir: str, lines: list[str], *, max_new_tokens: int 
     raise ValueError("decode needs a data set with a tokenizer; the Markov corpus has none")
   task, model = run.task, nnx.merge(graphdef, params)
   if run.kind == "seq2seq":
-    return run.evaluator(graphdef, eval_step).evaluator.translate(params, lines)
+    return run.evaluator(graphdef, eval_step).translate(params, lines)[0]
   outputs = []
   # Every process runs every line (replicated inputs: any number of processes) and reads the
   # gathered outputs.

@@ -37,8 +37,8 @@ from flaxattn.train.checkpoint import Checkpointer, abstract_like
 from flaxattn.train.evaluate import prefixed
 from flaxattn.train.flops import measured_peak_flops, train_flops_per_token
 from flaxattn.train.optim import make_optimizer, make_schedule
-from flaxattn.train.run import build_run, write_final_report
-from flaxattn.train.step import init_train_state, jit_steps, make_eval_step, make_train_step
+from flaxattn.train.run import build_run, evaluate_during_training, write_final_report
+from flaxattn.train.step import init_train_state, jit_steps, make_train_step
 
 
 class _Preemption:
@@ -166,7 +166,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   batch_shardings = run.batch_shardings
   train_step, eval_step = jit_steps(
       make_train_step(graphdef, tx, run.loss_fn, schedule, grad_accum_steps=config.grad_accum_steps),
-      make_eval_step(graphdef, run.loss_fn), state_shardings, batch_shardings, mesh, rules)
+      run.eval_step(graphdef), state_shardings, batch_shardings, mesh, rules)
   evaluator = run.evaluator(graphdef, eval_step)
 
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -229,7 +229,8 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
               f"loss is {record['loss']} at step {step}; the last good checkpoint is step "
               f"{checkpoints.manager.latest_step()} in {workdir}/checkpoints")
         if evaluating:
-          record.update(prefixed(evaluator.evaluate(state.params, step=step, board=board), "eval"))
+          record.update(prefixed(evaluate_during_training(run, evaluator, state.params, step=step,
+                                                          board=board), "eval"))
         _write_metrics(metrics_path, record, board)
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{record['loss']:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")
@@ -251,7 +252,8 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
       logging.warning("preempted: stopped at step %d on every process, saved", step)
   elif step == config.steps:
     if not any(key.startswith("eval_") for key in record):  # Resumed at the end: evaluate now.
-      record = {"step": step, **prefixed(evaluator.evaluate(state.params, step=step), "eval")}
+      record = {"step": step, **prefixed(
+          evaluate_during_training(run, evaluator, state.params, step=step), "eval")}
     params, used = state.params, step
     if report_checkpoint != "latest":
       used = checkpoints.select(report_checkpoint)

@@ -61,27 +61,34 @@ def token_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array, *,
           "correct": total(correct), "weight": jnp.sum(weights)}
 
 
-def lm_loss(model, batch, *, dropout_rng=None, **options) -> dict[str, jax.Array]:
-  """Next-token loss sums of a `DecoderLM` on an lm batch (dropout on when `dropout_rng` is given)."""
+def _sums(logits, labels, weights, with_logits: bool, options):
+  sums = token_sums(logits, labels, weights, **options)
+  return (sums, logits) if with_logits else sums
+
+
+def lm_loss(model, batch, *, dropout_rng=None, with_logits: bool = False, **options):
+  """Next-token loss sums of a `DecoderLM` on an lm batch (dropout on when `dropout_rng` is given);
+  with `with_logits`, `(sums, logits [batch, length, vocab])`, as for every loss here."""
   logits = model(batch["inputs"], batch.get("mask"), positions=batch.get("positions"),
                  segment_ids=batch.get("segment_ids"), deterministic=dropout_rng is None,
                  dropout_rng=dropout_rng)
-  return token_sums(logits, batch["targets"], batch["weights"], **options)
+  return _sums(logits, batch["targets"], batch["weights"], with_logits, options)
 
 
-def seq2seq_loss(model, batch, *, dropout_rng=None, **options) -> dict[str, jax.Array]:
+def seq2seq_loss(model, batch, *, dropout_rng=None, with_logits: bool = False, **options):
   """Target-token loss sums of an `EncoderDecoder` on a seq2seq batch."""
   logits = model(batch["source"], batch["target_inputs"], batch["source_mask"],
                  batch["target_mask"], deterministic=dropout_rng is None, dropout_rng=dropout_rng)
-  return token_sums(logits, batch["targets"], batch["weights"], **options)
+  return _sums(logits, batch["targets"], batch["weights"], with_logits, options)
 
 
-def classification_loss(model, batch, *, dropout_rng=None, **options) -> dict[str, jax.Array]:
-  """Per-example loss sums of an `EncoderClassifier` on a classification batch."""
+def classification_loss(model, batch, *, dropout_rng=None, with_logits: bool = False, **options):
+  """Per-example loss sums of an `EncoderClassifier` on a classification batch (logits
+  `[batch, classes]`)."""
   logits = model(batch["inputs"], batch["mask"], deterministic=dropout_rng is None,
                  dropout_rng=dropout_rng)
   weights = batch.get("weights", jnp.ones(batch["labels"].shape, jnp.float32))
-  return token_sums(logits, batch["labels"], weights, **options)
+  return _sums(logits, batch["labels"], weights, with_logits, options)
 
 
 LOSSES = {"lm": lm_loss, "seq2seq": seq2seq_loss, "classification": classification_loss}

@@ -4,7 +4,8 @@ TensorBoard images.
 `plot_learning_curves` draws the training loss and every `eval_*` metric the loop logged against the
 step; `write_report` writes the final metrics, result tables, image links and notes as Markdown (and
 the metrics as JSON), atomically; `log_images` sends PNG files (learning curves, attention maps from
-`flaxattn.models.attention_maps`) to TensorBoard.
+`flaxattn.models.attention_maps`) to TensorBoard, and `figure_array` / `png_to_array` turn figures
+and PNG files into the uint8 `[height, width, 3]` images it sends.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import numbers
 import os
 from collections.abc import Mapping, Sequence
 
+import matplotlib.image
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from flaxattn.models.attention_maps import png_to_array, write_atomically
+from flaxattn.files import write_atomically
 
 
 def read_metrics(metrics_jsonl_path: str) -> list[dict]:
@@ -203,6 +205,27 @@ def write_report(workdir: str, *, title: str, metrics: Mapping,
   write_atomically(md_path, lambda f: f.write(text))
   write_atomically(os.path.join(workdir, "report.json"), lambda f: f.write(record + "\n"))
   return md_path
+
+
+def figure_array(figure: Figure) -> np.ndarray:
+  """A matplotlib figure rendered as uint8 RGB `[height, width, 3]`."""
+  canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def png_to_array(path: str) -> np.ndarray:
+  """A PNG file as uint8 RGB `[height, width, 3]` (grey scale expanded, transparency composited on
+  white), ready for `SummaryWriter.add_image(tag, image, step, dataformats='HWC')`."""
+  image = matplotlib.image.imread(path)
+  if image.dtype == np.uint8:
+    image = image.astype(np.float32) / 255.0
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.shape[-1] == 4:
+    alpha = image[..., 3:]
+    image = image[..., :3] * alpha + (1.0 - alpha)
+  return np.clip(np.rint(image[..., :3] * 255.0), 0, 255).astype(np.uint8)
 
 
 def log_images(writer, tag_to_png: Mapping[str, str], step: int) -> None:

@@ -25,6 +25,7 @@ from flaxattn.data import registry, tasks
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
 from flaxattn.train.evaluate import Evaluator, prefixed
 from flaxattn.train.losses import LOSSES
+from flaxattn.train.step import make_eval_step
 
 
 @dataclasses.dataclass
@@ -75,12 +76,17 @@ class Run:
   def eval_batch_size(self) -> int:
     return self.config.eval.batch_size or self.config.batch_size
 
-  def evaluator(self, graphdef, eval_step) -> "RunEvaluator":
+  def eval_step(self, graphdef):
+    """The pure eval step of this run's loss (with predictions for classification), to jit."""
+    return make_eval_step(graphdef, self.loss_fn, predictions=self.kind == "classification")
+
+  def evaluator(self, graphdef, eval_step) -> Evaluator:
+    """The evaluator of `eval_step` (`eval_step(graphdef)`, jitted) on this run's eval splits."""
     evaluation = self.config.eval
-    return RunEvaluator(self, Evaluator(
+    return Evaluator(
         self.kind, self.eval_batches, self.task, graphdef, eval_step, self.batch_shardings,
         self.mesh, self.rules, batch_size=self.eval_batch_size, beam_size=evaluation.beam_size,
-        length_penalty=evaluation.length_penalty, max_decode_len=evaluation.max_decode_len))
+        length_penalty=evaluation.length_penalty, max_decode_len=evaluation.max_decode_len)
 
   def with_pretrained(self, state, shardings):
     """`state` with the pretrained encoder's weights (`config.model.pretrained`), else unchanged."""
@@ -103,28 +109,24 @@ class Run:
     return state.replace(params=new_params)
 
 
-class RunEvaluator:
-  """The loop's evaluation: validation metrics at eval steps (attention maps to TensorBoard)."""
-
-  def __init__(self, run: Run, evaluator: Evaluator):
-    self.run, self.evaluator = run, evaluator
-
-  def evaluate(self, params, *, step: int, board=None) -> dict[str, float]:
-    config = self.run.config
-    split = self.run.task.validation_split
-    result = self.evaluator.evaluate(params, split, max_batches=config.eval_batches,
-                                     decode=config.eval.decode_every_eval,
-                                     max_decode_examples=config.eval.decode_examples)
-    # Process 0 draws (it has the board); the others join in gathering the parameters.
-    drawing = board is not None or jax.process_index() > 0
-    if drawing and self.run.task.tokenizer is not None and config.report.attention_examples:
-      images = attention_images(self.run, self.evaluator.graphdef, params,
-                                os.path.join(self.run.workdir, "attention", f"step_{step}"),
-                                examples=1)
-      if board is not None:
-        from flaxattn.train import report  # Deferred: matplotlib.
-        report.log_images(board, images, step)
-    return result
+def evaluate_during_training(run: Run, evaluator: Evaluator, params, *, step: int,
+                             board=None) -> dict[str, float]:
+  """The loop's evaluation at `step`: validation metrics (Markov: its eval batches), and attention
+  maps of one example (data sets with text) under `WORKDIR/attention/step_<step>` (to TensorBoard when `board`)."""
+  config = run.config
+  split = run.task.validation_split
+  result = evaluator.evaluate(params, split, max_batches=config.eval_batches,
+                              decode=config.eval.decode_every_eval,
+                              max_decode_examples=config.eval.decode_examples).metrics
+  # Process 0 draws (it has the board); the others join in gathering the parameters.
+  drawing = board is not None or jax.process_index() > 0
+  if drawing and run.task.tokenizer is not None and config.report.attention_examples:
+    images = attention_images(run, evaluator.graphdef, params,
+                              os.path.join(run.workdir, "attention", f"step_{step}"), examples=1)
+    if board is not None:
+      from flaxattn.train import report  # Deferred: matplotlib.
+      report.log_images(board, images, step)
+  return result
 
 
 # Longer inputs make unreadable heatmaps; the report draws the first validation examples below it.
@@ -215,19 +217,20 @@ def build_run(config, workdir: str) -> Run:
   return run
 
 
-def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, record: dict,
+def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, record: dict,
                        board, checkpoint: str = "") -> dict[str, float]:
   """Final metrics on the test split (`config.eval.test`), learning curves, attention maps, the
   baseline (`config.report.baseline`) and `WORKDIR/report.md`, of `params` (from `checkpoint`,
   named in the report). Returns the `test_*` metrics."""
   config = run.config
-  final = {}
+  final, outputs = {}, ()
   if config.eval.test and "test" in run.task.splits:
-    final = prefixed(evaluator.evaluator.evaluate(
-        params, "test", decode=True, max_decode_examples=config.eval.decode_examples), "test")
+    test = evaluator.evaluate(params, "test", decode=True,
+                              max_decode_examples=config.eval.decode_examples)
+    final, outputs = prefixed(test.metrics, "test"), test.outputs
   attention = {}
-  if run.task.tokenizer is not None and config.report.attention_examples:  # All processes: gather.
-    attention = attention_images(run, evaluator.evaluator.graphdef, params,
+  if run.task.tokenizer is not None and config.report.attention_examples:  # On every process (a gather).
+    attention = attention_images(run, evaluator.graphdef, params,
                                  os.path.join(workdir, "attention", "final"),
                                  examples=config.report.attention_examples)
   if jax.process_index() != 0:
@@ -242,10 +245,9 @@ def write_final_report(run: Run, evaluator: RunEvaluator, params, workdir: str, 
       images.extend(attention.values())
       if board is not None:
         report.log_images(board, attention, int(record.get("step", 0)))
-    if run.kind == "seq2seq" and getattr(evaluator.evaluator, "last_outputs", None):
+    if outputs:
       tables["Test outputs (first 10)"] = [
-          {"source": s, "reference": r, "output": h}
-          for s, r, h in evaluator.evaluator.last_outputs[:10]]
+          {"source": s, "reference": r, "output": h} for s, r, h in outputs[:10]]
     for split, stats in run.task.stats.items():
       notes.append(f"{split}: {stats.summary()}")
     if config.report.baseline == "tfidf":

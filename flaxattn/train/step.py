@@ -2,8 +2,8 @@
 
 The model lives as `(graphdef, params)` from `nnx.split(model, nnx.Param)`: `graphdef` is static and
 closed over, `params` an `nnx.State` of plain arrays inside a `TrainState` pytree. The steps are pure
-functions `train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> sums`,
-jitted once by `jit_steps` with explicit shardings, the train state donated.
+functions `train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch) -> (sums,
+outputs)`, jitted once by `jit_steps` with explicit shardings, the train state donated.
 """
 
 from __future__ import annotations
@@ -145,16 +145,25 @@ def metrics_from_sums(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
           "tokens": sums["weight"]}
 
 
-def make_eval_step(graphdef, loss_fn: Callable):
-  """The pure step `eval_step(params, batch) -> sums` (dropout off); add the sums of several batches
-  and pass them to `metrics_from_sums`."""
+def make_eval_step(graphdef, loss_fn: Callable, *, predictions: bool = False):
+  """The pure step `eval_step(params, batch) -> (sums, outputs)` (dropout off); add the sums of
+  several batches and pass them to `metrics_from_sums`.
+
+  `outputs` is `{}`, or with `predictions` (classification) `{'predictions': argmax of the logits,
+  'labels', 'weights'}`, each `[batch]`, from the same forward pass as the sums.
+  """
   def eval_step(params, batch):
-    return loss_fn(nnx.merge(graphdef, params), batch)
+    sums, logits = loss_fn(nnx.merge(graphdef, params), batch, with_logits=True)
+    if not predictions:
+      return sums, {}
+    return sums, {"predictions": jnp.argmax(logits, axis=-1), "labels": batch["labels"],
+                  "weights": batch["weights"]}
   return eval_step
 
 
 def jit_steps(train_step, eval_step, state_shardings: TrainState, batch_shardings, mesh, rules):
-  """`train_step` and `eval_step` jitted with explicit shardings (metrics and sums replicated) and
+  """`train_step` and `eval_step` jitted with explicit shardings (metrics, sums and outputs
+  replicated: every process reads the whole global batch's outputs) and
   the train state donated; each call runs with `mesh` set and the logical axis `rules` active, as
   `flaxattn.nn.constrain` needs when the steps are traced."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

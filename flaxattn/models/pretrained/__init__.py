@@ -32,8 +32,9 @@ def load_pretrained(path: str | os.PathLike, **overrides):
   Returns:
     `(model, tokenizer)`: an `EncoderModel` (`model(input_ids, attention_mask, token_type_ids)` ->
     `[batch, length, d_model]`) or a `DecoderLM` (`model(input_ids)` -> logits
-    `[batch, length, vocab]`), with the checkpoint's weights; and its `Tokenizer` (`encode`,
-    `decode`, `encode_batch`).
+    `[batch, length, vocab]`), with the checkpoint's weights; and its tokenizer, a
+    `flaxattn.data.tokenizers.HFTokenizer` (`encode`, `decode`, `pieces`, the special ids, and
+    `encode_batch` for model inputs).
 
   Raises:
     ValueError: naming `path` and what was found, when it is missing or not a supported checkpoint, or

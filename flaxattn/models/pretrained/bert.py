@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from flaxattn.data.tokenizers import HFTokenizer, WordPieceTokenizer
 from flaxattn.models.encoder import EncoderModel
-from flaxattn.models.pretrained import tokenizer as tokenizers_lib
 from flaxattn.models.pretrained.weights import Checkpoint, build, linear, override, stack_layers
 from flaxattn.nn import TransformerConfig, mean_pool
 
@@ -67,7 +67,7 @@ def read_weights(directory: pathlib.Path) -> Checkpoint:
   return Checkpoint(tensors, path, ignore=_NOT_ENCODER_WEIGHTS)
 
 
-def read_tokenizer(directory: pathlib.Path, config: TransformerConfig) -> tokenizers_lib.Tokenizer:
+def read_tokenizer(directory: pathlib.Path, config: TransformerConfig) -> WordPieceTokenizer:
   """WordPiece from `vocab.txt`; lower-casing from `tokenizer_config.json` (default: uncased); inputs
   truncated to sentence-transformers' `max_seq_length` if the directory sets one, else to the
   model's position table."""
@@ -77,8 +77,7 @@ def read_tokenizer(directory: pathlib.Path, config: TransformerConfig) -> tokeni
   sentence_config = directory / "sentence_bert_config.json"
   max_length = (json.loads(sentence_config.read_text()).get("max_seq_length", config.max_length)
                 if sentence_config.exists() else config.max_length)
-  return tokenizers_lib.wordpiece(directory / "vocab.txt", lowercase=lowercase,
-                                  max_length=max_length)
+  return WordPieceTokenizer(directory / "vocab.txt", lowercase=lowercase, max_length=max_length)
 
 
 def encoder_params(checkpoint: Checkpoint, config: TransformerConfig) -> dict[str, np.ndarray]:
@@ -119,7 +118,7 @@ def encoder_params(checkpoint: Checkpoint, config: TransformerConfig) -> dict[st
   return params | stack_layers("encoder", layers, scanned=config.scan_layers)
 
 
-def load(directory: pathlib.Path, **overrides) -> tuple[EncoderModel, tokenizers_lib.Tokenizer]:
+def load(directory: pathlib.Path, **overrides) -> tuple[EncoderModel, WordPieceTokenizer]:
   """`EncoderModel` with the checkpoint's weights and its WordPiece tokenizer.
 
   `overrides`: `TransformerConfig` fields that keep the weights' meaning (see `weights.OVERRIDABLE`),
@@ -132,7 +131,7 @@ def load(directory: pathlib.Path, **overrides) -> tuple[EncoderModel, tokenizers
   return model, read_tokenizer(directory, config)
 
 
-def sentence_embeddings(model, tokenizer: tokenizers_lib.Tokenizer, texts: Sequence[str], *,
+def sentence_embeddings(model, tokenizer: HFTokenizer, texts: Sequence[str], *,
                         normalize: bool = True) -> np.ndarray:
   """Sentence-transformers embeddings: mean of the last hidden states over real tokens, L2-normalised.
 

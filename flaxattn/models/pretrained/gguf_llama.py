@@ -12,6 +12,7 @@ import pathlib
 
 import numpy as np
 
+from flaxattn.data.tokenizers import HFTokenizer
 from flaxattn.models.decoder import DecoderLM
 from flaxattn.models.pretrained import tokenizer as tokenizers_lib
 from flaxattn.models.pretrained.weights import Checkpoint, build, linear, override, stack_layers
@@ -131,7 +132,7 @@ def decoder_params(checkpoint: Checkpoint, config: TransformerConfig) -> dict[st
 
 
 def load(reader: "gguf.GGUFReader", path: pathlib.Path,
-         **overrides) -> tuple[DecoderLM, tokenizers_lib.Tokenizer]:
+         **overrides) -> tuple[DecoderLM, HFTokenizer]:
   """`DecoderLM` with the weights of the GGUF file `reader` read from `path` (dequantized to float32,
   stored as `param_dtype`) and its BPE tokenizer. `overrides`: `TransformerConfig` fields that keep the
   weights' meaning (see `weights.OVERRIDABLE`), e.g. `scan_layers=True`."""
