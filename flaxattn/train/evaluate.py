@@ -51,14 +51,14 @@ class Evaluator:
     kind: 'lm', 'seq2seq' or 'classification'.
     dataset: `split -> iterable of this process's eval batches` (fixed shapes, padded with weight-0
       rows, each example once).
-    task: a `flaxattn.data.tasks.Task` (class names, tokenizer and raw examples), or None (Markov).
+    task: the run's `flaxattn.data.tasks.Task` (class names, tokenizer and raw examples).
     graphdef: the model's graph (`nnx.split(model, nnx.Param)[0]`).
     eval_step: the jitted `eval_step(params, batch) -> (sums, outputs)` of
       `flaxattn.train.step.jit_steps`, made with `predictions=True` for classification.
     batch_shardings: name -> `NamedSharding` of the global batch.
     mesh, rules: the run's mesh and logical rules (for decoding).
     batch_size: global eval batch (rows), split over processes.
-    beam_size, length_penalty, max_decode_len: beam search for seq2seq `decode` (0: the task's
+    beam_size, length_penalty, max_decode_len: beam search for seq2seq `decode` (None: the task's
       target length).
   """
 
@@ -73,7 +73,7 @@ class Evaluator:
   batch_size: int
   beam_size: int = 4
   length_penalty: float = 0.6
-  max_decode_len: int = 0
+  max_decode_len: int | None = None
 
   def batches(self, split: str, max_batches: int = 0):
     """This process's share of the eval batches of `split`, as global arrays (all of them when
