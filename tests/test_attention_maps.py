@@ -19,9 +19,9 @@ from flaxattn.nn import TransformerConfig
 
 # GQA + partial RoPE; the configured kernel ('xla') returns no weights: the override is exercised.
 LLAMA = TransformerConfig(
-    vocab_size=40, d_model=16, num_heads=4, num_kv_heads=2, mlp_dim=32, num_layers=2,
+    vocab_size=40, d_model=16, num_heads=4, kv_heads=2, mlp_dim=32, num_layers=2,
     activation="silu", gated_mlp=True, norm="rmsnorm", use_bias=False, positions="rope",
-    rope_fraction=0.5, max_length=32, attention_impl="xla")
+    rotary_dim=2, max_length=32, attention_impl="xla")
 BERT = TransformerConfig(
     vocab_size=40, d_model=16, num_heads=2, mlp_dim=32, num_layers=2, pre_norm=False,
     final_norm=False, positions="learned", embedding_norm=True, max_length=32, scan_layers=True)

@@ -34,7 +34,7 @@ def right_padded(prompts):
 
 def lm_config(**overrides):
   return TransformerConfig(**(dict(
-      vocab_size=VOCAB, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64, num_layers=2,
+      vocab_size=VOCAB, d_model=32, num_heads=4, kv_heads=2, mlp_dim=64, num_layers=2,
       activation="silu", gated_mlp=True, norm="rmsnorm", use_bias=False, positions="rope",
       max_length=32) | overrides))
 

@@ -18,9 +18,9 @@ from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder, Encode
 from flaxattn.nn import TransformerConfig, mean_pool
 
 LLAMA = TransformerConfig(
-    vocab_size=37, d_model=16, num_heads=4, num_kv_heads=2, mlp_dim=32, num_layers=2,
+    vocab_size=37, d_model=16, num_heads=4, kv_heads=2, mlp_dim=32, num_layers=2,
     activation="silu", gated_mlp=True, norm="rmsnorm", use_bias=False, positions="rope",
-    rope_fraction=0.5, max_length=16)
+    rotary_dim=2, max_length=16)
 BERT = TransformerConfig(
     vocab_size=37, d_model=16, num_heads=2, mlp_dim=32, num_layers=2, activation="gelu",
     norm="layernorm", norm_eps=1e-12, pre_norm=False, final_norm=False, positions="learned",

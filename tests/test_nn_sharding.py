@@ -16,7 +16,7 @@ RULES = (("batch", "data"), ("heads", "tensor"), ("mlp", "tensor"), ("embed", No
 
 
 def test_sharded_forward_matches_unsharded():
-  config = TransformerConfig(vocab_size=37, d_model=16, num_heads=4, num_kv_heads=2, mlp_dim=32,
+  config = TransformerConfig(vocab_size=37, d_model=16, num_heads=4, kv_heads=2, mlp_dim=32,
                              num_layers=2, activation="silu", gated_mlp=True, norm="rmsnorm",
                              use_bias=False, positions="rope", scan_layers=True, max_length=8)
   model = DecoderLM(config, rngs=nnx.Rngs(0))

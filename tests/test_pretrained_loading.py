@@ -262,7 +262,7 @@ def llama_gguf(tmp_path_factory):
 
 def test_gguf_llama_matches_numpy_reference(llama_gguf):
   model, tokenizer = load_pretrained(llama_gguf)
-  assert (model.config.num_kv_heads, model.config.rope_base, model.config.tie_embeddings) == (
+  assert (model.config.kv_heads, model.config.rope_base, model.config.tie_embeddings) == (
       LLAMA["kv_heads"], LLAMA["rope_base"], True)
   text = "<|im_start|>ab ab c12<|im_end|>"
   ids = tokenizer.encode(text)

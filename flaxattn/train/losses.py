@@ -63,9 +63,9 @@ def token_sums(logits: jax.Array, labels: jax.Array, weights: jax.Array, *,
 
 def lm_loss(model, batch, *, dropout_rng=None, **options) -> dict[str, jax.Array]:
   """Next-token loss sums of a `DecoderLM` on an lm batch (dropout on when `dropout_rng` is given)."""
-  logits = model(batch["inputs"], batch.get("mask"), positions=batch.get("positions"),
-                 segment_ids=batch.get("segment_ids"), deterministic=dropout_rng is None,
-                 dropout_rng=dropout_rng)
+  logits, _ = model(batch["inputs"], batch.get("mask"), positions=batch.get("positions"),
+                    segment_ids=batch.get("segment_ids"), deterministic=dropout_rng is None,
+                    dropout_rng=dropout_rng)
   return token_sums(logits, batch["targets"], batch["weights"], **options)
 
 
