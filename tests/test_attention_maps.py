@@ -15,7 +15,7 @@ from flaxattn.attention import Mask
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
 from flaxattn.models.attention_maps import (attention_report, attention_weights, figure_array,
                                             plot_alignment, plot_attention, png_to_array, rollout)
-from flaxattn.nn import TransformerConfig
+from flaxattn.nn import TransformerConfig, capture_attention_weights
 
 # GQA + partial RoPE; the configured kernel ('xla') returns no weights: the override is exercised.
 LLAMA = TransformerConfig(
@@ -94,10 +94,11 @@ def test_classifier_weights_scanned_with_padding():
   ids = np.r_[IDS, 0, 0, 0]
   mask = (ids > 0).astype(np.int32)
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, *args, **options: nnx.merge(graphdef, state)(*args, **options),
-                    static_argnames="return_attention_weights")
+  forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
   logits = forward(state, ids[None], mask[None])
-  with_weights, layers = forward(state, ids[None], mask[None], return_attention_weights=True)
+  captured = jax.jit(lambda state, *args: capture_attention_weights(nnx.merge(graphdef, state), *args))
+  with_weights, layers = captured(state, ids[None], mask[None])
+  layers = layers["encoder/encoder/layers/attention"]
   # Logits unchanged by asking for weights (up to the kernels' summation order: with weights the
   # 'reference' kernel runs, without them the dispatcher's choice).
   np.testing.assert_allclose(with_weights, logits, atol=1e-6, rtol=1e-6)

@@ -22,7 +22,7 @@ def test_sharded_forward_matches_unsharded():
   model = DecoderLM(config, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   ids = jnp.asarray(np.random.default_rng(0).integers(1, 37, size=(4, 8)))
-  forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+  forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids)[0])
   want = forward(state, ids)
 
   mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)

@@ -269,5 +269,5 @@ def test_gguf_llama_matches_numpy_reference(llama_gguf):
   # Control tokens whole, merges applied, digits one by one (the 'smollm' pre-tokenizer).
   assert [TOKENS[i] for i in ids] == ["<|im_start|>", "ab", "Ġab", "Ġc", "1", "2", "<|im_end|>"]
   assert tokenizer.decode(ids) == text
-  logits = np.asarray(model(np.asarray([ids], np.int32)))[0]
+  logits = np.asarray(model(np.asarray([ids], np.int32))[0])[0]
   np.testing.assert_allclose(logits, llama_reference(llama_weights(), ids), rtol=0, atol=1e-4)
