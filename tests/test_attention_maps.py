@@ -54,7 +54,7 @@ def rope_numpy(x, positions, rotary_dim, base=10000.0):
 def test_decoder_weights_match_numpy_softmax_of_the_layers_queries_and_keys():
   model = DecoderLM(LLAMA, rngs=nnx.Rngs(0))
   weights = attention_weights(model, input_ids=IDS)["self"]
-  assert model.decoder.layers[0].attention.implementation == "xla"  # the model is left as it was
+  assert model.decoder.layers[0].attention.attention_impl == "xla"  # the model is left as it was
   length, positions = len(IDS), np.arange(len(IDS))
   graphdef, state = nnx.split(model)
 
