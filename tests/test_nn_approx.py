@@ -30,9 +30,9 @@ def cached_and_full(config, tol):
   incremental = decode_incrementally(functools.partial(step, state), model.init_cache(3, 12))
   ids = np.concatenate([PROMPTS, NEW], 1)
   valid = np.concatenate([PROMPT_MASK, np.ones_like(NEW)], 1)
-  padded = np.asarray(call(model, ids, valid))
+  padded = np.asarray(call(model, ids, valid)[0])
   np.testing.assert_allclose(incremental[valid.astype(bool)], padded[valid.astype(bool)], **tol)
-  check_against_unpadded(incremental, lambda ids: np.asarray(call(model, ids)))
+  check_against_unpadded(incremental, lambda ids: np.asarray(call(model, ids)[0]))
   return model
 
 
