@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxattn.attention import Mask, dot_product_attention, implementations, linear
+import flaxattn.attention
+from flaxattn.attention import Mask, dot_product_attention, linear
 from flaxattn.attention.linear import RecurrentState
 from flaxattn.attention.mask import as_mask
 from flaxattn.attention.placement import activation_layout
@@ -244,7 +245,8 @@ def check_attention_knobs(owner: str, *, width: tuple[str, int], num_heads: int,
                      f"{attention_dropout_rate!r}")
   if softcap is not None and not softcap > 0:
     raise ValueError(f"{owner}softcap must be positive or None, got {softcap!r}")
-  names = [impl["name"] for impl in implementations()]
+  # Read at call time (not bound at import), so implementations described later count too.
+  names = [impl["name"] for impl in flaxattn.attention.implementations()]
   if attention_impl is not None and attention_impl not in names:
     raise ValueError(
         f"{owner}attention_impl must be None or one of {names}, got {attention_impl!r}")
@@ -600,7 +602,8 @@ def _single_device(implementation: str | None) -> str | None:
   """The implementation for a call against a `KVCache`: a kernel that splits the sequence over a
   mesh axis (ring) needs equal query and key lengths, which neither a prefill nor a one-token step
   against the cache has, so those calls go to the dispatcher's choice instead (None)."""
-  sequence_parallel = {impl["name"] for impl in implementations() if impl["mesh_axis"] is not None}
+  sequence_parallel = {impl["name"] for impl in flaxattn.attention.implementations()
+                       if impl["mesh_axis"] is not None}
   return None if implementation in sequence_parallel else implementation
 
 
