@@ -149,22 +149,28 @@ class TransformerBlock(nnx.Module):
     if self.cross_attention is not None and context is None and context_cache is None:
       raise ValueError("this block has cross-attention: context (or context_cache) must be given")
     keys = jax.random.split(dropout_rng, 5) if dropout_rng is not None else [None] * 5
-    x, cache = self._sublayer(x, self.attention_norm, keys[1], deterministic, lambda h: self.attention(
-        h, mask=mask, bias=bias, positions=positions, cache=cache, deterministic=deterministic,
-        dropout_rng=keys[0]))
+    h, cache = self.attention(self._in(self.attention_norm, x), mask=mask, bias=bias,
+                              positions=positions, cache=cache, deterministic=deterministic,
+                              dropout_rng=keys[0])
+    x = self._residual(self.attention_norm, x, h, keys[1], deterministic)
     if self.cross_attention is not None:
-      x, _ = self._sublayer(x, self.cross_norm, keys[3], deterministic, lambda h: self.cross_attention(
-          h, context, mask=context_mask, cache=context_cache, deterministic=deterministic,
-          dropout_rng=keys[2]))
-    x, _ = self._sublayer(x, self.mlp_norm, keys[4], deterministic, lambda h: (self.mlp(h), None))
+      h, _ = self.cross_attention(self._in(self.cross_norm, x), context, mask=context_mask,
+                                  cache=context_cache, deterministic=deterministic,
+                                  dropout_rng=keys[2])
+      x = self._residual(self.cross_norm, x, h, keys[3], deterministic)
+    h = self.mlp(self._in(self.mlp_norm, x))
+    x = self._residual(self.mlp_norm, x, h, keys[4], deterministic)
     return constrain(x, ("batch", "length", "embed")), cache
 
-  def _sublayer(self, x, norm, key, deterministic, layer):
-    """`x + drop(y)` with `y, aux = layer(norm(x))` (pre-LN), or `norm(x + drop(y))` with `y, aux =
-    layer(x)` (post-LN); returns the new `x` and `aux`."""
-    y, aux = layer(norm(x) if self.config.pre_norm else x)
-    x = x + dropout(y, self.config.dropout_rate, key, deterministic)
-    return (x if self.config.pre_norm else norm(x)), aux
+  def _in(self, norm, x):
+    """A sub-layer's input: `norm(x)` with pre-LN, `x` with post-LN."""
+    return norm(x) if self.config.pre_norm else x
+
+  def _residual(self, norm, x, h, key, deterministic):
+    """The residual add of a sub-layer's output `h`: `x + drop(h)` (pre-LN) or `norm(x + drop(h))`
+    (post-LN)."""
+    x = x + dropout(h, self.config.dropout_rate, key, deterministic)
+    return x if self.config.pre_norm else norm(x)
 
 
 class TransformerStack(nnx.Module):
