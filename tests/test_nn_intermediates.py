@@ -40,7 +40,8 @@ def test_bare_attention_sows_the_reference_weights_and_nothing_unasked():
   assert not jax.tree.leaves(sown)
 
 
-@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "full")])
+@pytest.mark.parametrize("scan,remat", [(False, "none"),
+                                        pytest.param(True, "full", marks=pytest.mark.slow)])
 def test_stack_weights_under_jit_scanned_and_unrolled(scan, remat):
   unrolled = DecoderLM(CONFIG, rngs=nnx.Rngs(0))
   model = DecoderLM(dataclasses.replace(CONFIG, scan_layers=scan, remat=remat), rngs=nnx.Rngs(0))
@@ -66,7 +67,7 @@ def test_stack_weights_under_jit_scanned_and_unrolled(scan, remat):
     x, _ = block(x, positions=positions, mask=Mask(causal=True))
 
 
-def test_one_structure_with_and_without_cache():
+def test_attention_returns_one_structure_with_and_without_cache():
   module = MultiHeadAttention(4, 16, kv_heads=2, positions="rope", rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 3, 16))
   out, none = module(x, mask=Mask(causal=True))
@@ -75,6 +76,10 @@ def test_one_structure_with_and_without_cache():
   np.testing.assert_allclose(cached, out, atol=1e-5)
   linear = MultiHeadAttention(4, 16, attention_kind="linear", rngs=nnx.Rngs(0))
   assert linear(x)[1] is None and linear(x, cache=linear.init_cache(2, 4))[1] is not None
+
+
+@pytest.mark.slow  # Eager model calls; test_nn_models covers the cached paths in depth.
+def test_models_return_one_structure_with_and_without_cache():
   model = DecoderLM(CONFIG, rngs=nnx.Rngs(0))
   logits, none = model(IDS)
   cached, cache = model(IDS, cache=model.init_cache(2, 8))
