@@ -24,7 +24,7 @@ def get_config(arg=None):
   config.update(steps=300, batch_size=16, log_every=25, eval_every=100, eval_batches=2,
                 checkpoint_every=100)
   # A small Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, scanned layers.
-  config.model.update(vocab_size=256, d_model=64, num_heads=4, num_kv_heads=2, mlp_dim=128,
+  config.model.update(vocab_size=256, d_model=64, num_heads=4, kv_heads=2, mlp_dim=128,
                       num_layers=2, max_length=64, positions="rope", norm="rmsnorm",
                       activation="silu", gated_mlp=True, use_bias=False, scan_layers=True)
   config.optimizer.update(learning_rate=3e-3, weight_decay=0.01)

@@ -364,10 +364,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f"{config.eval.max_decode_len}")
 
   model = config.model
-  kv_heads = model.num_kv_heads or model.num_heads
+  kv_heads = model.kv_heads or model.num_heads
   if model.num_heads % kv_heads:
     raise ValueError(f"config.model.num_heads={model.num_heads} must be divisible by "
-                     f"config.model.num_kv_heads={model.num_kv_heads}")
+                     f"config.model.kv_heads={model.kv_heads}")
   try:
     transformer_config(model)
   except ValueError as error:

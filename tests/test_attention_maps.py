@@ -15,14 +15,14 @@ from flaxattn.attention import Mask
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
 from flaxattn.models.attention_maps import (attention_report, attention_weights, plot_alignment,
                                             plot_attention, rollout)
-from flaxattn.nn import TransformerConfig
+from flaxattn.nn import TransformerConfig, capture_attention_weights
 from flaxattn.train.report import figure_array, png_to_array
 
 # GQA + partial RoPE; the configured kernel ('xla') returns no weights: the override is exercised.
 LLAMA = TransformerConfig(
-    vocab_size=40, d_model=16, num_heads=4, num_kv_heads=2, mlp_dim=32, num_layers=2,
+    vocab_size=40, d_model=16, num_heads=4, kv_heads=2, mlp_dim=32, num_layers=2,
     activation="silu", gated_mlp=True, norm="rmsnorm", use_bias=False, positions="rope",
-    rope_fraction=0.5, max_length=32, attention_impl="xla")
+    rotary_dim=2, max_length=32, attention_impl="xla")
 BERT = TransformerConfig(
     vocab_size=40, d_model=16, num_heads=2, mlp_dim=32, num_layers=2, pre_norm=False,
     final_norm=False, positions="learned", embedding_norm=True, max_length=32, scan_layers=True)
@@ -55,7 +55,7 @@ def rope_numpy(x, positions, rotary_dim, base=10000.0):
 def test_decoder_weights_match_numpy_softmax_of_the_layers_queries_and_keys():
   model = DecoderLM(LLAMA, rngs=nnx.Rngs(0))
   weights = attention_weights(model, input_ids=IDS)["self"]
-  assert model.decoder.layers[0].attention.implementation == "xla"  # the model is left as it was
+  assert model.decoder.layers[0].attention.attention_impl == "xla"  # the model is left as it was
   length, positions = len(IDS), np.arange(len(IDS))
   graphdef, state = nnx.split(model)
 
@@ -95,10 +95,11 @@ def test_classifier_weights_scanned_with_padding():
   ids = np.r_[IDS, 0, 0, 0]
   mask = (ids > 0).astype(np.int32)
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, *args, **options: nnx.merge(graphdef, state)(*args, **options),
-                    static_argnames="return_attention_weights")
+  forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
   logits = forward(state, ids[None], mask[None])
-  with_weights, layers = forward(state, ids[None], mask[None], return_attention_weights=True)
+  captured = jax.jit(lambda state, *args: capture_attention_weights(nnx.merge(graphdef, state), *args))
+  with_weights, layers = captured(state, ids[None], mask[None])
+  layers = layers["encoder/encoder/layers/attention"]
   # Logits unchanged by asking for weights (up to the kernels' summation order: with weights the
   # 'reference' kernel runs, without them the dispatcher's choice).
   np.testing.assert_allclose(with_weights, logits, atol=1e-6, rtol=1e-6)

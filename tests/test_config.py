@@ -53,8 +53,8 @@ def test_valid_configs_pass():
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c.model.update(num_heads=6, num_kv_heads=4),
-     r"config.model.num_heads=6 must be divisible by config.model.num_kv_heads=4"),
+    (lambda c: c.model.update(num_heads=6, kv_heads=4),
+     r"config.model.num_heads=6 must be divisible by config.model.kv_heads=4"),
     (lambda c: c.model.update(d_model=30),
      r"config.model: TransformerConfig.d_model \(30\) must be divisible by num_heads \(4\)"),
     (lambda c: c.mesh.update(data=3), r"config.mesh .* needs 3 devices, but there are 8"),
@@ -105,7 +105,7 @@ def test_invalid_values_name_key_and_value(change, message):
     (("optimizer",), 0.1, "config.optimizer must be a ConfigDict section, got 0.1"),
     (("steps",), "100", r"config.steps must be int, got str '100'"),
     (("model", "scan_layers"), 1, r"config.model.scan_layers must be bool, got int 1"),
-    (("model", "num_kv_heads"), 2.0, r"config.model.num_kv_heads must be int, got float 2.0"),
+    (("model", "kv_heads"), 2.0, r"config.model.kv_heads must be int, got float 2.0"),
 ])
 def test_unknown_keys_and_wrong_types(path, value, message):
   # A config file may build its ConfigDict from a plain dict, which no type check guards.
@@ -139,7 +139,7 @@ def test_main_reports_config_errors():
   result = subprocess.run(command + ["--config.model.num_heads=3"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
-  assert "config.model.num_heads=3 must be divisible by config.model.num_kv_heads=2" in result.stderr
+  assert "config.model.num_heads=3 must be divisible by config.model.kv_heads=2" in result.stderr
   result = subprocess.run(command[:3] + ["--config=experiments/lm_tiny.py:huge", command[4]],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "variant must be one of" in result.stderr

@@ -333,7 +333,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss_per_document():
   model = DecoderLM(config, rngs=nnx.Rngs(0))
   # Compiled: one trace per call form is faster than running the model op by op.
   forward = nnx.jit(lambda model, inputs, mask, positions, segment_ids: model(
-      inputs, mask, positions=positions, segment_ids=segment_ids))
+      inputs, mask, positions=positions, segment_ids=segment_ids)[0])
 
   def per_document_losses(batch):
     """Mean next-token loss of each document (float64 from the model's logits), keyed by its first

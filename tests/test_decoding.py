@@ -34,7 +34,7 @@ def right_padded(prompts):
 
 def lm_config(**overrides):
   return TransformerConfig(**(dict(
-      vocab_size=VOCAB, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64, num_layers=2,
+      vocab_size=VOCAB, d_model=32, num_heads=4, kv_heads=2, mlp_dim=64, num_layers=2,
       activation="silu", gated_mlp=True, norm="rmsnorm", use_bias=False, positions="rope",
       max_length=32) | overrides))
 
@@ -79,7 +79,7 @@ def filled(sequence):
 @pytest.fixture(scope="module")
 def lm_forward(lm):
   """Full forward (no cache) of one unpadded sequence -> float64 logits [len(sequence), V]."""
-  forward = jitted(lambda model, ids: model(ids), lm)
+  forward = jitted(lambda model, ids: model(ids)[0], lm)
   return lambda sequence: np.asarray(forward(filled(sequence)), np.float64)[0, :len(sequence)]
 
 
@@ -130,7 +130,7 @@ def test_a_cached_step_never_reads_the_slots_past_the_written_ones():
   # Unwritten slots hold NaN from the second key block on (the CPU blockwise kernel's blocks are
   # 512 keys): a step that read them would give NaN (0 * NaN in the weighted sum). Its output must
   # be finite and equal the output against a cache that just fits.
-  layer = MultiHeadAttention(4, 16, kv_heads=2, positions="rope", implementation="blockwise",
+  layer = MultiHeadAttention(4, 16, kv_heads=2, positions="rope", attention_impl="blockwise",
                              rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 5, 16))
   positions = jnp.asarray([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2]], jnp.int32)  # row 1 left-padded
@@ -189,7 +189,7 @@ def test_beam_reorder_moves_exactly_the_written_slots(monkeypatch, filled):
 def test_logits_at_gives_one_position_per_row(lm, lm_forward):
   ids, lengths = right_padded(PROMPTS)
   valid = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
-  last = jitted(lambda model, ids, valid, at: model(ids, valid, logits_at=at), lm)(
+  last = jitted(lambda model, ids, valid, at: model(ids, valid, logits_at=at)[0], lm)(
       ids, valid, lengths - 1)
   assert last.shape == (len(PROMPTS), 1, VOCAB)
   for row, prompt in enumerate(PROMPTS):
@@ -483,8 +483,8 @@ def test_an_lm_trained_with_ring_attention_decodes(tmp_path):
   reference = nnx.clone(model)
   for _, module in nnx.iter_modules(reference):
     if isinstance(module, MultiHeadAttention):
-      module.implementation = "xla"
-  forward = jitted(lambda model, ids: model(ids), reference)
+      module.attention_impl = "xla"
+  forward = jitted(lambda model, ids: model(ids)[0], reference)
   expected = naive_decode(
       lambda sequence: np.asarray(forward(filled(sequence)), np.float64)[0, :len(sequence)],
       prompt[0], 6)

@@ -27,7 +27,7 @@ from flaxattn.models import DecoderLM
 from flaxattn.nn import TransformerConfig
 
 BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM = 8, 16, 4, 2, 8
-CONFIG = TransformerConfig(vocab_size=64, d_model=32, num_heads=HEADS, num_kv_heads=KV_HEADS,
+CONFIG = TransformerConfig(vocab_size=64, d_model=32, num_heads=HEADS, kv_heads=KV_HEADS,
                            mlp_dim=64, num_layers=1, max_length=LENGTH, positions="rope",
                            norm="rmsnorm", scan_layers=True, attention_impl="splash")
 # preset -> (8-device mesh, 4-device mesh); batch over data x fsdp, heads over tensor.

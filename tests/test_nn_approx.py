@@ -14,7 +14,7 @@ from flax import nnx
 from flaxattn.attention import Mask
 from flaxattn.attention.linear import RecurrentState
 from flaxattn.models import DecoderLM, EncoderModel
-from flaxattn.nn import MultiHeadAttention, TransformerConfig
+from flaxattn.nn import MultiHeadAttention, TransformerConfig, capture_attention_weights
 from test_nn_models import (LLAMA, NEW, PROMPT_MASK, PROMPTS, call, check_against_unpadded,
                             decode_incrementally)
 
@@ -30,9 +30,9 @@ def cached_and_full(config, tol):
   incremental = decode_incrementally(functools.partial(step, state), model.init_cache(3, 12))
   ids = np.concatenate([PROMPTS, NEW], 1)
   valid = np.concatenate([PROMPT_MASK, np.ones_like(NEW)], 1)
-  padded = np.asarray(call(model, ids, valid))
+  padded = np.asarray(call(model, ids, valid)[0])
   np.testing.assert_allclose(incremental[valid.astype(bool)], padded[valid.astype(bool)], **tol)
-  check_against_unpadded(incremental, lambda ids: np.asarray(call(model, ids)))
+  check_against_unpadded(incremental, lambda ids: np.asarray(call(model, ids)[0]))
   return model
 
 
@@ -62,18 +62,18 @@ def explicit_band(length, window, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_window_equals_explicit_band_mask(causal):
   """MultiHeadAttention(window=w) == the same weights with an explicit band mask (reference)."""
-  kwargs = dict(kv_heads=2, implementation="reference")
+  kwargs = dict(kv_heads=2, attention_impl="reference")
   windowed = MultiHeadAttention(4, 16, window=3, rngs=nnx.Rngs(1), **kwargs)
   plain = MultiHeadAttention(4, 16, rngs=nnx.Rngs(1), **kwargs)
   x = jnp.asarray(RNG.normal(size=(2, 9, 16)), jnp.float32)
   mask = Mask(causal=True) if causal else None
-  got = windowed(x, mask=mask)
-  expected = plain(x, mask=Mask(array=jnp.asarray(explicit_band(9, 3, causal))))
+  got, _ = windowed(x, mask=mask)
+  expected, _ = plain(x, mask=Mask(array=jnp.asarray(explicit_band(9, 3, causal))))
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   # The blockwise kernel skips tiles outside the window and agrees.
-  blockwise = MultiHeadAttention(4, 16, window=3, kv_heads=2, implementation="blockwise",
+  blockwise = MultiHeadAttention(4, 16, window=3, kv_heads=2, attention_impl="blockwise",
                                  rngs=nnx.Rngs(1))
-  np.testing.assert_allclose(blockwise(x, mask=mask), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(blockwise(x, mask=mask)[0], expected, rtol=1e-5, atol=1e-5)
 
 
 def numpy_linear_attention(x, module, causal, valid):
@@ -94,14 +94,15 @@ def numpy_linear_attention(x, module, causal, valid):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_linear_module_matches_numpy(causal):
-  module = MultiHeadAttention(4, 16, kv_heads=2, kind="linear", use_bias=False, chunk_size=4,
-                              rngs=nnx.Rngs(2))
+  module = MultiHeadAttention(4, 16, kv_heads=2, attention_kind="linear", use_bias=False,
+                              linear_chunk_size=4, rngs=nnx.Rngs(2))
   x = jnp.asarray(RNG.normal(size=(2, 9, 16)), jnp.float32)
   valid = np.ones((2, 9), bool)
   valid[1, 6:] = False
   positions = jnp.where(valid, jnp.arange(9), -1)
   mask = Mask(causal=causal, q_segment_ids=jnp.asarray(valid, jnp.int32))
-  got, weights = module(x, mask=mask, positions=positions, return_weights=True)
+  (got, _), weights = capture_attention_weights(module, x, mask=mask, positions=positions)
+  weights = weights[""][0]
   expected, expected_weights = numpy_linear_attention(x, module, causal, valid)
   np.testing.assert_allclose(np.asarray(got)[valid], expected[valid], rtol=2e-4, atol=2e-5)
   query_rows = np.broadcast_to(valid[:, None, :, None], expected_weights.shape)
@@ -119,9 +120,9 @@ def test_performer_redraws_without_stored_state():
 
   def runner(model):
     graphdef, state = nnx.split(model)
-    evaluate = jax.jit(lambda ids: nnx.merge(graphdef, state)(ids))
+    evaluate = jax.jit(lambda ids: nnx.merge(graphdef, state)(ids)[0])
     train = jax.jit(lambda ids, rng: nnx.merge(graphdef, state)(ids, deterministic=False,
-                                                                  dropout_rng=rng))
+                                                                  dropout_rng=rng)[0])
     return evaluate, lambda seed: np.asarray(train(ids, jax.random.key(seed)))
 
   evaluate, train = runner(model)
@@ -158,11 +159,11 @@ def test_config_rejects_what_kernelized_attention_cannot_do():
     dataclasses.replace(LLAMA, attention_kind="performer", positions="alibi")
   with pytest.raises(ValueError, match="window must be a positive int"):
     dataclasses.replace(LLAMA, window=0)
-  module = MultiHeadAttention(4, 16, kind="linear", rngs=nnx.Rngs(0))
+  module = MultiHeadAttention(4, 16, attention_kind="linear", rngs=nnx.Rngs(0))
   x = jnp.ones((1, 4, 16))
   with pytest.raises(ValueError, match="mask kinds \\['array'\\]"):
     module(x, mask=Mask(array=jnp.ones((1, 1, 4, 4), bool)))
   with pytest.raises(ValueError, match="returns no attention weights with a RecurrentState"):
-    module(x, cache=module.init_cache(1, 4), return_weights=True)
+    capture_attention_weights(module, x, cache=module.init_cache(1, 4))
   with pytest.raises(ValueError, match="decodes with a RecurrentState"):
     module(x, cache=MultiHeadAttention(4, 16, rngs=nnx.Rngs(0)).init_cache(1, 4))

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from flaxattn.attention import Mask
-from flaxattn.nn import ContextCache, KVCache, MultiHeadAttention
+from flaxattn.nn import ContextCache, KVCache, MultiHeadAttention, capture_attention_weights
 from flaxattn.nn.attention import mask_from_keras, mask_from_torch
 
 RNG = np.random.default_rng(2)
@@ -55,11 +55,14 @@ def test_self_attention_matches_torch(masking):
   want_out, want_weights = ref(xt, xt, xt, need_weights=True, average_attn_weights=False,
                                **{k: torch.from_numpy(v) for k, v in kwargs.items()})
   mask, bias = mask_from_torch(**{k: jnp.asarray(v) for k, v in kwargs.items()})
-  out, weights = ours(jnp.asarray(x), mask=mask, bias=bias, return_weights=True)
+  (out, _), weights = capture_attention_weights(ours, jnp.asarray(x), mask=mask, bias=bias,
+                                               attention_impl=None)
+  weights = weights[""][0]
   np.testing.assert_allclose(out, want_out.detach().numpy(), atol=1e-5)  # float32 both sides
   np.testing.assert_allclose(weights, want_weights.detach().numpy(), atol=1e-6)
   if masking == "both":  # the same visibility as a structured mask
-    structured = ours(jnp.asarray(x), mask=Mask(causal=True, kv_lengths=jnp.asarray(lengths, jnp.int32)))
+    structured, _ = ours(jnp.asarray(x),
+                         mask=Mask(causal=True, kv_lengths=jnp.asarray(lengths, jnp.int32)))
     np.testing.assert_allclose(structured, out, atol=1e-6)
 
 
@@ -80,8 +83,10 @@ def test_cross_attention_with_kdim_matches_torch():
   padding = np.array([[False] * 5, [False, False, True, True, True]])
   want_out, want_weights = ref(torch.from_numpy(x), torch.from_numpy(context), torch.from_numpy(context),
                                key_padding_mask=torch.from_numpy(padding), average_attn_weights=False)
-  out, weights = ours(jnp.asarray(x), jnp.asarray(context),
-                      mask=Mask(array=jnp.asarray(~padding)[:, None, None, :]), return_weights=True)
+  (out, _), weights = capture_attention_weights(
+      ours, jnp.asarray(x), jnp.asarray(context),
+      mask=Mask(array=jnp.asarray(~padding)[:, None, None, :]), attention_impl=None)
+  weights = weights[""][0]
   np.testing.assert_allclose(out, want_out.detach().numpy(), atol=1e-5)
   np.testing.assert_allclose(weights, want_weights.detach().numpy(), atol=1e-6)
 
@@ -113,7 +118,7 @@ def test_gqa_softcap_qknorm_vs_numpy(kv_heads, softcap, qk_norm):
     module.query_norm.scale[...] = jnp.asarray(RNG.normal(size=5), jnp.float32)
     module.key_norm.scale[...] = jnp.asarray(RNG.normal(size=5), jnp.float32)
   x = RNG.normal(size=(2, 7, 12))
-  got = module(jnp.asarray(x, jnp.float32))
+  got, _ = module(jnp.asarray(x, jnp.float32))
   np.testing.assert_allclose(got, numpy_attention(module, x, softcap, qk_norm), atol=1e-5)
 
 
@@ -122,7 +127,7 @@ def test_cache_matches_full_causal_pass(positions):
   module = MultiHeadAttention(4, 16, kv_heads=2, positions=positions, rngs=nnx.Rngs(0))
   x = jnp.asarray(RNG.normal(size=(2, 7, 16)), jnp.float32)
   graphdef, state = nnx.split(module)
-  full = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, mask=Mask(causal=True)))(state, x)
+  full, _ = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, mask=Mask(causal=True)))(state, x)
   step = jax.jit(lambda s, x, pos, cache: nnx.merge(graphdef, s)(x, positions=pos, cache=cache))
   cache = module.init_cache(2, 9)
   pieces = []
@@ -140,7 +145,8 @@ def test_context_cache_cross_attention_matches_uncached():
   x = jnp.asarray(RNG.normal(size=(2, 3, 16)), jnp.float32)
   context = jnp.asarray(RNG.normal(size=(2, 5, 6)), jnp.float32)
   mask = Mask(array=jnp.array([[True] * 5, [True] * 2 + [False] * 3])[:, None, None, :])
-  expected = module(x, context, mask=mask)
+  expected, no_cache = module(x, context, mask=mask)
+  assert no_cache is None
   out, cache = module(x[:, :2], context, mask=mask, cache=module.init_context_cache(2))
   assert cache.filled and cache.key.shape == (2, 5, 2, 4)
   np.testing.assert_allclose(out, expected[:, :2], atol=1e-6)  # the same float32 operations
@@ -160,7 +166,7 @@ def test_keras_args_and_errors():
                                               kv_features=4, rngs=nnx.Rngs(0))
   assert module.query.kernel.shape == (8, 2, 3) and module.value.kernel.shape == (4, 2, 5)
   assert module.out.kernel.shape == (2, 5, 6)
-  out = module(jnp.ones((1, 2, 8)), jnp.ones((1, 3, 4)), mask=Mask(causal=True))
+  out, _ = module(jnp.ones((1, 2, 8)), jnp.ones((1, 3, 4)), mask=Mask(causal=True))
   assert out.shape == (1, 2, 6)
   with pytest.raises(ValueError, match="x must be"):
     module(jnp.ones((1, 2, 7)))
@@ -170,9 +176,10 @@ def test_keras_args_and_errors():
     MultiHeadAttention(4, 8, kv_heads=3, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="batch_first"):
     MultiHeadAttention.from_torch_args(8, 2, batch_first=False, rngs=nnx.Rngs(0))
-  self_attention = MultiHeadAttention(2, 8, implementation="xla", dropout_rate=0.5, rngs=nnx.Rngs(0))
+  self_attention = MultiHeadAttention(2, 8, attention_impl="xla", attention_dropout_rate=0.5,
+                                      rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="return_weights"):
-    self_attention(jnp.ones((1, 2, 8)), return_weights=True)
+    capture_attention_weights(self_attention, jnp.ones((1, 2, 8)), attention_impl=None)
   with pytest.raises(ValueError, match="dropout_rng"):
     self_attention(jnp.ones((1, 2, 8)), deterministic=False)
   with pytest.raises(ValueError, match="mask must be None"):
@@ -180,13 +187,13 @@ def test_keras_args_and_errors():
 
 
 def test_attention_dropout_changes_output_and_is_deterministic_per_key():
-  module = MultiHeadAttention(2, 8, dropout_rate=0.5, rngs=nnx.Rngs(0))
+  module = MultiHeadAttention(2, 8, attention_dropout_rate=0.5, rngs=nnx.Rngs(0))
   x = jnp.asarray(RNG.normal(size=(1, 6, 8)), jnp.float32)
   key = jax.random.key(3)
-  a = module(x, deterministic=False, dropout_rng=key)
-  b = module(x, deterministic=False, dropout_rng=key)
+  a, _ = module(x, deterministic=False, dropout_rng=key)
+  b, _ = module(x, deterministic=False, dropout_rng=key)
   np.testing.assert_array_equal(a, b)
-  assert not np.allclose(a, module(x))
+  assert not np.allclose(a, module(x)[0])
 
 
 def test_kvcache_is_a_pytree():

@@ -90,13 +90,13 @@ def test_dense_multi_axis_and_embed_attend():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(num_heads=6, num_kv_heads=4), "num_kv_heads"),
+    (dict(num_heads=6, kv_heads=4), "kv_heads"),
     (dict(d_model=30, num_heads=4), "d_model"),
     (dict(activation="swish"), "activation"),
     (dict(norm="batchnorm"), "norm"),
     (dict(positions="rotary"), "positions"),
     (dict(remat="some"), "remat"),
-    (dict(rope_fraction=0.0), "rope_fraction"),
+    (dict(rotary_dim=0), "rotary_dim"),
     (dict(dropout_rate=1.0), "dropout_rate"),
     (dict(attention_impl="flash9"), "attention_impl"),
     (dict(num_layers=0), "num_layers"),
@@ -109,8 +109,8 @@ def test_config_validation(kwargs, match):
 
 
 def test_config_derived_sizes():
-  config = TransformerConfig(d_model=64, num_heads=8, num_kv_heads=2, positions="rope",
-                             rope_fraction=0.5)
+  config = TransformerConfig(d_model=64, num_heads=8, kv_heads=2, positions="rope",
+                             rotary_dim=4)
   assert (config.kv_heads, config.features_per_head, config.rotary_dim) == (2, 8, 4)
 
 

@@ -15,12 +15,12 @@ import pytest
 from flax import nnx
 
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder, EncoderModel
-from flaxattn.nn import TransformerConfig, mean_pool
+from flaxattn.nn import TransformerConfig, capture_attention_weights, mean_pool
 
 LLAMA = TransformerConfig(
-    vocab_size=37, d_model=16, num_heads=4, num_kv_heads=2, mlp_dim=32, num_layers=2,
+    vocab_size=37, d_model=16, num_heads=4, kv_heads=2, mlp_dim=32, num_layers=2,
     activation="silu", gated_mlp=True, norm="rmsnorm", use_bias=False, positions="rope",
-    rope_fraction=0.5, max_length=16)
+    rotary_dim=2, max_length=16)
 BERT = TransformerConfig(
     vocab_size=37, d_model=16, num_heads=2, mlp_dim=32, num_layers=2, activation="gelu",
     norm="layernorm", norm_eps=1e-12, pre_norm=False, final_norm=False, positions="learned",
@@ -78,10 +78,10 @@ def test_decoder_lm_cache_matches_full_forward(positions, scan):
   incremental = decode_incrementally(functools.partial(step, state), model.init_cache(3, 12))
   # The padded batch without cache agrees too.
   ids = np.concatenate([PROMPTS, NEW], 1)
-  padded = call(model, ids, np.concatenate([PROMPT_MASK, np.ones_like(NEW)], 1))
+  padded, _ = call(model, ids, np.concatenate([PROMPT_MASK, np.ones_like(NEW)], 1))
   valid = np.concatenate([PROMPT_MASK, np.ones_like(NEW)], 1).astype(bool)
   np.testing.assert_allclose(incremental[valid], np.asarray(padded)[valid], **TOL)
-  check_against_unpadded(incremental, lambda ids: np.asarray(call(model, ids)))
+  check_against_unpadded(incremental, lambda ids: np.asarray(call(model, ids)[0]))
 
 
 @pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -159,10 +159,11 @@ def test_scanned_equals_unrolled(remat):
   unrolled = DecoderLM(dataclasses.replace(LLAMA, remat=remat), rngs=nnx.Rngs(1))
   copy_scanned_to_unrolled(scanned, unrolled)
   ids = PROMPTS
-  np.testing.assert_allclose(call(scanned, ids, PROMPT_MASK), call(unrolled, ids, PROMPT_MASK), **TOL)
+  np.testing.assert_allclose(call(scanned, ids, PROMPT_MASK)[0], call(unrolled, ids, PROMPT_MASK)[0],
+                             **TOL)
 
   def loss(model, ids):
-    return jnp.mean(model(ids) ** 2)
+    return jnp.mean(model(ids)[0] ** 2)
 
   grads = [nnx.jit(nnx.grad(loss))(m, ids) for m in (scanned, unrolled)]
   q_scanned = grads[0]["decoder"]["layers"]["attention"]["query"]["kernel"][...]
@@ -175,7 +176,7 @@ def test_bfloat16_compute_float32_params_close_to_float32():
   model32 = DecoderLM(LLAMA, rngs=nnx.Rngs(0))
   model16 = DecoderLM(dataclasses.replace(LLAMA, dtype=jnp.bfloat16), rngs=nnx.Rngs(0))
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model16, nnx.Param)))
-  logits32, logits16 = call(model32, PROMPTS), call(model16, PROMPTS)
+  (logits32, _), (logits16, _) = call(model32, PROMPTS), call(model16, PROMPTS)
   assert logits16.dtype == jnp.float32  # logits are returned in float32
   # bfloat16 keeps 8 mantissa bits: relative error ~4e-3 per op, a few percent of the logit scale.
   scale = float(jnp.std(logits32))
@@ -192,7 +193,7 @@ def test_split_merge_jit_train_step_gradient():
   @jax.jit
   def train_step(params, ids, key):
     def loss_fn(params):
-      logits = nnx.merge(graphdef, params)(ids[:, :-1], deterministic=False, dropout_rng=key)
+      logits, _ = nnx.merge(graphdef, params)(ids[:, :-1], deterministic=False, dropout_rng=key)
       labels = jax.nn.one_hot(ids[:, 1:], config.vocab_size)
       return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
 
@@ -211,7 +212,8 @@ def test_split_merge_jit_train_step_gradient():
 def test_attention_weights_every_layer():
   model = EncoderModel(BERT, rngs=nnx.Rngs(0))
   ids, mask = PROMPTS[:, ::-1].copy(), PROMPT_MASK[:, ::-1].copy()  # right padding, BERT-style
-  hidden, weights = call(model, ids, mask, return_attention_weights=True)
+  hidden, weights = capture_attention_weights(model, ids, mask)
+  weights = weights["encoder/layers/attention"]
   assert hidden.shape == (3, 6, 16) and len(weights) == BERT.num_layers
   for w in weights:
     assert w.shape == (3, 2, 6, 6)
@@ -220,9 +222,12 @@ def test_attention_weights_every_layer():
     assert np.all(np.asarray(w)[2, :, 0, 1:] == 0)  # row 2 has one real token
   forced = EncoderModel(dataclasses.replace(BERT, attention_impl="xla"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="return_weights"):
-    forced(ids, return_attention_weights=True)
+    capture_attention_weights(forced, ids, attention_impl=None)
   seq2seq = EncoderDecoder(dataclasses.replace(LLAMA, num_decoder_layers=1), rngs=nnx.Rngs(0))
-  _, named = seq2seq(PROMPTS, NEW, PROMPT_MASK, return_attention_weights=True)
+  _, weights = capture_attention_weights(seq2seq, PROMPTS, NEW, PROMPT_MASK)
+  named = {"encoder": weights["encoder/layers/attention"],
+           "decoder": weights["decoder/layers/attention"],
+           "cross": weights["decoder/layers/cross_attention"]}
   assert [len(named[k]) for k in ("encoder", "decoder", "cross")] == [2, 1, 1]
   assert named["cross"][0].shape == (3, 4, 3, 6)
 
@@ -254,9 +259,9 @@ def test_encoder_padding_invariance_and_classifier_pooling():
 def test_tree_mode_jit_and_grad_match_graph_mode(scan):
   model = DecoderLM(dataclasses.replace(LLAMA, scan_layers=scan), rngs=nnx.Rngs(0))
   ids = jnp.asarray(PROMPTS)
-  tree = nnx.jit(lambda m, ids: m(ids), graph=False)(model, ids)
-  np.testing.assert_allclose(tree, call(model, ids), **TOL)
-  loss = lambda m, ids: jnp.mean(m(ids) ** 2)
+  tree, _ = nnx.jit(lambda m, ids: m(ids), graph=False)(model, ids)
+  np.testing.assert_allclose(tree, call(model, ids)[0], **TOL)
+  loss = lambda m, ids: jnp.mean(m(ids)[0] ** 2)
   tree_grads = nnx.jit(nnx.grad(loss, graph=False), graph=False)(model, ids)
   graphdef, params = nnx.split(model, nnx.Param)
   graph_grads = jax.jit(jax.grad(lambda p: loss(nnx.merge(graphdef, p), ids)))(params)

@@ -19,13 +19,13 @@ RULES = (("batch", "data"), ("heads", "tensor"), ("mlp", "tensor"), ("embed", No
 
 
 def test_sharded_forward_matches_unsharded():
-  config = TransformerConfig(vocab_size=37, d_model=16, num_heads=4, num_kv_heads=2, mlp_dim=32,
+  config = TransformerConfig(vocab_size=37, d_model=16, num_heads=4, kv_heads=2, mlp_dim=32,
                              num_layers=2, activation="silu", gated_mlp=True, norm="rmsnorm",
                              use_bias=False, positions="rope", scan_layers=True, max_length=8)
   model = DecoderLM(config, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   ids = jnp.asarray(np.random.default_rng(0).integers(1, 37, size=(4, 8)))
-  forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+  forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids)[0])
   want = forward(state, ids)
 
   mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)

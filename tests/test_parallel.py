@@ -13,7 +13,7 @@ from flaxattn.nn import TransformerConfig
 from flaxattn.nn.sharding import logical_spec
 from flaxattn.train import init_train_state
 
-CONFIG = TransformerConfig(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64,
+CONFIG = TransformerConfig(vocab_size=64, d_model=32, num_heads=4, kv_heads=2, mlp_dim=64,
                            num_layers=2, max_length=16, positions="rope", norm="rmsnorm",
                            scan_layers=True)
 

@@ -82,7 +82,7 @@ def test_logits_match_transformers(loaded, reference):
   ids = np.asarray([tokenizer.encode(TEXTS[2], add_special_tokens=True)], np.int32)
   with torch.no_grad():
     expected = reference_model(torch.from_numpy(ids).long()).logits.numpy()
-  logits = np.asarray(model(jnp.asarray(ids)))
+  logits = np.asarray(model(jnp.asarray(ids))[0])
   assert logits.shape == expected.shape
   np.testing.assert_allclose(logits, expected, rtol=0, atol=LOGIT_TOLERANCE)
 
@@ -91,7 +91,7 @@ def greedy(model, prompt_ids: list[int], new_tokens: int) -> list[int]:
   """Greedy decoding by a full forward pass per token. The sequence lives in a buffer of fixed length
   (one compilation); positions past the current end hold padding that causal attention keeps unseen."""
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+  forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids)[0])
   buffer = np.zeros((1, len(prompt_ids) + new_tokens), np.int32)
   buffer[0, :len(prompt_ids)] = prompt_ids
   for end in range(len(prompt_ids), buffer.shape[1]):

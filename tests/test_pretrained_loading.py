@@ -262,12 +262,12 @@ def llama_gguf(tmp_path_factory):
 
 def test_gguf_llama_matches_numpy_reference(llama_gguf):
   model, tokenizer = load_pretrained(llama_gguf)
-  assert (model.config.num_kv_heads, model.config.rope_base, model.config.tie_embeddings) == (
+  assert (model.config.kv_heads, model.config.rope_base, model.config.tie_embeddings) == (
       LLAMA["kv_heads"], LLAMA["rope_base"], True)
   text = "<|im_start|>ab ab c12<|im_end|>"
   ids = tokenizer.encode(text, add_special_tokens=True)
   # Control tokens whole, merges applied, digits one by one (the 'smollm' pre-tokenizer).
   assert [TOKENS[i] for i in ids] == ["<|im_start|>", "ab", "Ġab", "Ġc", "1", "2", "<|im_end|>"]
   assert tokenizer.decode(ids, skip_special_tokens=False) == text
-  logits = np.asarray(model(np.asarray([ids], np.int32)))[0]
+  logits = np.asarray(model(np.asarray([ids], np.int32))[0])[0]
   np.testing.assert_allclose(logits, llama_reference(llama_weights(), ids), rtol=0, atol=1e-4)

@@ -36,6 +36,8 @@ class Mask:
     causal: query position `p` sees keys `j <= p` (positions aligned at the end, see module doc).
     window: `(left, right)`: query position `p` sees keys `p - left <= j <= p + right`; `None` on a side
       means unbounded on that side. `(left, 0)` with `causal=True` is sliding-window causal attention.
+      The models' `window=w` (`TransformerConfig`, `MultiHeadAttention`) counts keys, the query's own
+      included, so it is `Mask(window=(w - 1, w - 1))` here: distances, not counts.
     q_segment_ids: `[batch, q_len]` ints; a query sees only keys with the same segment id (packing).
     kv_segment_ids: `[batch, kv_len]` ints; defaults to `q_segment_ids` when `q_len == kv_len`.
     q_lengths: `[batch]` ints; queries at index `>= q_lengths[b]` are padding and see nothing.

@@ -31,7 +31,7 @@ from flaxattn.models.decoder import DecoderLM
 from flaxattn.models.decoding import generate
 from flaxattn.models.encoder import EncoderClassifier, EncoderModel
 from flaxattn.models.seq2seq import EncoderDecoder
-from flaxattn.nn.attention import MultiHeadAttention
+from flaxattn.nn.intermediates import capture_attention_weights
 
 # Keyword inputs `attention_weights` accepts per model type; the first is the required token ids.
 _INPUTS = {
@@ -70,33 +70,34 @@ def _one_example(name: str, value) -> np.ndarray:
   return array.astype(np.int32)
 
 
+# Where each kind of weights sits in each model (the paths `capture_attention_weights` reports).
+_WEIGHT_PATHS = {
+    DecoderLM: {"self": "decoder/layers/attention"},
+    EncoderModel: {"self": "encoder/layers/attention"},
+    EncoderClassifier: {"self": "encoder/encoder/layers/attention"},
+    EncoderDecoder: {"encoder": "encoder/layers/attention", "decoder": "decoder/layers/attention",
+                     "cross": "decoder/layers/cross_attention"},
+}
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _forward_weights(graphdef, state, inputs: dict[str, jax.Array]) -> dict[str, tuple]:
+def _forward_weights(graphdef, state, inputs: dict[str, jax.Array]) -> dict[str, list]:
   model = nnx.merge(graphdef, state)
   if isinstance(model, EncoderDecoder):
-    _, weights = model(inputs["source_ids"], inputs["target_ids"], inputs.get("source_mask"),
-                       inputs.get("target_mask"), return_attention_weights=True)
-    return weights
-  _, weights = model(**inputs, return_attention_weights=True)
-  return {"self": weights}
-
-
-def _with_reference_attention(model):
-  """A copy of `model` (sharing its parameter arrays) whose attention layers all use the
-  'reference' kernel, the only one that returns weights; the weights it gives are those of the
-  model's own attention function, up to float rounding."""
-  copy = nnx.clone(model)
-  for _, module in nnx.iter_modules(copy):
-    if isinstance(module, MultiHeadAttention):
-      module.implementation = "reference"
-  return copy
+    _, weights = capture_attention_weights(
+        model, inputs["source_ids"], inputs["target_ids"], inputs.get("source_mask"),
+        inputs.get("target_mask"))
+  else:
+    _, weights = capture_attention_weights(model, **inputs)
+  return {key: weights[path] for key, path in _WEIGHT_PATHS[_model_type(model)].items()}
 
 
 def attention_weights(model, **inputs) -> dict[str, list[np.ndarray]]:
   """Per-layer attention weights of one example, padding removed.
 
-  Runs the model (deterministic, under `jax.jit`) with the 'reference' attention kernel, whatever
-  kernel its config names, since only that one returns weights.
+  Runs the model (deterministic, under `jax.jit`) through `flaxattn.nn.capture_attention_weights`,
+  with the 'reference' attention kernel whatever kernel its config names, since only that one
+  returns weights (the weights of the model's own attention function, up to float rounding).
 
   Args:
     model: a `DecoderLM`, `EncoderModel`, `EncoderClassifier` or `EncoderDecoder`.
@@ -146,7 +147,7 @@ def attention_weights(model, **inputs) -> dict[str, list[np.ndarray]]:
           f"{name} has {arrays[name].shape[1]} tokens, more than config.max_length="
           f"{config.max_length} learned positions")
 
-  graphdef, state = nnx.split(_with_reference_attention(model))
+  graphdef, state = nnx.split(model)
   weights = jax.device_get(_forward_weights(graphdef, state, arrays))
 
   def real(name):

@@ -83,8 +83,3 @@ def context_mask(valid: jax.Array | None) -> Mask | None:
   """Cross-attention mask hiding padded source tokens (`valid` bool `[batch, src_len]`)."""
   return None if valid is None else Mask(array=valid[:, None, None, :])
 
-
-def outputs(main, cache=None, weights=None, *, return_weights: bool):
-  """`main`, or `(main, cache)` / `(main, weights)` / `(main, cache, weights)`."""
-  result = (main,) + ((cache,) if cache is not None else ()) + ((weights,) if return_weights else ())
-  return result[0] if len(result) == 1 else result

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxattn.attention import Mask
-from flaxattn.models.common import (cache_length, check_ids, outputs, self_attention_mask,
-                                    token_positions, valid_tokens)
+from flaxattn.models.common import (cache_length, check_ids, self_attention_mask, token_positions,
+                                    valid_tokens)
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import Dense
 from flaxattn.nn.transformer import Decoder, Embedder
@@ -19,6 +19,7 @@ from flaxattn.nn.transformer import Decoder, Embedder
 class DecoderLM(nnx.Module):
   """Embeddings + causal `Decoder` + output head: `model(input_ids)` -> logits `[batch, len, vocab]`.
 
+  Calls return `(logits, cache)` whatever the arguments (`cache` None without one).
   The output is tied (`config.tie_embeddings`: `embedder.token.attend`) or a separate `lm_head`
   (`kernel [embed, vocab]`). Logits are float32 whatever the compute dtype.
 
@@ -48,7 +49,7 @@ class DecoderLM(nnx.Module):
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                cache=None, deterministic: bool = True, dropout_rng: jax.Array | None = None,
-               return_attention_weights: bool = False, logits_at: jax.Array | None = None):
+               logits_at: jax.Array | None = None):
     """Next-token logits.
 
     Args:
@@ -60,14 +61,14 @@ class DecoderLM(nnx.Module):
         only within their own segment (0 marks padding). Give `positions` restarting at 0 in each
         document with it. Not with a cache.
       cache: from `init_cache`; the call appends these tokens and returns the new cache.
-      return_attention_weights: also return a tuple of per-layer weights `[batch, heads, q, kv]` (with
-        a cache, `kv` is the cache length).
       logits_at: int `[batch]`: the logits of one position per row only, `[batch, 1, vocab]` (a
         prompt's last real token in generation: the vocabulary projection of the other positions is
         skipped).
 
     Returns:
-      logits `[batch, length, vocab]` float32; `(logits, cache)` with a cache; the weights last.
+      `(logits, cache)`: logits `[batch, length, vocab]` float32 and the new cache (None without
+      one). Attention weights: `flaxattn.nn.capture_attention_weights(model, ...)` (with a cache, `kv` is
+      the cache length).
     """
     check_ids("input_ids", input_ids)
     valid = valid_tokens("attention_mask", input_ids, attention_mask)
@@ -86,17 +87,12 @@ class DecoderLM(nnx.Module):
       mask = Mask(causal=True, q_segment_ids=segments, kv_segment_ids=segments)
     else:
       mask = None if cache is not None else self_attention_mask(valid, causal=True)
-    result = self.decoder(x, positions=positions, mask=mask, cache=cache,
-                          deterministic=deterministic, dropout_rng=keys[1],
-                          return_weights=return_attention_weights)
-    result = result if isinstance(result, tuple) else (result,)
-    hidden = result[0]
+    hidden, cache = self.decoder(x, positions=positions, mask=mask, cache=cache,
+                                 deterministic=deterministic, dropout_rng=keys[1])
     if logits_at is not None:
       if tuple(jnp.shape(logits_at)) != (input_ids.shape[0],):
         raise ValueError(f"logits_at must have shape [batch] = {(input_ids.shape[0],)}, got "
                          f"{tuple(jnp.shape(logits_at))}")
       hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     logits = (self.embedder.token.attend(hidden) if self.lm_head is None else self.lm_head(hidden))
-    return outputs(logits.astype(jnp.float32), result[1] if cache is not None else None,
-                   result[-1]["self"] if return_attention_weights else None,
-                   return_weights=return_attention_weights)
+    return logits.astype(jnp.float32), cache

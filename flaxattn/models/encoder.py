@@ -26,8 +26,7 @@ class EncoderModel(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
-               deterministic: bool = True, dropout_rng: jax.Array | None = None,
-               return_attention_weights: bool = False):
+               deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Encodes a batch.
 
     Args:
@@ -36,10 +35,9 @@ class EncoderModel(nnx.Module):
       token_type_ids: int `[batch, length]` segment ids (needs `config.type_vocab_size`), or None.
       positions: int `[batch, length]`; default counts real tokens from 0 (padding-invariant).
       deterministic, dropout_rng: dropout off, or on with this key.
-      return_attention_weights: also return a tuple of per-layer weights `[batch, heads, len, len]`.
 
     Returns:
-      `[batch, length, d_model]` (and the weights tuple if asked).
+      `[batch, length, d_model]`. Attention weights: `flaxattn.nn.capture_attention_weights(model, ...)`.
     """
     check_ids("input_ids", input_ids)
     valid = valid_tokens("attention_mask", input_ids, attention_mask)
@@ -48,12 +46,8 @@ class EncoderModel(nnx.Module):
     keys = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     x = self.embedder(input_ids, positions, token_type_ids, deterministic=deterministic,
                       dropout_rng=keys[0])
-    result = self.encoder(x, positions=positions, mask=self_attention_mask(valid, causal=False),
-                          deterministic=deterministic, dropout_rng=keys[1],
-                          return_weights=return_attention_weights)
-    if return_attention_weights:
-      return result[0], result[1]["self"]
-    return result
+    return self.encoder(x, positions=positions, mask=self_attention_mask(valid, causal=False),
+                        deterministic=deterministic, dropout_rng=keys[1])
 
 
 class EncoderClassifier(nnx.Module):
@@ -79,15 +73,9 @@ class EncoderClassifier(nnx.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                token_type_ids: jax.Array | None = None, *, deterministic: bool = True,
-               dropout_rng: jax.Array | None = None, return_attention_weights: bool = False):
-    """Class logits `[batch, num_classes]` (float32).
-
-    With `return_attention_weights`, `(logits, weights)`: the encoder's per-layer self-attention
-    weights, a tuple of `[batch, heads, len, len]` float32 arrays (as `EncoderModel`).
-    """
-    result = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
-                          dropout_rng=dropout_rng, return_attention_weights=return_attention_weights)
-    hidden, weights = result if return_attention_weights else (result, None)
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Class logits `[batch, num_classes]` (float32)."""
+    hidden = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
+                          dropout_rng=dropout_rng)
     valid = valid_tokens("attention_mask", input_ids, attention_mask)
-    logits = self.head(pool(self.pooling, hidden, valid, self.attention_pooling)).astype("float32")
-    return (logits, weights) if return_attention_weights else logits
+    return self.head(pool(self.pooling, hidden, valid, self.attention_pooling)).astype("float32")

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxattn.models.common import (cache_length, check_ids, context_mask, outputs,
-                                    self_attention_mask, token_positions, valid_tokens)
+from flaxattn.models.common import (cache_length, check_ids, context_mask, self_attention_mask,
+                                    token_positions, valid_tokens)
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.layers import Dense
 from flaxattn.nn.transformer import Decoder, Embedder, Encoder
@@ -57,8 +57,7 @@ class EncoderDecoder(nnx.Module):
     return self.decoder.init_cache(batch, cache_length(self.config, max_length), dtype)
 
   def encode(self, source_ids: jax.Array, source_mask: jax.Array | None = None, *,
-             deterministic: bool = True, dropout_rng: jax.Array | None = None,
-             return_attention_weights: bool = False):
+             deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Source ids `[batch, src_len]` (mask: 1 = real) -> encoded `[batch, src_len, d_model]`."""
     check_ids("source_ids", source_ids)
     valid = valid_tokens("source_mask", source_ids, source_mask)
@@ -66,19 +65,14 @@ class EncoderDecoder(nnx.Module):
     embedder = self.embedder if self.source_embedder is None else self.source_embedder
     keys = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     x = embedder(source_ids, positions, deterministic=deterministic, dropout_rng=keys[0])
-    result = self.encoder(x, positions=positions, mask=self_attention_mask(valid, causal=False),
-                          deterministic=deterministic, dropout_rng=keys[1],
-                          return_weights=return_attention_weights)
-    return (result[0], result[1]["self"]) if return_attention_weights else result
+    return self.encoder(x, positions=positions, mask=self_attention_mask(valid, causal=False),
+                        deterministic=deterministic, dropout_rng=keys[1])
 
   def decode(self, target_ids: jax.Array, encoded: jax.Array, source_mask: jax.Array | None = None,
              target_mask: jax.Array | None = None, *, cache=None, deterministic: bool = True,
-             dropout_rng: jax.Array | None = None, return_attention_weights: bool = False):
-    """Target ids `[batch, tgt_len]` attending to `encoded` -> logits `[batch, tgt_len, vocab]` float32.
-
-    With `cache`, returns `(logits, cache)`; with `return_attention_weights`, also (last) a dict
-    `{'self': ..., 'cross': ...}` of per-layer weight tuples.
-    """
+             dropout_rng: jax.Array | None = None):
+    """Target ids `[batch, tgt_len]` attending to `encoded`: `(logits, cache)`, logits
+    `[batch, tgt_len, vocab]` float32 and the new cache (None without one)."""
     check_ids("target_ids", target_ids)
     if encoded.ndim != 3 or encoded.shape[0] != target_ids.shape[0]:
       raise ValueError(
@@ -90,32 +84,19 @@ class EncoderDecoder(nnx.Module):
     positions = token_positions(target_ids, valid, start)
     keys = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     x = self.embedder(target_ids, positions, deterministic=deterministic, dropout_rng=keys[0])
-    result = self.decoder(
+    hidden, cache = self.decoder(
         x, positions=positions, mask=None if cache is not None else self_attention_mask(valid, causal=True),
         context=encoded, context_mask=context_mask(source_valid), cache=cache,
-        deterministic=deterministic, dropout_rng=keys[1], return_weights=return_attention_weights)
-    result = result if isinstance(result, tuple) else (result,)
-    hidden = result[0]
+        deterministic=deterministic, dropout_rng=keys[1])
     logits = self.embedder.token.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-    return outputs(logits.astype(jnp.float32), result[1] if cache is not None else None,
-                   result[-1] if return_attention_weights else None,
-                   return_weights=return_attention_weights)
+    return logits.astype(jnp.float32), cache
 
   def __call__(self, source_ids: jax.Array, target_ids: jax.Array,
                source_mask: jax.Array | None = None, target_mask: jax.Array | None = None, *,
-               deterministic: bool = True, dropout_rng: jax.Array | None = None,
-               return_attention_weights: bool = False):
-    """Teacher-forced logits `[batch, tgt_len, vocab]` (float32); with `return_attention_weights`,
-    `(logits, {'encoder': ..., 'decoder': ..., 'cross': ...})` of per-layer weight tuples.
-    """
+               deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Teacher-forced logits `[batch, tgt_len, vocab]` (float32)."""
     keys = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-    encoded = self.encode(source_ids, source_mask, deterministic=deterministic, dropout_rng=keys[0],
-                          return_attention_weights=return_attention_weights)
-    if return_attention_weights:
-      encoded, encoder_weights = encoded
-    result = self.decode(target_ids, encoded, source_mask, target_mask, deterministic=deterministic,
-                         dropout_rng=keys[1], return_attention_weights=return_attention_weights)
-    if not return_attention_weights:
-      return result
-    logits, weights = result
-    return logits, {"encoder": encoder_weights, "decoder": weights["self"], "cross": weights["cross"]}
+    encoded = self.encode(source_ids, source_mask, deterministic=deterministic, dropout_rng=keys[0])
+    logits, _ = self.decode(target_ids, encoded, source_mask, target_mask,
+                            deterministic=deterministic, dropout_rng=keys[1])
+    return logits

@@ -3,6 +3,7 @@
 from flaxattn.nn.attention import (ContextCache, KVCache, MultiHeadAttention, mask_from_keras,
                                    mask_from_torch)
 from flaxattn.nn.config import TransformerConfig
+from flaxattn.nn.intermediates import capture_attention_weights, resow
 from flaxattn.nn.layers import MLP, Dense, Embed, LayerNorm, RMSNorm
 from flaxattn.nn.pooling import AttentionPooling, mean_pool
 from flaxattn.nn.positions import (LearnedPositions, RelativePositionBias, alibi_bias, alibi_slopes,
@@ -17,6 +18,6 @@ __all__ = [
     "RecurrentCell", "Dense", "Embed", "Embedder", "Encoder", "KVCache", "LayerNorm",
     "LearnedPositions", "MLP", "MultiHeadAttention", "RMSNorm", "RelativePositionBias",
     "TransformerBlock", "TransformerConfig", "TransformerStack", "alibi_bias", "alibi_slopes",
-    "apply_rope", "constrain", "mask_from_keras", "mask_from_torch", "mean_pool",
-    "positions_from_mask", "relative_position_bucket", "sinusoidal",
+    "apply_rope", "capture_attention_weights", "constrain", "mask_from_keras", "mask_from_torch", "mean_pool",
+    "positions_from_mask", "relative_position_bucket", "resow", "sinusoidal",
 ]

@@ -10,12 +10,12 @@ Argument names for people coming from Keras and PyTorch:
 | (input's last dim)                | `embed_dim`                       | `in_features`                              |
 | (key/value input's last dim)      | `kdim`, `vdim` (must be equal)    | `kv_features`                              |
 | `output_shape`                    | (= `embed_dim`)                   | `out_features`                             |
-| `dropout`                         | `dropout`                         | `dropout_rate` (+ `deterministic=False`)   |
+| `dropout`                         | `dropout`                         | `attention_dropout_rate` (+ `deterministic=False`) |
 | `use_bias`                        | `bias`                            | `use_bias`                                 |
 | `attention_mask` `[B, T, S]`, True = attend | `attn_mask` `[T, S]`, True = *blocked*; float = added | `mask=Mask(array=...)` (True = attend) or `bias=` |
 | `use_causal_mask=True`            | `is_causal=True` (with `attn_mask`) | `mask=Mask(causal=True)`                 |
 | (from Keras masking)              | `key_padding_mask` `[B, S]`, True = padding | `mask=Mask(kv_lengths=...)` or `Mask(array=~key_padding_mask[:, None, None, :])` |
-| `return_attention_scores=True`    | `need_weights=True, average_attn_weights=False` | `return_weights=True` (`[B, heads, T, S]`) |
+| `return_attention_scores=True`    | `need_weights=True, average_attn_weights=False` | `capture_attention_weights(module, x)` (`[B, heads, T, S]`) |
 | `query, value, key`               | `query, key, value` (`key is value` for self/cross) | `x, context` (`context=None`: self-attention) |
 | (always batch first)              | `batch_first=True`                | always batch first `[batch, length, features]` |
 
@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxattn.attention import Mask, dot_product_attention, implementations, linear
+import flaxattn.attention
+from flaxattn.attention import Mask, dot_product_attention, linear
 from flaxattn.attention.linear import RecurrentState
 from flaxattn.attention.mask import as_mask
 from flaxattn.attention.placement import activation_layout
@@ -204,6 +205,68 @@ def mask_from_torch(key_padding_mask: jax.Array | None = None, attn_mask: jax.Ar
   return mask, bias
 
 
+def check_attention_knobs(owner: str, *, width: tuple[str, int], num_heads: int,
+                          kv_heads: int | None, head_dim: int | None, rotary_dim: int | None,
+                          positions: str, attention_dropout_rate: float, softcap: float | None,
+                          attention_impl: str | None, attention_kind: str, window: int | None,
+                          performer_features: int, performer_seed: int,
+                          linear_chunk_size: int) -> None:
+  """The rules of the attention knobs, for `MultiHeadAttention` and `TransformerConfig` alike.
+
+  `owner` prefixes the knob names in the messages ('TransformerConfig.' or ''); `width` is the
+  name and value of the input width (`in_features` / `d_model`); `kv_heads`/`head_dim` None mean
+  their defaults (`num_heads`, width // num_heads); `positions` may be any of the config's kinds.
+  """
+  def positive(name, value, optional=False):
+    if optional and value is None:
+      return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise ValueError(f"{owner}{name} must be a positive int{' or None' if optional else ''}, "
+                       f"got {value!r}")
+
+  positive("num_heads", num_heads)
+  for name, value in (("kv_heads", kv_heads), ("head_dim", head_dim), ("window", window),
+                      ("rotary_dim", rotary_dim)):
+    positive(name, value, optional=True)
+  positive("performer_features", performer_features)
+  positive("linear_chunk_size", linear_chunk_size)
+  if num_heads % (num_heads if kv_heads is None else kv_heads):
+    raise ValueError(
+        f"{owner}num_heads ({num_heads}) must be a multiple of kv_heads ({kv_heads})")
+  if head_dim is None and width[1] % num_heads:
+    raise ValueError(f"{owner}{width[0]} ({width[1]}) must be divisible by num_heads ({num_heads}) "
+                     "when head_dim is None")
+  features = width[1] // num_heads if head_dim is None else head_dim
+  if positions == "rope" and rotary_dim is not None and (rotary_dim % 2 or rotary_dim > features):
+    raise ValueError(f"{owner}rotary_dim must be even and at most head_dim={features}, got "
+                     f"{rotary_dim!r}")
+  if not 0.0 <= attention_dropout_rate < 1.0:
+    raise ValueError(f"{owner}attention_dropout_rate must be in [0, 1), got "
+                     f"{attention_dropout_rate!r}")
+  if softcap is not None and not softcap > 0:
+    raise ValueError(f"{owner}softcap must be positive or None, got {softcap!r}")
+  # Read at call time (not bound at import), so implementations described later count too.
+  names = [impl["name"] for impl in flaxattn.attention.implementations()]
+  if attention_impl is not None and attention_impl not in names:
+    raise ValueError(
+        f"{owner}attention_impl must be None or one of {names}, got {attention_impl!r}")
+  if attention_kind not in ATTENTION_KINDS:
+    raise ValueError(f"{owner}attention_kind must be one of {ATTENTION_KINDS}, got "
+                     f"{attention_kind!r}")
+  if isinstance(performer_seed, bool) or not isinstance(performer_seed, int):
+    raise ValueError(f"{owner}performer_seed must be an int, got {performer_seed!r}")
+  if attention_kind != "softmax":
+    clashes = {"window": (window, window is not None),
+               "positions": (positions, positions in ("alibi", "relative")),
+               "softcap": (softcap, softcap is not None),
+               "attention_dropout_rate": (attention_dropout_rate, attention_dropout_rate > 0),
+               "attention_impl": (attention_impl, attention_impl is not None)}
+    for name, (value, clash) in clashes.items():
+      if clash:
+        raise ValueError(f"{owner}{name}={value!r} does not apply to attention_kind="
+                         f"{attention_kind!r} (softmax attention only)")
+
+
 class MultiHeadAttention(nnx.Module):
   """Multi-head (grouped-query) attention: self-attention, or cross-attention to a `context`.
 
@@ -221,79 +284,72 @@ class MultiHeadAttention(nnx.Module):
     kv_features: width of `context`. None = `in_features`.
     out_features: output width. None = `in_features`.
     use_bias: biases on the four projections.
-    dropout_rate: dropout on the attention weights (when called with `deterministic=False`).
+    attention_dropout_rate: dropout on the attention weights (when called with
+      `deterministic=False`).
     qk_norm: RMS-normalise each query and key head (learned scale) before the dot product.
     norm_eps: epsilon of the QK norms.
     softcap: `c * tanh(logits / c)` on the logits, or None.
-    implementation: a name from `flaxattn.attention.implementations()`, or None to let it choose.
+    attention_impl: a name from `flaxattn.attention.implementations()`, or None to let it choose.
     positions: position information applied here, in self-attention: 'rope' (rotate queries and keys,
       half layout, see `apply_rope`), 'alibi' (bias), or 'none'.
     rope_base: RoPE base.
-    rotary_dim: dims of each head RoPE rotates (partial rotation). None = all of `head_dim`.
-    kind: self-attention's form: 'softmax' (exact, via `dot_product_attention`), or the kernelized
-      'linear' (elu+1) / 'performer' (FAVOR+) of `flaxattn.attention.linear` (O(length); causal
-      from `mask.causal`, padding from `positions == -1` and the mask's segment ids; a
-      `RecurrentState` as the cache). Self-attention only: cross-attention calls raise.
-    window: sliding window: a query sees keys within `window - 1` positions on each side (with a
-      causal mask: the last `window` keys, itself included); intersected with `mask`, and applied
-      by position with a `KVCache`. 'softmax' only. None = global.
-    num_features: 'performer' random features per head (default 128).
-    feature_seed: 'performer': the fixed draw (evaluation, decoding) comes from `jax.random.key(
-      feature_seed)`.
-    redraw_features: 'performer': calls with `deterministic=False` and a `dropout_rng` draw fresh
+    rotary_dim: dims of each head RoPE rotates (partial rotation, even). None = all of `head_dim`.
+    attention_kind: self-attention's form: 'softmax' (exact, via `dot_product_attention`), or the
+      kernelized 'linear' (elu+1) / 'performer' (FAVOR+) of `flaxattn.attention.linear`
+      (O(length); causal from `mask.causal`, padding from `positions == -1` and the mask's segment
+      ids; a `RecurrentState` as the cache). Self-attention only: cross-attention calls raise.
+    window: sliding window of `window` keys per side, the query's own included: a query sees keys
+      within `window - 1` positions on each side (`Mask(window=(window - 1, window - 1))`; with a
+      causal mask: the last `window` keys). Intersected with `mask`, and applied by position with a
+      `KVCache`. 'softmax' only. None = global.
+    performer_features: 'performer' random features per head.
+    performer_seed: 'performer': the fixed draw (evaluation, decoding) comes from `jax.random.key(
+      performer_seed)`.
+    performer_redraw: 'performer': calls with `deterministic=False` and a `dropout_rng` draw fresh
       features from that key (a new draw every training step); nothing is stored in the module.
-    chunk_size: chunk length of the causal kernelized scan.
+    linear_chunk_size: chunk length of the causal kernelized scan.
     dtype: compute dtype; param_dtype: parameter dtype.
   """
 
   def __init__(self, num_heads: int, in_features: int, *, kv_heads: int | None = None,
                head_dim: int | None = None, value_dim: int | None = None,
                kv_features: int | None = None, out_features: int | None = None,
-               use_bias: bool = True, dropout_rate: float = 0.0, qk_norm: bool = False,
+               use_bias: bool = True, attention_dropout_rate: float = 0.0, qk_norm: bool = False,
                norm_eps: float = 1e-6, softcap: float | None = None,
-               implementation: str | None = None, positions: str = "none",
-               rope_base: float = 10000.0, rotary_dim: int | None = None, kind: str = "softmax",
-               window: int | None = None, num_features: int | None = None, feature_seed: int = 0,
-               redraw_features: bool = True, chunk_size: int = 64,
+               attention_impl: str | None = None, positions: str = "none",
+               rope_base: float = 10000.0, rotary_dim: int | None = None,
+               attention_kind: str = "softmax", window: int | None = None,
+               performer_features: int = 128, performer_seed: int = 0,
+               performer_redraw: bool = True, linear_chunk_size: int = 64,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
-    kv_heads = num_heads if kv_heads is None else kv_heads
-    if num_heads <= 0 or kv_heads <= 0 or num_heads % kv_heads:
-      raise ValueError(
-          f"num_heads ({num_heads}) must be a positive multiple of kv_heads ({kv_heads})")
-    if head_dim is None:
-      if in_features % num_heads:
-        raise ValueError(
-            f"in_features ({in_features}) must be divisible by num_heads ({num_heads}) when head_dim "
-            "is None")
-      head_dim = in_features // num_heads
     if positions not in ATTENTION_POSITIONS:
       raise ValueError(f"positions must be one of {ATTENTION_POSITIONS}, got {positions!r}")
-    if not 0.0 <= dropout_rate < 1.0:
-      raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
-    if kind not in ATTENTION_KINDS:
-      raise ValueError(f"kind must be one of {ATTENTION_KINDS}, got {kind!r}")
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
-      raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if window is not None and kind != "softmax":
-      raise ValueError(f"window applies to kind='softmax' only, got kind={kind!r}")
-    if kind != "softmax" and (positions == "alibi" or softcap is not None or dropout_rate > 0):
-      raise ValueError(
-          f"kind={kind!r} takes no bias ('alibi' positions), softcap or attention dropout; got "
-          f"positions={positions!r}, softcap={softcap!r}, dropout_rate={dropout_rate!r}")
-    self.kind, self.window, self.chunk_size = kind, window, chunk_size
-    self.num_features = (128 if num_features is None else num_features) if kind == "performer" else (
-        head_dim if kind == "linear" else None)
-    self.feature_seed, self.redraw_features = feature_seed, redraw_features
+    check_attention_knobs(
+        "", width=("in_features", in_features), num_heads=num_heads, kv_heads=kv_heads,
+        head_dim=head_dim, rotary_dim=rotary_dim, positions=positions,
+        attention_dropout_rate=attention_dropout_rate, softcap=softcap,
+        attention_impl=attention_impl, attention_kind=attention_kind, window=window,
+        performer_features=performer_features, performer_seed=performer_seed,
+        linear_chunk_size=linear_chunk_size)
+    kv_heads = num_heads if kv_heads is None else kv_heads
+    head_dim = in_features // num_heads if head_dim is None else head_dim
+    self.attention_kind, self.window, self.linear_chunk_size = attention_kind, window, linear_chunk_size
+    # Features per head of the kernelized kinds' state (None for softmax).
+    self.num_features = {"performer": performer_features, "linear": head_dim}.get(attention_kind)
+    self.performer_seed, self.performer_redraw = performer_seed, performer_redraw
     self.num_heads, self.kv_heads, self.head_dim = num_heads, kv_heads, head_dim
     self.value_dim = head_dim if value_dim is None else value_dim
     self.in_features = in_features
     self.kv_features = in_features if kv_features is None else kv_features
     self.out_features = in_features if out_features is None else out_features
-    self.dropout_rate, self.softcap = dropout_rate, softcap
-    self.implementation = implementation
+    self.attention_dropout_rate, self.softcap = attention_dropout_rate, softcap
+    self.attention_impl = attention_impl
     self.positions, self.rope_base = positions, rope_base
     self.rotary_dim = head_dim if rotary_dim is None else rotary_dim
     self.dtype = dtype
+    # Static (part of the graph definition): True makes each call compute its attention weights,
+    # O(q_len * kv_len), and sow them; `capture_attention_weights` sets it on a copy of the model.
+    self.sow_weights = False
     dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query = Dense(in_features, (num_heads, head_dim), in_axes=("embed",),
                        out_axes=("heads", "head_dim"), **dense)
@@ -316,7 +372,8 @@ class MultiHeadAttention(nnx.Module):
 
     Keras infers input widths when first called; here they are given (`in_features`, `kv_features`).
     """
-    return cls(num_heads, in_features, head_dim=key_dim, value_dim=value_dim, dropout_rate=dropout,
+    return cls(num_heads, in_features, head_dim=key_dim, value_dim=value_dim,
+               attention_dropout_rate=dropout,
                use_bias=use_bias, out_features=output_shape, kv_features=kv_features, rngs=rngs,
                **kwargs)
 
@@ -329,13 +386,13 @@ class MultiHeadAttention(nnx.Module):
       raise ValueError("batch_first=False is not supported: flaxattn is always [batch, length, ...]")
     if kdim is not None and vdim is not None and kdim != vdim:
       raise ValueError(f"kdim ({kdim}) and vdim ({vdim}) must be equal: key and value share `context`")
-    return cls(num_heads, embed_dim, dropout_rate=dropout, use_bias=bias,
+    return cls(num_heads, embed_dim, attention_dropout_rate=dropout, use_bias=bias,
                kv_features=kdim if kdim is not None else vdim, rngs=rngs, **kwargs)
 
   def init_cache(self, batch: int, max_length: int, dtype: Any = None) -> KVCache | RecurrentState:
     """An empty `KVCache` for this layer (dtype defaults to the compute dtype); for the kernelized
     kinds a `RecurrentState` (float32, constant size: `max_length` and `dtype` do not apply)."""
-    if self.kind != "softmax":
+    if self.attention_kind != "softmax":
       return RecurrentState.create(batch, self.kv_heads, self.num_features, self.value_dim)
     return KVCache.create(batch, max_length, self.kv_heads, self.head_dim, self.value_dim,
                           self.dtype if dtype is None else dtype)
@@ -366,32 +423,8 @@ class MultiHeadAttention(nnx.Module):
       key = self.key_norm(key)
     return key, value
 
-  def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: Mask | None = None,
-               bias: jax.Array | None = None, positions: jax.Array | None = None,
-               cache: KVCache | ContextCache | None = None, deterministic: bool = True,
-               dropout_rng: jax.Array | None = None, return_weights: bool = False):
-    """Attends from `x` to `context` (or to `x` itself).
-
-    Args:
-      x: `[batch, q_len, in_features]`.
-      context: `[batch, kv_len, kv_features]` for cross-attention, or None for self-attention.
-      mask: a `flaxattn.attention.Mask` (or boolean array, True = attend) over `[batch, heads, q_len,
-        kv_len]`. Not allowed with `cache`: the cache supplies causal visibility by position.
-      bias: added to the logits, broadcastable to `[batch, heads, q_len, kv_len]`.
-      positions: int `[batch, q_len]` positions of `x`'s tokens (default `0 .. q_len-1`); used by
-        'rope'/'alibi' and by the cache (-1 marks padding, which sees and is seen by nothing).
-      cache: a `KVCache` (self-attention): the new keys/values are appended and attention runs over
-        every slot written so far. Or a `ContextCache` (cross-attention): when empty it is filled
-        from `context`; when filled its keys/values are used and `context` may be None (if given,
-        only its shape is checked against the cache: its values are not read again).
-      deterministic: False enables attention dropout (needs `dropout_rng`).
-      return_weights: also return the attention weights `[batch, heads, q_len, kv_len]` (float32;
-        needs an implementation that returns weights, e.g. 'reference').
-
-    Returns:
-      `out [batch, q_len, out_features]`; with a cache `(out, new_cache)`; with `return_weights`
-      the weights come last: `(out, weights)` or `(out, new_cache, weights)`.
-    """
+  def _check_call(self, x, context, mask, bias, positions, cache, deterministic, dropout_rng):
+    """Every argument check of `__call__`, before any compute; returns the positions (defaulted)."""
     if x.ndim != 3 or x.shape[-1] != self.in_features:
       raise ValueError(f"x must be [batch, length, {self.in_features}], got shape {x.shape}")
     batch, q_len = x.shape[0], x.shape[1]
@@ -411,12 +444,13 @@ class MultiHeadAttention(nnx.Module):
         raise ValueError(
             f"cache holds keys/values for a context of length {cache.key.shape[1]}, got a context "
             f"of length {context.shape[1]}")
-    if cross and self.kind != "softmax":
-      raise ValueError(f"kind={self.kind!r} is for self-attention; cross-attention needs kind='softmax'")
-    expected_cache = KVCache if self.kind == "softmax" else RecurrentState
+    if cross and self.attention_kind != "softmax":
+      raise ValueError(f"attention_kind={self.attention_kind!r} is for self-attention; "
+                       "cross-attention needs attention_kind='softmax'")
+    expected_cache = KVCache if self.attention_kind == "softmax" else RecurrentState
     if isinstance(cache, (KVCache, RecurrentState)) and not isinstance(cache, expected_cache):
-      raise ValueError(
-          f"kind={self.kind!r} decodes with a {expected_cache.__name__}, got a {type(cache).__name__}")
+      raise ValueError(f"attention_kind={self.attention_kind!r} decodes with a "
+                       f"{expected_cache.__name__}, got a {type(cache).__name__}")
     if isinstance(cache, expected_cache) and mask is not None:
       raise ValueError(
           f"mask must be None when a {type(cache).__name__} is given: visibility comes from the cache")
@@ -424,7 +458,59 @@ class MultiHeadAttention(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
     elif tuple(positions.shape) != (batch, q_len):
       raise ValueError(f"positions must be [batch, q_len] = {(batch, q_len)}, got {positions.shape}")
+    if not deterministic and self.attention_dropout_rate > 0.0 and dropout_rng is None:
+      raise ValueError(f"attention dropout (rate {self.attention_dropout_rate}, "
+                       "deterministic=False) needs a dropout_rng")
+    if self.attention_kind != "softmax":
+      self._check_kernelized(as_mask(mask), bias, positions, cache)
+    return positions
 
+  def _check_kernelized(self, mask, bias, positions, cache) -> None:
+    kind = self.attention_kind
+    if bias is not None:
+      raise ValueError(f"attention_kind={kind!r} takes no bias, got one of shape {jnp.shape(bias)}")
+    if self.sow_weights and isinstance(cache, RecurrentState):
+      raise ValueError(
+          f"attention_kind={kind!r} returns no attention weights with a RecurrentState: the state keeps "
+          "no per-key record")
+    unsupported = sorted(mask.kinds - {"causal", "segment_ids"}) if mask is not None else []
+    if unsupported:
+      raise ValueError(
+          f"attention_kind={kind!r} supports masks that are causal and/or segment ids (padding, "
+          f"packing), got mask kinds {unsupported}")
+    if mask is not None and mask.q_segment_ids is not None and (
+        tuple(mask.q_segment_ids.shape) != tuple(positions.shape)):
+      raise ValueError(f"Mask.q_segment_ids must be [batch, length] = {positions.shape}, got "
+                       f"{mask.q_segment_ids.shape}")
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: Mask | None = None,
+               bias: jax.Array | None = None, positions: jax.Array | None = None,
+               cache: KVCache | ContextCache | RecurrentState | None = None,
+               deterministic: bool = True, dropout_rng: jax.Array | None = None):
+    """Attends from `x` to `context` (or to `x` itself).
+
+    Args:
+      x: `[batch, q_len, in_features]`.
+      context: `[batch, kv_len, kv_features]` for cross-attention, or None for self-attention.
+      mask: a `flaxattn.attention.Mask` (or boolean array, True = attend) over `[batch, heads, q_len,
+        kv_len]`. Not allowed with `cache`: the cache supplies causal visibility by position.
+      bias: added to the logits, broadcastable to `[batch, heads, q_len, kv_len]`.
+      positions: int `[batch, q_len]` positions of `x`'s tokens (default `0 .. q_len-1`); used by
+        'rope'/'alibi' and by the cache (-1 marks padding, which sees and is seen by nothing).
+      cache: a `KVCache` (self-attention): the new keys/values are appended and attention runs over
+        every slot written so far. Or a `ContextCache` (cross-attention): when empty it is filled
+        from `context`; when filled its keys/values are used and `context` may be None (if given,
+        only its shape is checked against the cache: its values are not read again). Or, for the
+        kernelized kinds, a `RecurrentState`.
+      deterministic: False enables attention dropout (needs `dropout_rng`).
+
+    Returns:
+      `(out, cache)`: `out [batch, q_len, out_features]` and the updated cache (None without one).
+      With `sow_weights` set (see `flaxattn.nn.capture_attention_weights`), the attention weights
+      `[batch, heads, q_len, kv_len]` (float32) are sown as `nnx.Intermediate` 'attention_weights'.
+    """
+    positions = self._check_call(x, context, mask, bias, positions, cache, deterministic,
+                                 dropout_rng)
     query = constrain(self.query(x), ("batch", "length", "heads", "head_dim"))
     if self.query_norm is not None:
       query = self.query_norm(query)
@@ -437,13 +523,11 @@ class MultiHeadAttention(nnx.Module):
     if self.positions == "rope":
       query = apply_rope(query, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
       key = apply_rope(key, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
+    if self.attention_kind != "softmax":
+      return self._kernelized(query, key, value, mask=as_mask(mask), positions=positions,
+                              cache=cache, deterministic=deterministic, dropout_rng=dropout_rng)
 
-    if self.kind != "softmax":
-      return self._kernelized(query, key, value, mask=mask, bias=bias, positions=positions,
-                              cache=cache, deterministic=deterministic, dropout_rng=dropout_rng,
-                              return_weights=return_weights)
-    kv_positions = positions
-    implementation = self.implementation
+    kv_positions, attention_impl = positions, self.attention_impl
     if isinstance(cache, KVCache):
       cache = cache.update(key, value, positions)
       key, value = cache.key.astype(self.dtype), cache.value.astype(self.dtype)
@@ -451,96 +535,75 @@ class MultiHeadAttention(nnx.Module):
       # kv_lengths = the slots written so far: kernels that skip key blocks (blockwise, cuDNN,
       # tokamax) then cost what the tokens cost, not what the cache could hold.
       mask = Mask(array=cache.visible(positions, self.window),
-                  kv_lengths=jnp.full((batch,), cache.index, jnp.int32))
-      implementation = _single_device(implementation)
-    elif self.window is not None and not cross:
+                  kv_lengths=jnp.full((x.shape[0],), cache.index, jnp.int32))
+      attention_impl = _single_device(attention_impl)
+    elif self.window is not None and context is None and not isinstance(cache, ContextCache):
       mask = _with_window(as_mask(mask), self.window)
     if self.positions == "alibi":
       alibi = alibi_bias(self.num_heads, positions, kv_positions)
       bias = alibi if bias is None else bias + alibi
-
-    use_dropout = not deterministic and self.dropout_rate > 0.0
-    if use_dropout and dropout_rng is None:
-      raise ValueError(
-          f"attention dropout (rate {self.dropout_rate}, deterministic=False) needs a dropout_rng")
+    use_dropout = not deterministic and self.attention_dropout_rate > 0.0
     # Fused kernels run per device (`flaxattn.attention.placement`); on Auto mesh axes the arrays'
     # types carry no sharding, so they are told the layout the rules give the queries.
     with activation_layout(active_spec(("batch", "length", "heads", "head_dim"))):
       result = dot_product_attention(
           query, key, value, mask=mask, bias=bias, softcap=self.softcap,
-          dropout_rate=self.dropout_rate if use_dropout else 0.0,
+          dropout_rate=self.attention_dropout_rate if use_dropout else 0.0,
           dropout_rng=dropout_rng if use_dropout else None,
-          implementation=implementation, return_weights=return_weights)
-    attended, weights = result if return_weights else (result, None)
-    out = constrain(self.out(attended), ("batch", "length", "embed"))
-    outputs = (out,) + ((cache,) if cache is not None else ()) + (
-        (weights,) if return_weights else ())
-    return outputs[0] if len(outputs) == 1 else outputs
+          implementation=attention_impl, return_weights=self.sow_weights)
+    if self.sow_weights:
+      result, weights = result
+      self.sow(nnx.Intermediate, "attention_weights", weights)
+    return constrain(self.out(result), ("batch", "length", "embed")), cache
 
   def _feature_map(self, deterministic: bool, dropout_rng: jax.Array | None):
     """`x [..., head_dim] -> log phi(x) [..., num_features]` for this call."""
-    if self.kind == "linear":
+    if self.attention_kind == "linear":
       return linear.elu_log_features
-    if self.redraw_features and not deterministic and dropout_rng is not None:
+    if self.performer_redraw and not deterministic and dropout_rng is not None:
       # Attention dropout is off for the kernelized kinds, so this layer's dropout key is free to
       # seed the draw: a new key every training step is a new draw, and nothing is stored.
       key = dropout_rng
     else:
-      key = jax.random.key(self.feature_seed)
+      key = jax.random.key(self.performer_seed)
     projection = linear.orthogonal_projection(key, self.num_features, self.head_dim)
     return lambda x: linear.performer_log_features(x, projection)
 
-  def _kernelized(self, query, key, value, *, mask, bias, positions, cache, deterministic,
-                  dropout_rng, return_weights):
-    """Self-attention of the kernelized kinds; returns what `__call__` returns."""
-    if bias is not None:
-      raise ValueError(f"kind={self.kind!r} takes no bias, got one of shape {jnp.shape(bias)}")
-    if return_weights and isinstance(cache, RecurrentState):
-      raise ValueError(
-          f"kind={self.kind!r} returns no attention weights with a RecurrentState: the state keeps "
-          "no per-key record")
-    mask = as_mask(mask)
-    unsupported = sorted(mask.kinds - {"causal", "segment_ids"}) if mask is not None else []
-    if unsupported:
-      raise ValueError(
-          f"kind={self.kind!r} supports masks that are causal and/or segment ids (padding, packing), "
-          f"got mask kinds {unsupported}")
+  def _kernelized(self, query, key, value, *, mask, positions, cache, deterministic, dropout_rng):
+    """Self-attention of the kernelized kinds (arguments checked by `_check_kernelized`)."""
     segments = (positions >= 0).astype(jnp.int32)
     if mask is not None and mask.q_segment_ids is not None:
-      if tuple(mask.q_segment_ids.shape) != tuple(positions.shape):
-        raise ValueError(f"Mask.q_segment_ids must be [batch, length] = {positions.shape}, got "
-                         f"{mask.q_segment_ids.shape}")
       segments = jnp.where(positions >= 0, mask.q_segment_ids.astype(jnp.int32), 0)
     features = self._feature_map(deterministic, dropout_rng)
     query_features, key_features = features(query), features(key)
+    causal = mask is not None and mask.causal
     if isinstance(cache, RecurrentState):
       attended, state = linear.causal_kernelized_attention(
           query_features, key_features, value, segment_ids=segments, state=cache,
-          chunk_size=self.chunk_size)
+          chunk_size=self.linear_chunk_size)
       cache = dataclasses.replace(state, next_position=jnp.maximum(
           cache.next_position, jnp.max(positions, axis=1) + 1).astype(jnp.int32))
-    elif mask is not None and mask.causal:
+    elif causal:
       attended, _ = linear.causal_kernelized_attention(
-          query_features, key_features, value, segment_ids=segments, chunk_size=self.chunk_size)
+          query_features, key_features, value, segment_ids=segments,
+          chunk_size=self.linear_chunk_size)
     else:
       # Bidirectional: segment ids only mark padding here (packed segments are not separated).
       attended = linear.kernelized_attention(query_features, key_features, value,
                                              kv_valid=segments > 0)
-    out = constrain(self.out(attended.astype(self.dtype)), ("batch", "length", "embed"))
-    if not return_weights:
-      return out if cache is None else (out, cache)
-    causal = mask is not None and mask.causal
-    weights = linear.kernelized_weights(
-        query_features, key_features, causal=causal, segment_ids=segments if causal else None,
-        kv_valid=None if causal else segments > 0)
-    return out, weights
+    if self.sow_weights:
+      self.sow(nnx.Intermediate, "attention_weights", linear.kernelized_weights(
+          query_features, key_features, causal=causal, segment_ids=segments if causal else None,
+          kv_valid=None if causal else segments > 0))
+    return constrain(self.out(attended.astype(self.dtype)), ("batch", "length", "embed")), cache
 
 
 def _single_device(implementation: str | None) -> str | None:
   """The implementation for a call against a `KVCache`: a kernel that splits the sequence over a
   mesh axis (ring) needs equal query and key lengths, which neither a prefill nor a one-token step
   against the cache has, so those calls go to the dispatcher's choice instead (None)."""
-  sequence_parallel = {impl["name"] for impl in implementations() if impl["sequence_sharded"]}
+  sequence_parallel = {impl["name"] for impl in flaxattn.attention.implementations()
+                       if impl["sequence_sharded"]}
   return None if implementation in sequence_parallel else implementation
 
 

@@ -33,22 +33,27 @@ def mean_pool(x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
 class AttentionPooling(nnx.Module):
   """Learned attention pooling: `sum_t softmax_t(score(x_t)) x_t` over real tokens, with
   `score = x . w + b` (`score.kernel [embed, 1]`). Returns `[batch, features]`; with
-  `return_weights`, also the pooling weights `[batch, length]` (float32).
+  `sow_weights` set (`nnx.with_attributes(model, only=AttentionPooling, sow_weights=True)`, then
+  `nnx.capture(..., nnx.Intermediate)`), the pooling weights `[batch, length]` (float32) are sown
+  as 'pooling_weights'.
   """
 
   def __init__(self, features: int, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                rngs: nnx.Rngs):
     self.score = Dense(features, 1, in_axes=("embed",), out_axes=(None,), dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs)
+    self.sow_weights = False  # Static, as `MultiHeadAttention.sow_weights`.
 
-  def __call__(self, x: jax.Array, valid: jax.Array | None = None, *, return_weights: bool = False):
+  def __call__(self, x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """`x`: `[batch, length, features]`; `valid`: bool `[batch, length]` or None."""
     valid = _valid(x, valid)
     scores = jnp.where(valid, self.score(x)[..., 0].astype(jnp.float32), -jnp.inf)
     # A row with no real token would be all -inf: give it zero weights instead of NaN.
     weights = jnp.where(valid.any(axis=1, keepdims=True), jax.nn.softmax(scores, axis=1), 0.0)
     pooled = jnp.einsum("bt,btd->bd", weights, x.astype(jnp.float32)).astype(x.dtype)
-    return (pooled, weights) if return_weights else pooled
+    if self.sow_weights:
+      self.sow(nnx.Intermediate, "pooling_weights", weights)
+    return pooled
 
 
 def pool(kind: str, x: jax.Array, valid: jax.Array | None = None,

@@ -147,6 +147,7 @@ class RecurrentAttentionEncoder(nnx.Module):
     valid = jnp.ones(ids.shape, bool) if valid is None else valid.astype(bool)
     sequence, _ = self.recurrent(self.embed(ids), valid)
     segments = valid.astype(jnp.int32)
-    attended = self.attention(sequence, mask=Mask(q_segment_ids=segments, kv_segment_ids=segments))
+    mask = Mask(q_segment_ids=segments, kv_segment_ids=segments)
+    attended, _ = self.attention(sequence, mask=mask)
     sequence = self.norm(sequence + attended)
     return sequence, self.pooling(sequence, valid)

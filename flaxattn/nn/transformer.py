@@ -5,8 +5,9 @@ applied with `jax.lax.scan`, so compile time stays flat in depth) or unrolled (a
 blocks). Both run every block through the same function (`run_block` in `TransformerStack.__call__`),
 rematerialised per `config.remat`, so for the same weights they give the same outputs.
 
-Calls return `x` alone, or a tuple `(x, cache)` / `(x, weights)` / `(x, cache, weights)` when a cache
-is passed and/or weights are asked for (the `MultiHeadAttention` convention).
+Blocks and stacks return `(x, cache)` whatever the arguments (`cache` None without one), as
+`MultiHeadAttention` does; `Encoder`, which never decodes, returns `x`. Attention weights and other
+intermediates are sown (`flaxattn.nn.intermediates`), never returned.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flaxattn.attention import Mask
-from flaxattn.attention.linear import RecurrentState
 from flaxattn.nn.attention import ContextCache, KVCache, MultiHeadAttention
 from flaxattn.nn.config import TransformerConfig
+from flaxattn.nn.intermediates import resow
 from flaxattn.nn.layers import MLP, Embed, dropout, make_norm
 from flaxattn.nn.positions import LearnedPositions, RelativePositionBias, sinusoidal
 from flaxattn.nn.sharding import constrain
@@ -114,18 +115,19 @@ class TransformerBlock(nnx.Module):
     dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
     norm = lambda: make_norm(config.norm, config.d_model, eps=config.norm_eps, rngs=rngs, **dtypes)
     attention = dict(
-        kv_heads=config.kv_heads, head_dim=config.features_per_head, use_bias=config.use_bias,
-        dropout_rate=config.attention_dropout_rate, qk_norm=config.qk_norm,
-        norm_eps=config.norm_eps, softcap=config.softcap, implementation=config.attention_impl,
+        kv_heads=config.kv_heads, head_dim=config.head_dim, use_bias=config.use_bias,
+        attention_dropout_rate=config.attention_dropout_rate, qk_norm=config.qk_norm,
+        norm_eps=config.norm_eps, softcap=config.softcap, attention_impl=config.attention_impl,
         rngs=rngs, **dtypes)
     self.attention_norm = norm()
     self.attention = MultiHeadAttention(
         config.num_heads, config.d_model,
         positions=config.positions if config.positions in ("rope", "alibi") else "none",
-        rope_base=config.rope_base, rotary_dim=config.rotary_dim, kind=config.attention_kind,
-        window=config.window, num_features=config.performer_features,
-        feature_seed=config.performer_seed, redraw_features=config.performer_redraw,
-        chunk_size=config.linear_chunk_size, **attention)
+        rope_base=config.rope_base, rotary_dim=config.rotary_dim,
+        attention_kind=config.attention_kind, window=config.window,
+        performer_features=config.performer_features, performer_seed=config.performer_seed,
+        performer_redraw=config.performer_redraw, linear_chunk_size=config.linear_chunk_size,
+        **attention)
     self.cross_norm = norm() if cross_attention else None
     self.cross_attention = (MultiHeadAttention(config.num_heads, config.d_model, **attention)
                             if cross_attention else None)
@@ -137,55 +139,38 @@ class TransformerBlock(nnx.Module):
                bias: jax.Array | None = None, context: jax.Array | None = None,
                context_mask: Mask | None = None, cache: KVCache | None = None,
                context_cache: ContextCache | None = None, deterministic: bool = True,
-               dropout_rng: jax.Array | None = None, return_weights: bool = False):
+               dropout_rng: jax.Array | None = None):
     """One block on `x` `[batch, length, d_model]`.
 
-    `cache` is the self-attention `KVCache`; `context_cache` a filled `ContextCache` of the
-    cross-attention keys/values (then `context` is not projected again and may be None).
-
-    Returns `(x, cache, weights)`: the new cache (None without one) and `(self, cross)` attention
-    weights `[batch, heads, q_len, kv_len]` (None when not asked for, or no cross-attention).
+    `cache` is the self-attention `KVCache` (or `RecurrentState`); `context_cache` a filled
+    `ContextCache` of the cross-attention keys/values (then `context` is not projected again and
+    may be None). Returns `(x, cache)`: the new self-attention cache, None without one.
     """
-    config = self.config
-    keys = (jax.random.split(dropout_rng, 5) if dropout_rng is not None else [None] * 5)
-    residual = lambda x, y, key: x + dropout(y, config.dropout_rate, key, deterministic)
-    self_weights = cross_weights = None
-
-    def sublayer(x, norm, fn, key):
-      if config.pre_norm:
-        return residual(x, fn(norm(x)), key)
-      return norm(residual(x, fn(x), key))
-
-    def self_attend(h):
-      nonlocal cache, self_weights
-      result = self.attention(h, mask=mask, bias=bias, positions=positions, cache=cache,
-                              deterministic=deterministic, dropout_rng=keys[0],
-                              return_weights=return_weights)
-      result = result if isinstance(result, tuple) else (result,)
-      if cache is not None:
-        cache = result[1]
-      if return_weights:
-        self_weights = result[-1]
-      return result[0]
-
-    def cross_attend(h):
-      nonlocal cross_weights
-      result = self.cross_attention(h, context, mask=context_mask, cache=context_cache,
-                                    deterministic=deterministic, dropout_rng=keys[2],
-                                    return_weights=return_weights)
-      result = result if isinstance(result, tuple) else (result,)
-      if return_weights:
-        cross_weights = result[-1]
-      return result[0]
-
-    x = sublayer(x, self.attention_norm, self_attend, keys[1])
+    if self.cross_attention is not None and context is None and context_cache is None:
+      raise ValueError("this block has cross-attention: context (or context_cache) must be given")
+    keys = jax.random.split(dropout_rng, 5) if dropout_rng is not None else [None] * 5
+    h, cache = self.attention(self._in(self.attention_norm, x), mask=mask, bias=bias,
+                              positions=positions, cache=cache, deterministic=deterministic,
+                              dropout_rng=keys[0])
+    x = self._residual(self.attention_norm, x, h, keys[1], deterministic)
     if self.cross_attention is not None:
-      if context is None and context_cache is None:
-        raise ValueError("this block has cross-attention: context (or context_cache) must be given")
-      x = sublayer(x, self.cross_norm, cross_attend, keys[3])
-    x = sublayer(x, self.mlp_norm, self.mlp, keys[4])
-    x = constrain(x, ("batch", "length", "embed"))
-    return x, cache, ((self_weights, cross_weights) if return_weights else None)
+      h, _ = self.cross_attention(self._in(self.cross_norm, x), context, mask=context_mask,
+                                  cache=context_cache, deterministic=deterministic,
+                                  dropout_rng=keys[2])
+      x = self._residual(self.cross_norm, x, h, keys[3], deterministic)
+    h = self.mlp(self._in(self.mlp_norm, x))
+    x = self._residual(self.mlp_norm, x, h, keys[4], deterministic)
+    return constrain(x, ("batch", "length", "embed")), cache
+
+  def _in(self, norm, x):
+    """A sub-layer's input: `norm(x)` with pre-LN, `x` with post-LN."""
+    return norm(x) if self.config.pre_norm else x
+
+  def _residual(self, norm, x, h, key, deterministic):
+    """The residual add of a sub-layer's output `h`: `x + drop(h)` (pre-LN) or `norm(x + drop(h))`
+    (post-LN)."""
+    x = x + dropout(h, self.config.dropout_rate, key, deterministic)
+    return x if self.config.pre_norm else norm(x)
 
 
 class TransformerStack(nnx.Module):
@@ -225,15 +210,11 @@ class TransformerStack(nnx.Module):
     """
     config = self.config
     dtype = config.dtype if dtype is None else dtype
-    if config.attention_kind == "softmax":
-      caches = [lambda: KVCache.create(batch, max_length, config.kv_heads, config.features_per_head,
-                                       dtype=dtype)]
-    else:  # Kernelized attention decodes from a constant-size state instead of a KV cache.
-      caches = [lambda: RecurrentState.create(batch, config.kv_heads, config.kernel_features,
-                                              config.features_per_head)]
+    # Every layer's attention has the same shapes: the first (or the scanned) block's tells them.
+    block = self.layers if config.scan_layers else self.layers[0]
+    caches = [lambda: block.attention.init_cache(batch, max_length, dtype)]
     if self.has_cross_attention:
-      caches.append(lambda: ContextCache.create(batch, config.kv_heads, config.features_per_head,
-                                                dtype=dtype))
+      caches.append(lambda: block.cross_attention.init_context_cache(batch, dtype))
     if config.scan_layers:
       stacked = [jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers,) + a.shape), one())
                  for one in caches]
@@ -263,9 +244,8 @@ class TransformerStack(nnx.Module):
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, mask: Mask | None = None,
                context: jax.Array | None = None, context_mask: Mask | None = None, cache=None,
-               deterministic: bool = True, dropout_rng: jax.Array | None = None,
-               return_weights: bool = False):
-    """Runs the blocks on `x` `[batch, length, d_model]`.
+               deterministic: bool = True, dropout_rng: jax.Array | None = None):
+    """Runs the blocks on `x` `[batch, length, d_model]`; returns `(x, cache)`.
 
     Args:
       positions: int `[batch, length]`, -1 for padding (see `positions_from_mask`).
@@ -275,8 +255,10 @@ class TransformerStack(nnx.Module):
       cache: from `init_cache` (causal stacks only). With cross-attention, the first call fills the
         cache's context keys/values from `context`; later calls reuse them (`context` is then only
         shape-checked, and may be None).
-      return_weights: also return `{'self': per-layer weights, 'cross': ...}`, each a tuple of
-        `[batch, heads, q_len, kv_len]` arrays, one per layer.
+
+    Returns:
+      `(x, cache)`: `x` after the final norm, and the new `DecoderCache` (None without one). What
+      the blocks sow is sown on `layers` (stacked on a leading `[layers]` axis when scanned).
     """
     config = self.config
     if cache is not None and not self.causal:
@@ -295,10 +277,14 @@ class TransformerStack(nnx.Module):
       bias = self.relative_bias(positions, self._first_layer(cache).positions_after(positions))
 
     def run_block(graphdef, x, layer_state, layer_cache, layer_context_cache, rng):
+      # A pure function of the block's state (for scan and remat): what the block sows comes back
+      # as a value, `sown`, for `resow`.
       block = nnx.merge(graphdef, layer_state)
-      return block(x, positions=positions, mask=mask, bias=bias, context=context,
-                   context_mask=context_mask, cache=layer_cache, context_cache=layer_context_cache,
-                   deterministic=deterministic, dropout_rng=rng, return_weights=return_weights)
+      (x, layer_cache), sown = nnx.capture(block, nnx.Intermediate)(
+          x, positions=positions, mask=mask, bias=bias, context=context, context_mask=context_mask,
+          cache=layer_cache, context_cache=layer_context_cache, deterministic=deterministic,
+          dropout_rng=rng)
+      return x, layer_cache, sown
 
     if config.remat != "none":
       run_block = jax.checkpoint(run_block, policy=_REMAT_POLICIES[config.remat],
@@ -315,43 +301,30 @@ class TransformerStack(nnx.Module):
         x, cache = carry
         layer_state, index, rng, layer_context_cache = xs
         layer_cache = None if cache is None else jax.tree.map(lambda a: a[index], cache)
-        x, layer_cache, weights = run_block(graphdef, x, layer_state, layer_cache,
-                                            layer_context_cache, rng)
+        x, layer_cache, sown = run_block(graphdef, x, layer_state, layer_cache,
+                                         layer_context_cache, rng)
         if cache is not None:
           cache = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, index, 0),
                                cache, layer_cache)
-        return (x, cache), weights
+        return (x, cache), sown
 
-      (x, cache), weights = jax.lax.scan(
+      (x, cache), sown = jax.lax.scan(
           body, (x, cache), (state, jnp.arange(self.num_layers), rngs, context_caches))
-      if return_weights:
-        weights = [tuple(w[i] for i in range(self.num_layers)) if w is not None else None
-                   for w in weights]
+      resow(self.layers, sown)
     else:
-      new_cache, per_layer = [], []
+      new_cache = []
       for i, block in enumerate(self.layers):
         graphdef, state = nnx.split(block)
-        x, layer_cache, layer_weights = run_block(
+        x, layer_cache, sown = run_block(
             graphdef, x, state, None if cache is None else cache[i],
             None if context_caches is None else context_caches[i],
             None if rngs is None else rngs[i])
         new_cache.append(layer_cache)
-        per_layer.append(layer_weights)
+        resow(block, sown)
       cache = None if cache is None else tuple(new_cache)
-      weights = (None if not return_weights else
-                 [tuple(w[kind] for w in per_layer) if per_layer[0][kind] is not None else None
-                  for kind in (0, 1)])
     if self.final_norm is not None:
       x = self.final_norm(x)
-    if cache is not None:
-      cache = DecoderCache(cache, context_caches)
-    outputs = (x,) + ((cache,) if cache is not None else ())
-    if return_weights:
-      named = {"self": weights[0]}
-      if self.has_cross_attention:
-        named["cross"] = weights[1]
-      outputs += (named,)
-    return outputs[0] if len(outputs) == 1 else outputs
+    return x, (None if cache is None else DecoderCache(cache, context_caches))
 
 
 class Encoder(TransformerStack):
@@ -360,6 +333,14 @@ class Encoder(TransformerStack):
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     super().__init__(config, num_layers=config.num_layers, causal=False, cross_attention=False,
                      rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array, mask: Mask | None = None,
+               deterministic: bool = True, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """`x` `[batch, length, d_model]` through the blocks and the final norm (see
+    `TransformerStack.__call__`); an encoder never decodes, so only `x` comes back."""
+    x, _ = super().__call__(x, positions=positions, mask=mask, deterministic=deterministic,
+                            dropout_rng=dropout_rng)
+    return x
 
 
 class Decoder(TransformerStack):

@@ -69,9 +69,9 @@ def _sums(logits, labels, weights, with_logits: bool, options):
 def lm_loss(model, batch, *, dropout_rng=None, with_logits: bool = False, **options):
   """Next-token loss sums of a `DecoderLM` on an lm batch (dropout on when `dropout_rng` is given);
   with `with_logits`, `(sums, logits [batch, length, vocab])`, as for every loss here."""
-  logits = model(batch["inputs"], batch.get("mask"), positions=batch.get("positions"),
-                 segment_ids=batch.get("segment_ids"), deterministic=dropout_rng is None,
-                 dropout_rng=dropout_rng)
+  logits, _ = model(batch["inputs"], batch.get("mask"), positions=batch.get("positions"),
+                    segment_ids=batch.get("segment_ids"), deterministic=dropout_rng is None,
+                    dropout_rng=dropout_rng)
   return _sums(logits, batch["targets"], batch["weights"], with_logits, options)
 
 

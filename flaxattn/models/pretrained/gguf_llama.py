@@ -75,12 +75,12 @@ def transformer_config(metadata: dict, tensor_names, source: str) -> Transformer
   rotary_dim = get("rope.dimension_count", head_dim)
   return TransformerConfig(
       vocab_size=len(metadata["tokenizer.ggml.tokens"]), d_model=get("embedding_length"),
-      num_heads=heads, num_kv_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
+      num_heads=heads, kv_heads=get("attention.head_count_kv", heads), head_dim=head_dim,
       mlp_dim=get("feed_forward_length"), num_layers=get("block_count"), activation="silu",
       gated_mlp=True, norm="rmsnorm", norm_eps=float(get("attention.layer_norm_rms_epsilon")),
       pre_norm=True, use_bias=False, final_norm=True, positions="rope",
       max_length=get("context_length"), rope_base=float(get("rope.freq_base", 10000.0)),
-      rope_fraction=rotary_dim / head_dim, tie_embeddings="output.weight" not in tensor_names)
+      rotary_dim=rotary_dim, tie_embeddings="output.weight" not in tensor_names)
 
 
 def read_tensors(reader: "gguf.GGUFReader", *, heads: int, kv_heads: int) -> dict[str, np.ndarray]:
