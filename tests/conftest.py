@@ -2,6 +2,7 @@
 for the session's subprocesses; runs that several test files check, trained once per session."""
 
 import os
+import shutil
 import tempfile
 
 import jax
@@ -16,7 +17,16 @@ jax.config.update("jax_compilation_cache_dir", None)  # Even if the one below wa
 # The `flaxattn.main` subprocesses (2-process launches, preempted and resumed runs, eval / decode /
 # attend modes) compile the same programs again and again: they share a disk cache, new every
 # session so that each run starts cold. This process keeps its cache in memory only.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="flaxattn-jax-cache-"))
+_SESSION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # Else a given cache, or a pytest-xdist worker's.
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="flaxattn-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_unconfigure(config):
+  del config
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
