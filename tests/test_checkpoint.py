@@ -146,12 +146,12 @@ def final_params(workdir, step):
   return jax.tree.map(np.asarray, restored["params"])
 
 
-def resume_config(steps=160):
+def resume_config(steps=80):
   config = lm_tiny.get_config()
   config.steps = steps
   config.log_every = 5
   config.checkpoint_every = 20
-  config.eval_every = 80
+  config.eval_every = 40
   validate(config)
   return config
 
@@ -196,7 +196,7 @@ def uninterrupted(tmp_path_factory):
   from flaxattn.train.loop import train_and_evaluate
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   train_and_evaluate(resume_config(), workdir)
-  return read_metrics(workdir), final_params(workdir, 160)
+  return read_metrics(workdir), final_params(workdir, 80)
 
 
 @pytest.mark.slow
@@ -205,8 +205,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, uninterrupted, kill):
   from flaxattn.train.loop import train_and_evaluate
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  overrides = ["--config.steps=160", "--config.log_every=5", "--config.checkpoint_every=20",
-               "--config.eval_every=80"]
+  overrides = ["--config.steps=80", "--config.log_every=5", "--config.checkpoint_every=20",
+               "--config.eval_every=40"]
   process = subprocess.Popen(
       [sys.executable, "-m", "flaxattn.main", "--config=experiments/lm_tiny.py",
        f"--workdir={tmp_path}", *overrides], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -224,13 +224,13 @@ def test_interrupted_run_resumes_exactly(tmp_path, uninterrupted, kill):
   saved = sorted(int(step) for step in os.listdir(tmp_path / "checkpoints") if step.isdigit())
   if kill == signal.SIGTERM:
     # A clean exit right after saving the step it was on (not a multiple of checkpoint_every).
-    assert returncode == 0 and 20 <= saved[-1] < 160
+    assert returncode == 0 and 20 <= saved[-1] < 80
     assert read_metrics(tmp_path)[-1]["step"] == saved[-1]
   else:
-    assert returncode == -signal.SIGKILL and saved[-1] < 160
+    assert returncode == -signal.SIGKILL and saved[-1] < 80
   train_and_evaluate(resume_config(), str(tmp_path))
   metrics, params = uninterrupted
   # After SIGTERM the first run also logged the step it stopped at, off the log_every grid.
   assert [r for r in read_metrics(tmp_path) if r["step"] % 5 == 0] == metrics
-  for got, want in zip(jax.tree.leaves(final_params(tmp_path, 160)), jax.tree.leaves(params)):
+  for got, want in zip(jax.tree.leaves(final_params(tmp_path, 80)), jax.tree.leaves(params)):
     np.testing.assert_array_equal(got, want)

@@ -15,9 +15,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from experiments import lm_tiny  # noqa: E402
 
-STEPS = ["--config.steps=40", "--config.log_every=10", "--config.checkpoint_every=20",
-         "--config.eval_every=20"]
-
 
 def losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -25,22 +22,17 @@ def losses(workdir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(lm_tiny_two_processes, tmp_path):
   from flaxattn.train.loop import train_and_evaluate
-  multi = tmp_path / "two_processes"
-  result = subprocess.run(
-      [sys.executable, "launch/local.py", "--processes=2", "--devices_per_process=4", "--",
-       "--config=experiments/lm_tiny.py", f"--workdir={multi}", *STEPS],
-      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stdout[-3000:]
-  assert sorted(os.listdir(multi / "checkpoints")) == ["20", "40"]
+  multi = lm_tiny_two_processes  # Trained once per session (tests/conftest.py).
+  assert sorted(os.listdir(multi / "checkpoints")) == ["20", "40", "60"]
 
   config = lm_tiny.get_config()
-  config.update(steps=40, log_every=10, checkpoint_every=20, eval_every=20)
+  config.update(steps=60, log_every=5, checkpoint_every=20, eval_every=40)  # The fixture's flags.
   validate(config)
   train_and_evaluate(config, str(tmp_path / "one_process"))
   got, want = losses(multi), losses(tmp_path / "one_process")
-  assert [r[0] for r in got] == [r[0] for r in want] == [10, 20, 30, 40]
+  assert [r[0] for r in got] == [r[0] for r in want] == list(range(5, 61, 5))
   # Cross-process gloo all-reduces add in another order than one process: float32 rounding.
   np.testing.assert_allclose([r[1] for r in got], [r[1] for r in want], rtol=1e-4)
   np.testing.assert_allclose([r[2] for r in got if r[2]], [r[2] for r in want if r[2]], rtol=1e-4)

@@ -23,6 +23,7 @@ from flaxattn.train.checkpoint import CheckpointMismatch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from experiments import lm_tiny  # noqa: E402
+from launch_support import LM_TINY_TWO_PROCESS_FLAGS, launch_lm_tiny  # noqa: E402
 from tests.test_checkpoint import read_metrics  # noqa: E402
 
 ENV = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
@@ -168,14 +169,6 @@ def test_sigterm_exits_within_seconds_despite_an_expensive_evaluation(tmp_path):
   assert seconds < 30, f"{seconds:.1f} s from SIGTERM to exit"
 
 
-def launch(workdir, *overrides):
-  return subprocess.Popen(
-      [sys.executable, "launch/local.py", "--processes=2", "--devices_per_process=4", "--",
-       "--config=experiments/lm_tiny.py", f"--workdir={workdir}", *overrides], cwd=REPO,
-      env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True)
-
-
 def process_of(workdir, index: int) -> int:
   """The pid of the flaxattn.main process `index` training in `workdir`."""
   for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -189,15 +182,13 @@ def process_of(workdir, index: int) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes(tmp_path):
-  overrides = ["--config.steps=60", "--config.log_every=5", "--config.checkpoint_every=20",
-               "--config.eval_every=40"]
-  uninterrupted = launch(tmp_path / "uninterrupted", *overrides)
-  output = uninterrupted.communicate(timeout=600)[0]
-  assert uninterrupted.returncode == 0, output[-3000:]
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes(
+    lm_tiny_two_processes, tmp_path):
+  overrides = LM_TINY_TWO_PROCESS_FLAGS
+  uninterrupted = lm_tiny_two_processes  # Trained once per session (tests/conftest.py).
 
   workdir = tmp_path / "preempted"
-  run = launch(workdir, *overrides)
+  run = launch_lm_tiny(workdir, *overrides)
   try:
     wait_for(workdir / "checkpoints" / "20", run)
     sent = time.monotonic()
@@ -214,11 +205,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes(tmp_
   print(f"SIGTERM (one process) to exit of both: {seconds:.1f} s; stops {stops}")
   assert stops == [f"[0 {saved[-1]}", f"[1 {saved[-1]}"] and 20 < saved[-1] < 60
 
-  resumed = launch(workdir, *overrides)
+  resumed = launch_lm_tiny(workdir, *overrides)
   output = resumed.communicate(timeout=600)[0]
   assert resumed.returncode == 0, output[-3000:]
-  want = read_metrics(tmp_path / "uninterrupted")
+  want = read_metrics(uninterrupted)
   assert [r for r in read_metrics(workdir) if r["step"] % 5 == 0] == want
   for got, expected in zip(jax.tree.leaves(load_params(workdir, 60)),
-                           jax.tree.leaves(load_params(tmp_path / "uninterrupted", 60))):
+                           jax.tree.leaves(load_params(uninterrupted, 60))):
     np.testing.assert_array_equal(got, expected)
