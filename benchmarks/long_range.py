@@ -225,9 +225,12 @@ def run_worker(spec: dict) -> None:
   task = _speed if spec["task"] == "speed" else (lambda spec, _: _listops(spec))
   try:
     if spec["implementation"] == "ring":
+      from flax import nnx
+
       mesh = jax.make_mesh((RING_DEVICES,), ("context",),
                            axis_types=(jax.sharding.AxisType.Explicit,))
-      with jax.set_mesh(mesh):
+      # The ring runs over the mesh axis the logical rules give the sequence (as in training).
+      with jax.set_mesh(mesh), nnx.logical_axis_rules([("length", "context")]):
         result = task(spec, baseline)
     else:
       result = task(spec, baseline)
