@@ -131,7 +131,7 @@ def train_both(tmp_path_factory, module, variant, overrides):
     key, value = flag.removeprefix("--config.").split("=", 1)
     section, name = key.rsplit(".", 1) if "." in key else ("", key)
     target = config if not section else config[section]
-    target[name] = type(target[name])(value)
+    target[name] = target.get_type(name)(value)  # get_type: also for None placeholders.
   validate(config)
   train_and_evaluate(config, str(single))
   return multi, single
