@@ -1,0 +1,625 @@
+"""flex_attention: attention with user-defined score and mask functions, in O(length) memory.
+
+A `score_mod(score, batch, head, q_idx, kv_idx) -> score` edits each logit (after the scale) and a
+`mask_mod(batch, head, q_idx, kv_idx) -> bool` says which keys a query sees. Both are written on
+scalars, as in PyTorch's FlexAttention, and are evaluated one tile at a time inside the blockwise
+kernel (`flaxattn.attention.blockwise`'s tiling, online softmax and recomputing backward), so no
+`[q_len, kv_len]` array is ever formed.
+
+Captured arrays. A mod may close over arrays (document ids, prefix lengths, a learned bias table).
+Each mod is traced once per call into a jaxpr whose captured values are hoisted into explicit inputs
+of the kernel's `custom_vjp` (`_hoist`): under `jit` they stay traced, so new values never
+recompile, and the floating ones get exact gradients (each tile's `vjp` of the score_mod, summed).
+
+Evaluating a scalar mod on a tile. The mod is `vmap`ped over the tile's four axes (batch, heads,
+query rows, keys) with each index mapped only over its own axes; an axis the result does not depend
+on stays size 1 (a causal mask is one `[rows, keys]` tile, a document mask `[batch, 1, rows, keys]`).
+
+Block sparsity. `create_block_mask` classifies every (query tile, key tile) as empty, partial or full
+per batch row and head; the kernel skips empty tiles (it walks a gathered list of the non-empty key
+tiles of each query tile) and does not evaluate the mask on full ones. The kernel runs all batch rows
+and heads of a tile in one batched product, so it visits a tile that is non-empty for any of them and
+treats it as full only when it is full for all of them.
+
+Fully masked rows. A query that sees no key gets output 0, log-sum-exp -inf and zero gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jax_core
+
+from flaxattn.attention import blockwise
+from flaxattn.attention.rows import max_shift
+
+Array = Any
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+IMPLEMENTATIONS = (None, "blockwise", "reference")
+
+# Elements of mask evaluated per step of `create_block_mask`'s loop over tiles (bounds its memory).
+_MASK_CHUNK = 1 << 22
+
+
+def _static(**kwargs):
+  return dataclasses.field(metadata=dict(static=True), **kwargs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockMask:
+  """Which (query tile, key tile) pairs `mask_mod` leaves empty, partial or full.
+
+  Attributes:
+    kinds: `[batch|1, heads|1, q_blocks, kv_blocks]` int8: `EMPTY` (no visible key), `PARTIAL`
+      (evaluate the mask there) or `FULL` (every key visible). Traced: built under `jit` from traced
+      captured arrays.
+    q_len, kv_len: the lengths it was built for.
+    block_q, block_kv: the tile sizes; the kernel tiles with these.
+    mask_mod: the mask it classifies (used when `flex_attention` gets no `mask_mod`).
+  """
+
+  kinds: Array
+  q_len: int = _static()
+  kv_len: int = _static()
+  block_q: int = _static()
+  block_kv: int = _static()
+  mask_mod: Callable | None = _static(default=None)
+
+  @property
+  def shape(self) -> tuple[int, int, int, int]:
+    return tuple(self.kinds.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mods: checking, hoisting captured arrays, evaluating on a tile.
+
+_MOD_ARGS = {"score_mod": ("score", "batch", "head", "q_idx", "kv_idx"),
+             "mask_mod": ("batch", "head", "q_idx", "kv_idx")}
+
+
+def _check_arity(name: str, fn) -> None:
+  if not callable(fn):
+    raise ValueError(f"{name} must be a function {_signature_text(name)} or None, got {fn!r}")
+  try:
+    inspect.signature(fn).bind(*_MOD_ARGS[name])
+  except TypeError:
+    raise ValueError(f"{name} must take {len(_MOD_ARGS[name])} positional arguments "
+                     f"{_signature_text(name)}, got {fn!r} with signature "
+                     f"{inspect.signature(fn)}") from None
+  except ValueError:  # No signature to inspect (some builtins): the trace below checks it.
+    pass
+
+
+def _signature_text(name: str) -> str:
+  out = "score" if name == "score_mod" else "bool"
+  return f"({', '.join(_MOD_ARGS[name])}) -> {out}"
+
+
+def _hoist(name: str, fn):
+  """`(converted, consts)`: `converted(*scalars, *consts)` computes `fn(*scalars)`, with every array
+  `fn` captures (traced or not) passed in `consts` instead of closed over.
+
+  `jax.closure_convert` hoists only differentiable values; the kernel's `custom_vjp` may not close
+  over traced integers (document ids) either, so all captured values are hoisted here.
+  """
+  _check_arity(name, fn)
+  index = jax.ShapeDtypeStruct((), jnp.int32)
+  examples = ((jax.ShapeDtypeStruct((), jnp.float32),) if name == "score_mod" else ()) + (index,) * 4
+  closed = jax.make_jaxpr(fn)(*examples)
+  outs = closed.out_avals
+  want = "floating" if name == "score_mod" else "bool"
+  if len(outs) != 1 or outs[0].shape != () or not (
+      jnp.issubdtype(outs[0].dtype, jnp.floating) if name == "score_mod"
+      else outs[0].dtype == jnp.bool_):
+    got = ", ".join(f"{a.dtype}{list(a.shape)}" for a in outs)
+    raise ValueError(f"{name} must return one {want} scalar {_signature_text(name)}, got {got}")
+  jaxpr, arity = closed.jaxpr, len(examples)
+
+  def converted(*args):
+    run = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(jaxpr, list(args[arity:])))
+    return run(*args[:arity])[0]
+
+  return converted, tuple(closed.consts)
+
+
+# The tile axes ("levels") each mod argument varies over. Query heads are folded into the rows as in
+# blockwise (row = position * group + g), so the head index varies over both kv heads and rows.
+_LEVELS = ("batch", "heads", "rows", "keys")
+_VARIES = {"score": frozenset(_LEVELS), "batch": frozenset({"batch"}),
+           "head": frozenset({"heads", "rows"}), "q": frozenset({"rows"}),
+           "kv": frozenset({"keys"})}
+
+
+def _evaluate(fn, consts, score, batch_idx, head_idx, q_idx, kv_idx, *, transposed=False):
+  """`fn(*scalars, *consts)` on every entry of a tile.
+
+  Args:
+    fn: a converted mod from `_hoist`.
+    consts: its captured arrays.
+    score: `[batch, heads, rows, keys]` float32 (`[batch, heads, keys, rows]` if `transposed`) for a
+      score_mod; None for a mask_mod.
+    batch_idx: `[batch]`, head_idx: `[heads, rows]`, q_idx: `[rows]`, kv_idx: `[keys]` int32.
+
+  Returns:
+    The result, `[batch|1, heads|1, rows|1, keys|1]` (or `[..., keys|1, rows|1]`): an axis the mod
+    does not depend on stays 1 (each vmap level first tries to leave its axis unmapped).
+  """
+  levels = ("batch", "heads", "keys", "rows") if transposed else _LEVELS
+  names = (("score",) if score is not None else ()) + ("batch", "head", "q", "kv")
+  args = ((score,) if score is not None else ()) + (batch_idx, head_idx, q_idx, kv_idx)
+  abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  level_args = [tuple(map(abstract, args))]
+  for level in levels[:-1]:
+    level_args.append(tuple(
+        jax.ShapeDtypeStruct(a.shape[1:], a.dtype) if level in _VARIES[n] else a
+        for n, a in zip(names, level_args[-1])))
+  const_avals = tuple(map(abstract, consts))
+  fun, mapped = fn, [False] * len(levels)
+  for depth in reversed(range(len(levels))):
+    in_axes = tuple(0 if levels[depth] in _VARIES[n] else None for n in names)
+    in_axes += (None,) * len(consts)
+    try:
+      candidate = jax.vmap(fun, in_axes=in_axes, out_axes=None)
+      jax.eval_shape(candidate, *level_args[depth], *const_avals)
+    except ValueError:  # The result varies over this axis.
+      candidate, mapped[depth] = jax.vmap(fun, in_axes=in_axes), True
+    fun = candidate
+  out = fun(*args, *consts)
+  sizes = {"batch": batch_idx.shape[0], "heads": head_idx.shape[0], "rows": q_idx.shape[0],
+           "keys": kv_idx.shape[0]}
+  return out.reshape([sizes[level] if m else 1 for level, m in zip(levels, mapped)])
+
+
+def and_masks(*mask_mods):
+  """A mask_mod that is True where every one of `mask_mods` is (True for none)."""
+  for mod in mask_mods:
+    _check_arity("mask_mod", mod)
+
+  def mask_mod(batch, head, q_idx, kv_idx):
+    result = jnp.bool_(True)
+    for mod in mask_mods:
+      result = result & mod(batch, head, q_idx, kv_idx)
+    return result
+
+  return mask_mod
+
+
+def or_masks(*mask_mods):
+  """A mask_mod that is True where any one of `mask_mods` is (False for none)."""
+  for mod in mask_mods:
+    _check_arity("mask_mod", mod)
+
+  def mask_mod(batch, head, q_idx, kv_idx):
+    result = jnp.bool_(False)
+    for mod in mask_mods:
+      result = result | mod(batch, head, q_idx, kv_idx)
+    return result
+
+  return mask_mod
+
+
+# ------------------------------------------------------------------------------------------------
+# Block masks.
+
+def _block_sizes(block_size, q_len: int, kv_len: int) -> tuple[int, int]:
+  if block_size is None:
+    block_size = blockwise.DEFAULT_BLOCKS.get(jax.default_backend(), blockwise.DEFAULT_BLOCKS["cpu"])
+  sizes = (block_size, block_size) if isinstance(block_size, (int, np.integer)) else block_size
+  if not (isinstance(sizes, (tuple, list)) and len(sizes) == 2 and all(
+      isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s > 0 for s in sizes)):
+    raise ValueError(f"block_size must be a positive int, (block_q, block_kv) or None, "
+                     f"got {block_size!r}")
+  return min(int(sizes[0]), q_len), min(int(sizes[1]), kv_len)
+
+
+def _check_size(name: str, value, allow_none: bool) -> int:
+  if value is None and allow_none:
+    return 1
+  if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0):
+    allowed = "a positive int or None (broadcast)" if allow_none else "a positive int"
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+  return int(value)
+
+
+def create_block_mask(mask_mod, batch, heads, q_len, kv_len, block_size=None) -> BlockMask:
+  """Classifies every (query tile, key tile) of `mask_mod` as empty, partial or full.
+
+  Runs under `jit` with traced captured arrays. The mask is evaluated densely one tile at a time (a
+  `lax.map` over tiles, a few million entries per step), so memory is O(tile^2), not O(q_len *
+  kv_len); time is O(q_len * kv_len) mask evaluations, once per call, shared by every layer that
+  reuses the block mask.
+
+  Args:
+    mask_mod: `(batch, head, q_idx, kv_idx) -> bool` on int32 scalars.
+    batch, heads: sizes to evaluate over, or None to evaluate at index 0 and broadcast (for a mask
+      that does not depend on them). `heads` counts query heads.
+    q_len, kv_len: the lengths of the attention call.
+    block_size: `(block_q, block_kv)`, one int for both, or None for the platform's blockwise default;
+      clipped to the lengths.
+
+  Returns:
+    A `BlockMask` with `kinds` `[batch|1, heads|1, q_blocks, kv_blocks]`. A key tile that runs past
+    `kv_len` is never full (its padding must be masked).
+  """
+  fn, consts = _hoist("mask_mod", mask_mod)
+  batch = _check_size("batch", batch, allow_none=True)
+  heads = _check_size("heads", heads, allow_none=True)
+  q_len = _check_size("q_len", q_len, allow_none=False)
+  kv_len = _check_size("kv_len", kv_len, allow_none=False)
+  block_q, block_kv = _block_sizes(block_size, q_len, kv_len)
+  q_blocks, kv_blocks = -(-q_len // block_q), -(-kv_len // block_kv)
+
+  def classify(pair):
+    q_block, kv_block = pair // kv_blocks, pair % kv_blocks
+    q_pos = q_block * block_q + jnp.arange(block_q)
+    kv_pos = kv_block * block_kv + jnp.arange(block_kv)
+    q_valid, kv_valid = q_pos < q_len, kv_pos < kv_len
+    head_idx = jnp.broadcast_to(jnp.arange(heads)[:, None], (heads, block_q))
+    visible = _evaluate(fn, consts, None, jnp.arange(batch), head_idx,
+                        jnp.minimum(q_pos, q_len - 1), jnp.minimum(kv_pos, kv_len - 1))
+    valid = q_valid[:, None] & kv_valid[None, :]
+    any_visible = jnp.any(visible & valid, axis=(2, 3))
+    all_visible = jnp.all(visible | ~valid, axis=(2, 3)) & jnp.all(kv_valid)
+    kind = jnp.where(all_visible, FULL, jnp.where(any_visible, PARTIAL, EMPTY))
+    return jnp.broadcast_to(kind, (batch, heads)).astype(jnp.int8)
+
+  chunk = max(1, _MASK_CHUNK // (batch * heads * block_q * block_kv))
+  kinds = jax.lax.map(classify, jnp.arange(q_blocks * kv_blocks), batch_size=chunk)
+  kinds = kinds.reshape(q_blocks, kv_blocks, batch, heads).transpose(2, 3, 0, 1)
+  return BlockMask(kinds=kinds, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
+                   mask_mod=mask_mod)
+
+
+def _dense_block_mask(q_len: int, kv_len: int, block_size) -> BlockMask:
+  """The block mask of no mask: every tile full, except a key tile that runs past `kv_len`."""
+  block_q, block_kv = _block_sizes(block_size, q_len, kv_len)
+  kinds = np.full((1, 1, -(-q_len // block_q), -(-kv_len // block_kv)), FULL, np.int8)
+  if kv_len % block_kv:
+    kinds[..., -1] = PARTIAL
+  return BlockMask(kinds=jnp.asarray(kinds), q_len=q_len, kv_len=kv_len, block_q=block_q,
+                   block_kv=block_kv)
+
+
+def _schedule(kinds):
+  """Per query tile, the key tiles to visit: `(full_counts, full_tiles, partial_counts,
+  partial_tiles)`, counts `[q_blocks]`, tiles `[q_blocks, kv_blocks]` (the first `count` entries, in
+  increasing order). Batch rows and heads share a tile: visited if non-empty for any, full if full
+  for all."""
+  full = jnp.all(kinds == FULL, axis=(0, 1))
+  partial = jnp.any(kinds != EMPTY, axis=(0, 1)) & ~full
+
+  def listed(chosen):
+    order = jnp.argsort(jnp.logical_not(chosen).astype(jnp.int8), axis=-1, stable=True)
+    return chosen.sum(-1).astype(jnp.int32), order.astype(jnp.int32)
+
+  return (*listed(full), *listed(partial))
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel.
+
+@dataclasses.dataclass(frozen=True)
+class _Mods:
+  """Static parts of a call: the tiling plan, the converted mods, how many score consts are floats."""
+
+  plan: blockwise._Plan
+  heads: int
+  score: Callable | None
+  mask: Callable | None
+
+
+def _tile_indices(plan: blockwise._Plan, batch: int, kv_heads: int, q_block, kv_block):
+  """Mod arguments of one tile in the folded row layout, clamped inside the lengths (padded rows and
+  keys repeat the last one; the kernel masks padded keys and drops padded rows), and which keys are
+  real. Returns `(batch_idx [batch], head_idx [kv_heads, rows], q_idx [rows], kv_idx [block_kv],
+  kv_valid [block_kv])`."""
+  rows = jnp.arange(plan.block_q * plan.group)
+  q_idx = jnp.minimum(q_block * plan.block_q + rows // plan.group, plan.q_len - 1)
+  head_idx = jnp.arange(kv_heads)[:, None] * plan.group + (rows % plan.group)[None, :]
+  kv_pos = kv_block * plan.block_kv + jnp.arange(plan.block_kv)
+  return (jnp.arange(batch), head_idx, q_idx, jnp.minimum(kv_pos, plan.kv_len - 1),
+          kv_pos < plan.kv_len)
+
+
+def _tile_scores(mods: _Mods, s, score_consts, mask_consts, q_block, kv_block, *, masked: bool,
+                 transposed: bool):
+  """A tile's logits after the score_mod, and its visibility (None on a full tile).
+
+  `s` is the raw (scaled) tile `[batch, kv_heads, rows, block_kv]`, or `[..., block_kv, rows]` if
+  `transposed`. Returns `(scores, visible)`; `scores` is -inf where not visible.
+  """
+  batch, kv_heads = s.shape[:2]
+  batch_idx, head_idx, q_idx, kv_idx, kv_valid = _tile_indices(
+      mods.plan, batch, kv_heads, q_block, kv_block)
+  if mods.score is not None:
+    s = _evaluate(mods.score, score_consts, s, batch_idx, head_idx, q_idx, kv_idx,
+                  transposed=transposed).astype(jnp.float32)
+  if not masked:
+    return s, None
+  visible = kv_valid[:, None] if transposed else kv_valid[None, :]
+  if mods.mask is not None:
+    visible = visible & _evaluate(mods.mask, mask_consts, None, batch_idx, head_idx, q_idx, kv_idx,
+                                  transposed=transposed)
+  return jnp.where(visible, s, -jnp.inf), visible
+
+
+def _raw_logits(q_i, k_j, *, transposed: bool):
+  if transposed:
+    return jnp.einsum("bhkd,bhrd->bhkr", k_j, q_i, preferred_element_type=jnp.float32)
+  return jnp.einsum("bhrd,bhkd->bhrk", q_i, k_j, preferred_element_type=jnp.float32)
+
+
+def _forward(mods: _Mods, q, k, v, score_consts, mask_consts, schedule):
+  """Output `[q_blocks, batch, kv_heads, rows, value_dim]` float32 and log-sum-exp `[..., rows]`
+  (+inf for a row that sees no key, whose output is 0), as `blockwise._forward`."""
+  plan = mods.plan
+  full_counts, full_tiles, partial_counts, partial_tiles = schedule
+
+  def query_block(q_block, q_i):
+    rows = q_i.shape[:-1]
+
+    def visit(tiles, masked):
+      def step(i, carry):
+        row_max, row_sum, acc = carry
+        kv_block = tiles[q_block, i]
+        s = _raw_logits(q_i, blockwise._kv_tile(k, kv_block, plan), transposed=False)
+        s, _ = _tile_scores(mods, s, score_consts, mask_consts, q_block, kv_block,
+                            masked=masked, transposed=False)
+        new_max = jnp.maximum(row_max, s.max(-1))
+        shift = max_shift(new_max)
+        p = jnp.exp(s - shift[..., None])
+        correction = jnp.exp(row_max - shift)
+        row_sum = row_sum * correction + p.sum(-1)
+        pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v.dtype), blockwise._kv_tile(v, kv_block, plan),
+                        preferred_element_type=jnp.float32)
+        return new_max, row_sum, acc * correction[..., None] + pv
+      return step
+
+    carry = (jnp.full(rows, -jnp.inf) + zero, jnp.zeros(rows) + zero,
+             jnp.zeros(rows + v.shape[-1:]) + zero)
+    carry = jax.lax.fori_loop(0, full_counts[q_block], visit(full_tiles, False), carry)
+    row_max, row_sum, acc = jax.lax.fori_loop(0, partial_counts[q_block],
+                                              visit(partial_tiles, True), carry)
+    seen = row_sum > 0.0
+    out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
+    lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), jnp.inf)
+    return out, lse
+
+  zero = blockwise._varying_zero(q, k, v, score_consts, mask_consts)
+  return jax.lax.map(lambda xs: query_block(*xs), (jnp.arange(plan.q_blocks), q))
+
+
+def _differentiable(consts) -> tuple[bool, ...]:
+  return tuple(jnp.issubdtype(jnp.result_type(c), jnp.inexact) for c in consts)
+
+
+def _backward(mods: _Mods, residuals, d_out, d_lse):
+  """FlashAttention-2 backward as `blockwise._backward` (transposed tiles), with the score_mod's
+  `vjp` per tile: its floating captured arrays' gradients are summed in the loop carry.
+
+  Returns float32 `(dq [tile layout], dk, dv, d_score_consts)`; integer consts get None.
+  """
+  plan = mods.plan
+  q, k, v, score_consts, mask_consts, schedule, out, lse = residuals
+  full_counts, full_tiles, partial_counts, partial_tiles = schedule
+  floats = _differentiable(score_consts)
+  delta = jnp.einsum("nbhrd,nbhrd->nbhr", d_out, out) - d_lse
+  d_out = d_out.astype(v.dtype)
+  matmul = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+
+  def merged(diff):
+    diff = iter(diff)
+    return tuple(next(diff) if f else c for c, f in zip(score_consts, floats))
+
+  def query_block(carry, xs):
+    q_block, q_i, d_out_i, lse_i, delta_i = xs
+
+    def visit(tiles, masked):
+      def step(i, inner):
+        dq_t, dk, dv, d_consts = inner
+        kv_block = tiles[q_block, i]
+        k_j, v_j = blockwise._kv_tile(k, kv_block, plan), blockwise._kv_tile(v, kv_block, plan)
+        s_raw = _raw_logits(q_i, k_j, transposed=True)
+        diff = tuple(c for c, f in zip(score_consts, floats) if f)
+        scores = lambda s_raw, diff: _tile_scores(
+            mods, s_raw, merged(diff), mask_consts, q_block, kv_block, masked=masked,
+            transposed=True)
+        if mods.score is not None:
+          s_t, score_vjp, visible = jax.vjp(scores, s_raw, diff, has_aux=True)
+        else:
+          s_t, visible = scores(s_raw, diff)
+        p_t = jnp.exp(s_t - lse_i[..., None, :])
+        dv = blockwise._add_at(dv, kv_block, matmul("bhkr,bhrd->bhkd", p_t.astype(v.dtype),
+                                                    d_out_i), plan)
+        dp_t = matmul("bhkd,bhrd->bhkr", v_j, d_out_i)
+        ds_t = p_t * (dp_t - delta_i[..., None, :])
+        if mods.score is not None:
+          ds_t, d_diff = score_vjp(ds_t)
+          d_consts = tuple(a + b for a, b in zip(d_consts, d_diff))
+          if visible is not None:  # A mod's non-finite slope where hidden must not leak in.
+            ds_t = jnp.where(visible, ds_t, 0.0)
+        ds_t = ds_t.astype(q.dtype)
+        dq_t = dq_t + matmul("bhdk,bhkr->bhdr", jnp.swapaxes(k_j, -1, -2), ds_t)
+        dk = blockwise._add_at(dk, kv_block, matmul("bhkr,bhrd->bhkd", ds_t, q_i), plan)
+        return dq_t, dk, dv, d_consts
+      return step
+
+    dq_t = jnp.zeros(jnp.swapaxes(q_i, -1, -2).shape) + zero
+    inner = jax.lax.fori_loop(0, full_counts[q_block], visit(full_tiles, False), (dq_t, *carry))
+    dq_t, *carry = jax.lax.fori_loop(0, partial_counts[q_block], visit(partial_tiles, True), inner)
+    return tuple(carry), dq_t
+
+  zero = blockwise._varying_zero(q, k, v, score_consts, mask_consts, d_out, lse)
+  d_consts = tuple(jnp.zeros(jnp.shape(c), jnp.result_type(c)) + zero.astype(jnp.result_type(c))
+                   for c, f in zip(score_consts, floats) if f)
+  (dk, dv, d_consts), dq_t = jax.lax.scan(
+      query_block, (jnp.zeros(k.shape) + zero, jnp.zeros(v.shape) + zero, d_consts),
+      (jnp.arange(plan.q_blocks), q, d_out, lse, delta))
+  d_consts = iter(d_consts)
+  d_score_consts = tuple(next(d_consts) if f else None for f in floats)
+  return jnp.swapaxes(dq_t, -1, -2), dk, dv, d_score_consts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel(mods: _Mods, q, k, v, score_consts, mask_consts, schedule):
+  return _forward(mods, q, k, v, score_consts, mask_consts, schedule)
+
+
+def _kernel_fwd(mods: _Mods, q, k, v, score_consts, mask_consts, schedule):
+  out, lse = _forward(mods, q, k, v, score_consts, mask_consts, schedule)
+  return (out, lse), (q, k, v, score_consts, mask_consts, schedule, out, lse)
+
+
+def _kernel_bwd(mods: _Mods, residuals, cotangents):
+  q, k, v = residuals[:3]
+  d_out, d_lse = cotangents
+  dq, dk, dv, d_score_consts = _backward(mods, residuals, d_out, d_lse)
+  d_score_consts = tuple(None if d is None else d.astype(jnp.result_type(c))
+                         for d, c in zip(d_score_consts, residuals[3]))
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_score_consts,
+          tuple(None for _ in residuals[4]), None)
+
+
+_kernel.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def _blockwise(query, key, value, score_fn, score_consts, mask_fn, mask_consts,
+               block_mask: BlockMask, scale: float):
+  """`(out [batch, q_len, heads, value_dim], lse [batch, heads, q_len])` from the tiled kernel."""
+  batch, q_len, heads, _ = query.shape
+  kv_heads = key.shape[2]
+  plan = blockwise._Plan(q_len=q_len, kv_len=key.shape[1], block_q=block_mask.block_q,
+                         block_kv=block_mask.block_kv, group=heads // kv_heads, softcap=None)
+  kv_pad = plan.kv_blocks * plan.block_kv - plan.kv_len
+  q = blockwise._tile_rows((query * scale).astype(query.dtype), plan=plan)
+  k, v = (blockwise._kv_blocks(x, plan, kv_pad) for x in (key, value))
+  mods = _Mods(plan=plan, heads=heads, score=score_fn, mask=mask_fn)
+  out, lse = _kernel(mods, q, k, v, score_consts, mask_consts, _schedule(block_mask.kinds))
+  out = blockwise._untile_rows(out, plan, heads)
+  lse = blockwise._untile_rows(lse[..., None], plan, heads)[..., 0]
+  # Internally +inf marks a row without keys (so the backward's exp(s - lse) is 0); callers get -inf.
+  lse = jnp.where(jnp.isposinf(lse), -jnp.inf, lse)
+  return out.astype(query.dtype), jnp.swapaxes(lse, 1, 2)
+
+
+def _reference(query, key, value, score_fn, score_consts, mask_fn, mask_consts, scale: float):
+  """Dense attention: materialises the `[batch, heads, q_len, kv_len]` scores (for checking)."""
+  batch, q_len, heads, _ = query.shape
+  kv_len, kv_heads = key.shape[1], key.shape[2]
+  acc = jnp.promote_types(query.dtype, jnp.float32)
+  group = heads // kv_heads
+  key = jnp.repeat(key.astype(acc), group, axis=2)
+  value = jnp.repeat(value.astype(acc), group, axis=2)
+  scores = jnp.einsum("bthd,bshd->bhts", query.astype(acc), key) * scale
+  indices = (jnp.arange(batch), jnp.broadcast_to(jnp.arange(heads)[:, None], (heads, q_len)),
+             jnp.arange(q_len), jnp.arange(kv_len))
+  if score_fn is not None:
+    scores = _evaluate(score_fn, score_consts, scores, *indices).astype(acc)
+  if mask_fn is not None:
+    scores = jnp.where(_evaluate(mask_fn, mask_consts, None, *indices), scores, -jnp.inf)
+  row_max = max_shift(jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+  unnormalized = jnp.exp(scores - row_max)
+  total = unnormalized.sum(-1, keepdims=True)
+  seen = total > 0.0
+  weights = unnormalized / jnp.where(seen, total, 1.0)
+  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)[..., 0]
+  out = jnp.einsum("bhts,bshd->bthd", weights, value)
+  return out.astype(query.dtype), lse.astype(jnp.float32)
+
+
+def _check_inputs(query, key, value, scale, implementation) -> None:
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if x.ndim != 4:
+      raise ValueError(f"{name} must have rank 4 [batch, length, heads, dim], got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+  if not query.dtype == key.dtype == value.dtype:
+    raise ValueError(
+        f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+  batch, q_len, heads, head_dim = query.shape
+  if key.shape[0] != batch or value.shape[0] != batch:
+    raise ValueError(f"batch sizes differ: query {query.shape}, key {key.shape}, value {value.shape}")
+  if key.shape[3] != head_dim:
+    raise ValueError(f"query and key head_dim differ: query {query.shape}, key {key.shape}")
+  if value.shape[1:3] != key.shape[1:3]:
+    raise ValueError(
+        f"key and value must share [kv_len, kv_heads]: key {key.shape}, value {value.shape}")
+  if heads % key.shape[2]:
+    raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
+                     f"({key.shape[2]}): query {query.shape}, key {key.shape}")
+  if q_len == 0 or key.shape[1] == 0:
+    raise ValueError(f"query and key lengths must be > 0, got query {query.shape}, key {key.shape}")
+  if scale is not None and not (isinstance(scale, (int, float, np.integer, np.floating))
+                                and not isinstance(scale, bool)):
+    raise ValueError(f"scale must be a Python number or None, got {scale!r}")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"flex_attention implementation={implementation!r} is not supported; choose "
+                     f"one of {IMPLEMENTATIONS}")
+
+
+def _check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: int) -> None:
+  if not isinstance(block_mask, BlockMask):
+    raise ValueError(f"block_mask must come from create_block_mask, got {type(block_mask).__name__}")
+  b, h = block_mask.shape[:2]
+  if (block_mask.q_len, block_mask.kv_len) != (q_len, kv_len) or b not in (1, batch) or h not in (
+      1, heads):
+    raise ValueError(
+        f"block_mask was built for [batch, heads, q_len, kv_len] = {[b, h, block_mask.q_len, block_mask.kv_len]}, "
+        f"the call has {[batch, heads, q_len, kv_len]}: build it with create_block_mask(mask_mod, "
+        f"{batch}, {heads}, {q_len}, {kv_len}) (batch/heads may be None)")
+
+
+def flex_attention(query, key, value, score_mod=None, mask_mod=None, block_mask=None, scale=None,
+                   implementation=None, return_lse=False):
+  """Attention with a user-defined score_mod and mask_mod, in O(length) memory.
+
+  Args:
+    query: `[batch, q_len, heads, head_dim]`.
+    key: `[batch, kv_len, kv_heads, head_dim]`, `heads % kv_heads == 0` (query head `h` reads key
+      head `h // (heads // kv_heads)`).
+    value: `[batch, kv_len, kv_heads, value_dim]`.
+    score_mod: `(score, batch, head, q_idx, kv_idx) -> score` on scalars (float32 score, int32
+      indices), applied to each scaled logit; None for plain attention. Captured floating arrays are
+      differentiable.
+    mask_mod: `(batch, head, q_idx, kv_idx) -> bool`: True where query `q_idx` sees key `kv_idx`.
+      None: `block_mask.mask_mod` if a block mask is given, else every key is seen.
+    block_mask: from `create_block_mask` for these sizes (built once, reused across layers); None
+      builds one from `mask_mod` with the default block sizes. Its block sizes are the kernel's tiles.
+    scale: logit scale; default `head_dim ** -0.5`.
+    implementation: None or 'blockwise' (the tiled kernel) or 'reference' (dense, materialises the
+      scores; for checking).
+    return_lse: also return the log-sum-exp of each row's modified scores.
+
+  Returns:
+    `out` `[batch, q_len, heads, value_dim]` in the query dtype, or `(out, lse)` with `lse` `[batch,
+    heads, q_len]` float32 (natural log). A query that sees no key gets `out` 0 and `lse` -inf, and
+    passes no gradient. The lse is differentiable too.
+  """
+  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  _check_inputs(query, key, value, scale, implementation)
+  batch, q_len, heads, head_dim = query.shape
+  kv_len = key.shape[1]
+  if block_mask is not None:
+    _check_block_mask(block_mask, batch, heads, q_len, kv_len)
+    if mask_mod is None:
+      mask_mod = block_mask.mask_mod
+  score_fn, score_consts = (None, ()) if score_mod is None else _hoist("score_mod", score_mod)
+  mask_fn, mask_consts = (None, ()) if mask_mod is None else _hoist("mask_mod", mask_mod)
+  scale = float(head_dim ** -0.5 if scale is None else scale)
+  if implementation == "reference":
+    out, lse = _reference(query, key, value, score_fn, score_consts, mask_fn, mask_consts, scale)
+  else:
+    if block_mask is None:
+      block_mask = (_dense_block_mask(q_len, kv_len, None) if mask_mod is None else
+                    create_block_mask(mask_mod, batch, heads, q_len, kv_len))
+    out, lse = _blockwise(query, key, value, score_fn, score_consts, mask_fn, mask_consts,
+                          block_mask, scale)
+  return (out, lse) if return_lse else out
