@@ -125,7 +125,7 @@ def _hoist(name: str, fn):
 
   def converted(*args):
     run = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(jaxpr, list(args[arity:])))
-    return run(*args[:arity])[0]
+    return jnp.asarray(run(*args[:arity])[0])  # A constant mod returns a Python literal.
 
   return converted, tuple(closed.consts)
 
