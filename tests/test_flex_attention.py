@@ -430,6 +430,7 @@ def test_forward_matches_torch_flex_attention(inputs, params):
     block_mask = flex.create_block_mask(torch_mask, BATCH, None, LENGTH, LENGTH, device="cpu")
     want = compiled(to_torch(q), to_torch(k), to_torch(v), score_mod=torch_score,
                     block_mask=block_mask, enable_gqa=True).numpy().transpose(0, 2, 1, 3)
+    slopes, ids = jnp.asarray(slopes), jnp.asarray(ids)  # NumPy arrays cannot take traced indices.
     score_mod = lambda s, b, h, i, j: cap * jnp.tanh((s - slopes[h] * jnp.abs(i - j)) / cap)
     mask_mod = lambda b, h, i, j: (j <= i) & (ids[b, i] == ids[b, j])
     got = flex_attention(q, k, v, score_mod=score_mod, mask_mod=mask_mod)

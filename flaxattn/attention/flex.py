@@ -308,10 +308,9 @@ def _schedule(kinds):
 
 @dataclasses.dataclass(frozen=True)
 class _Mods:
-  """Static parts of a call: the tiling plan, the converted mods, how many score consts are floats."""
+  """Static parts of a call: the tiling plan and the converted mods (`_hoist`)."""
 
   plan: blockwise._Plan
-  heads: int
   score: Callable | None
   mask: Callable | None
 
@@ -501,7 +500,7 @@ def _blockwise(query, key, value, score_fn, score_consts, mask_fn, mask_consts,
   kv_pad = plan.kv_blocks * plan.block_kv - plan.kv_len
   q = blockwise._tile_rows((query * scale).astype(query.dtype), plan=plan)
   k, v = (blockwise._kv_blocks(x, plan, kv_pad) for x in (key, value))
-  mods = _Mods(plan=plan, heads=heads, score=score_fn, mask=mask_fn)
+  mods = _Mods(plan=plan, score=score_fn, mask=mask_fn)
   out, lse = _kernel(mods, q, k, v, score_consts, mask_consts, _schedule(block_mask.kinds))
   out = blockwise._untile_rows(out, plan, heads)
   lse = blockwise._untile_rows(lse[..., None], plan, heads)[..., 0]
