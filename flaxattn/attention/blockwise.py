@@ -339,6 +339,37 @@ def _varying_zero(*operands):
              for leaf in jax.tree.leaves(operands))
 
 
+def softmax_init(q_i, v, zero):
+  """The online softmax's carry for the query tile `q_i` `[batch, kv_heads, rows, dim]`: row max
+  -inf, row sum 0, accumulator `[..., rows, value_dim]` 0 (each plus `zero`, see `_varying_zero`)."""
+  rows = q_i.shape[:-1]
+  return (jnp.full(rows, -jnp.inf) + zero, jnp.zeros(rows) + zero,
+          jnp.zeros(rows + v.shape[-1:]) + zero)
+
+
+def softmax_step(carry, s, v_j):
+  """Folds one key tile into the online softmax: `s` `[batch, kv_heads, rows, block_kv]` float32
+  logits (-inf where hidden), `v_j` `[batch, kv_heads, block_kv, value_dim]`."""
+  row_max, row_sum, acc = carry
+  new_max = jnp.maximum(row_max, s.max(-1))
+  # Until a row has seen a key its max is -inf (`max_shift` then shifts by 0).
+  shift = max_shift(new_max)
+  p = jnp.exp(s - shift[..., None])
+  correction = jnp.exp(row_max - shift)
+  row_sum = row_sum * correction + p.sum(-1)
+  pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v_j.dtype), v_j, preferred_element_type=jnp.float32)
+  return new_max, row_sum, acc * correction[..., None] + pv
+
+
+def softmax_finish(carry):
+  """`(out, lse)` of a query tile from its final carry; a row that saw no key gets out 0, lse +inf."""
+  row_max, row_sum, acc = carry
+  seen = row_sum > 0.0
+  out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
+  lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), jnp.inf)
+  return out, lse
+
+
 def _forward(q, k, v, bias, mask: Mask, plan: _Plan):
   """Output `[q_blocks, batch, kv_heads, rows, value_dim]` float32 and log-sum-exp `[..., rows]`.
 
@@ -346,30 +377,14 @@ def _forward(q, k, v, bias, mask: Mask, plan: _Plan):
   """
 
   def query_block(q_block, q_i):
-    rows = q_i.shape[:-1]
 
     def step(kv_block, carry):
-      row_max, row_sum, acc = carry
       s, _ = _logits(q_i, _kv_tile(k, kv_block, plan), bias, mask, plan, q_block, kv_block,
                      transposed=False)
-      new_max = jnp.maximum(row_max, s.max(-1))
-      # Until a row has seen a key its max is -inf (`max_shift` then shifts by 0).
-      shift = max_shift(new_max)
-      p = jnp.exp(s - shift[..., None])
-      correction = jnp.exp(row_max - shift)
-      row_sum = row_sum * correction + p.sum(-1)
-      pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v.dtype), _kv_tile(v, kv_block, plan),
-                      preferred_element_type=jnp.float32)
-      return new_max, row_sum, acc * correction[..., None] + pv
+      return softmax_step(carry, s, _kv_tile(v, kv_block, plan))
 
     lo, hi = _kv_block_range(mask, plan, q_block)
-    init = (jnp.full(rows, -jnp.inf) + zero, jnp.zeros(rows) + zero,
-            jnp.zeros(rows + v.shape[-1:]) + zero)
-    row_max, row_sum, acc = jax.lax.fori_loop(lo, hi, step, init)
-    seen = row_sum > 0.0
-    out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
-    lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), jnp.inf)
-    return out, lse
+    return softmax_finish(jax.lax.fori_loop(lo, hi, step, softmax_init(q_i, v, zero)))
 
   zero = _varying_zero(q, k, v, bias, mask)
   return jax.lax.map(lambda xs: query_block(*xs), (jnp.arange(plan.q_blocks), q))
@@ -401,6 +416,26 @@ def _attention_bwd(plan: _Plan, residuals, d_out):
   return cast(dq, q), cast(dk, k), cast(dv, v), cast(dbias, bias), None
 
 
+def tile_dv_ds(s_t, v_j, d_out_i, lse_i, delta_i, dv, kv_block, plan: _Plan):
+  """The backward of one transposed tile up to the logits: adds `p^T d_out` to key block `kv_block`
+  of `dv` and returns `(dv, ds_t)`, `ds_t` `[batch, kv_heads, block_kv, rows]` float32 the loss's
+  gradient w.r.t. the tile's final logits `s_t` (-inf where hidden)."""
+  p_t = jnp.exp(s_t - lse_i[..., None, :])
+  matmul = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  dv = _add_at(dv, kv_block, matmul("bhkr,bhrd->bhkd", p_t.astype(v_j.dtype), d_out_i), plan)
+  dp_t = matmul("bhkd,bhrd->bhkr", v_j, d_out_i)
+  return dv, p_t * (dp_t - delta_i[..., None, :])
+
+
+def tile_dq_dk(ds_t, q_i, k_j, dq_t, dk, kv_block, plan: _Plan):
+  """Adds one tile's query and key gradients from `ds_t` (the gradient w.r.t. the raw scaled logits):
+  `dq_t` (transposed, `[batch, kv_heads, dim, rows]`) and key block `kv_block` of `dk`."""
+  ds_t = ds_t.astype(q_i.dtype)
+  matmul = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+  dq_t = dq_t + matmul("bhdk,bhkr->bhdr", jnp.swapaxes(k_j, -1, -2), ds_t)
+  return dq_t, _add_at(dk, kv_block, matmul("bhkr,bhrd->bhkd", ds_t, q_i), plan)
+
+
 def _backward(plan: _Plan, residuals, d_out):
   """FlashAttention-2 backward: per query block, dq in the loop carry, dk/dv/dbias added in place.
 
@@ -416,7 +451,6 @@ def _backward(plan: _Plan, residuals, d_out):
   # delta_r = sum_j p_rj dp_rj = <d_out_r, out_r>: the softmax backward's row term, computed once.
   delta = jnp.einsum("nbhrd,nbhrd->nbhr", d_out, out)
   d_out = d_out.astype(v.dtype)
-  matmul = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
   def query_block(carry, xs):
     q_block, q_i, d_out_i, lse_i, delta_i = xs
@@ -425,10 +459,8 @@ def _backward(plan: _Plan, residuals, d_out):
       dq_t, dk, dv, dbias = inner
       k_j, v_j = _kv_tile(k, kv_block, plan), _kv_tile(v, kv_block, plan)
       s_t, capped = _logits(q_i, k_j, bias, mask, plan, q_block, kv_block, transposed=True)
-      p_t = jnp.exp(s_t - lse_i[..., None, :])
-      dv = _add_at(dv, kv_block, matmul("bhkr,bhrd->bhkd", p_t.astype(v.dtype), d_out_i), plan)
-      dp_t = matmul("bhkd,bhrd->bhkr", v_j, d_out_i)
-      ds_t = p_t * (dp_t - delta_i[..., None, :])  # d loss / d logits (after softcap, with bias)
+      # d loss / d logits (after softcap, with bias)
+      dv, ds_t = tile_dv_ds(s_t, v_j, d_out_i, lse_i, delta_i, dv, kv_block, plan)
       if bias is not None:
         q_start, kv_start = q_block * plan.block_q, kv_block * plan.block_kv
         tile = _unfold_heads(jnp.swapaxes(ds_t, -1, -2), bias.shape, kv_heads, plan.group)
@@ -438,9 +470,7 @@ def _backward(plan: _Plan, residuals, d_out):
                           kv_start if bias.shape[3] > 1 else 0))
       if capped is not None:
         ds_t = ds_t * (1.0 - capped * capped)
-      ds_t = ds_t.astype(q.dtype)
-      dq_t = dq_t + matmul("bhdk,bhkr->bhdr", jnp.swapaxes(k_j, -1, -2), ds_t)
-      dk = _add_at(dk, kv_block, matmul("bhkr,bhrd->bhkd", ds_t, q_i), plan)
+      dq_t, dk = tile_dq_dk(ds_t, q_i, k_j, dq_t, dk, kv_block, plan)
       return dq_t, dk, dv, dbias
 
     lo, hi = _kv_block_range(mask, plan, q_block)

@@ -363,34 +363,20 @@ def _forward(mods: _Mods, q, k, v, score_consts, mask_consts, schedule):
   full_counts, full_tiles, partial_counts, partial_tiles = schedule
 
   def query_block(q_block, q_i):
-    rows = q_i.shape[:-1]
 
     def visit(tiles, masked):
       def step(i, carry):
-        row_max, row_sum, acc = carry
         kv_block = tiles[q_block, i]
         s = _raw_logits(q_i, blockwise._kv_tile(k, kv_block, plan), transposed=False)
         s, _ = _tile_scores(mods, s, score_consts, mask_consts, q_block, kv_block,
                             masked=masked, transposed=False)
-        new_max = jnp.maximum(row_max, s.max(-1))
-        shift = max_shift(new_max)
-        p = jnp.exp(s - shift[..., None])
-        correction = jnp.exp(row_max - shift)
-        row_sum = row_sum * correction + p.sum(-1)
-        pv = jnp.einsum("bhrk,bhkd->bhrd", p.astype(v.dtype), blockwise._kv_tile(v, kv_block, plan),
-                        preferred_element_type=jnp.float32)
-        return new_max, row_sum, acc * correction[..., None] + pv
+        return blockwise.softmax_step(carry, s, blockwise._kv_tile(v, kv_block, plan))
       return step
 
-    carry = (jnp.full(rows, -jnp.inf) + zero, jnp.zeros(rows) + zero,
-             jnp.zeros(rows + v.shape[-1:]) + zero)
+    carry = blockwise.softmax_init(q_i, v, zero)
     carry = jax.lax.fori_loop(0, full_counts[q_block], visit(full_tiles, False), carry)
-    row_max, row_sum, acc = jax.lax.fori_loop(0, partial_counts[q_block],
-                                              visit(partial_tiles, True), carry)
-    seen = row_sum > 0.0
-    out = acc / jnp.where(seen, row_sum, 1.0)[..., None]
-    lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), jnp.inf)
-    return out, lse
+    carry = jax.lax.fori_loop(0, partial_counts[q_block], visit(partial_tiles, True), carry)
+    return blockwise.softmax_finish(carry)
 
   zero = blockwise._varying_zero(q, k, v, score_consts, mask_consts)
   return jax.lax.map(lambda xs: query_block(*xs), (jnp.arange(plan.q_blocks), q))
@@ -412,7 +398,6 @@ def _backward(mods: _Mods, residuals, d_out, d_lse):
   floats = _differentiable(score_consts)
   delta = jnp.einsum("nbhrd,nbhrd->nbhr", d_out, out) - d_lse
   d_out = d_out.astype(v.dtype)
-  matmul = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 
   def merged(diff):
     diff = iter(diff)
@@ -435,19 +420,13 @@ def _backward(mods: _Mods, residuals, d_out, d_lse):
           s_t, score_vjp, visible = jax.vjp(scores, s_raw, diff, has_aux=True)
         else:
           s_t, visible = scores(s_raw, diff)
-        p_t = jnp.exp(s_t - lse_i[..., None, :])
-        dv = blockwise._add_at(dv, kv_block, matmul("bhkr,bhrd->bhkd", p_t.astype(v.dtype),
-                                                    d_out_i), plan)
-        dp_t = matmul("bhkd,bhrd->bhkr", v_j, d_out_i)
-        ds_t = p_t * (dp_t - delta_i[..., None, :])
+        dv, ds_t = blockwise.tile_dv_ds(s_t, v_j, d_out_i, lse_i, delta_i, dv, kv_block, plan)
         if mods.score is not None:
           ds_t, d_diff = score_vjp(ds_t)
           d_consts = tuple(a + b for a, b in zip(d_consts, d_diff))
           if visible is not None:  # A mod's non-finite slope where hidden must not leak in.
             ds_t = jnp.where(visible, ds_t, 0.0)
-        ds_t = ds_t.astype(q.dtype)
-        dq_t = dq_t + matmul("bhdk,bhkr->bhdr", jnp.swapaxes(k_j, -1, -2), ds_t)
-        dk = blockwise._add_at(dk, kv_block, matmul("bhkr,bhrd->bhkd", ds_t, q_i), plan)
+        dq_t, dk = blockwise.tile_dq_dk(ds_t, q_i, k_j, dq_t, dk, kv_block, plan)
         return dq_t, dk, dv, d_consts
       return step
 
