@@ -309,19 +309,20 @@ def test_create_block_mask_matches_dense_classification(params):
 def test_kernel_skips_empty_tiles_and_does_not_mask_full_ones(inputs):
   """Timing-free: a block mask that lies shows what the kernel evaluated. Marking a visible tile
   EMPTY removes its keys (the tile is never visited); marking a partial tile FULL makes all its keys
-  visible (the mask is not evaluated there)."""
+  visible (the mask is not evaluated there). Per batch row: the lie about EMPTY is told for row 1
+  only, so row 0 must keep those keys (each row follows its own tile list)."""
   q, k, v, d_out, d_lse = inputs
   causal = lambda b, h, i, j: j <= i
   block_mask = create_block_mask(causal, None, None, LENGTH, LENGTH, block_size=BLOCK)
-  kinds = np.asarray(block_mask.kinds).copy()
-  assert kinds[0, 0, 1, 0] == FULL and kinds[0, 0, 0, 0] == PARTIAL
-  kinds[0, 0, 1, 0] = EMPTY
-  kinds[0, 0, 0, 0] = FULL
+  kinds = np.repeat(np.asarray(block_mask.kinds), BATCH, axis=0)
+  assert kinds[1, 0, 1, 0] == FULL and kinds[0, 0, 0, 0] == PARTIAL
+  kinds[1, 0, 1, 0] = EMPTY
+  kinds[:, 0, 0, 0] = FULL
   lying = dataclasses.replace(block_mask, kinds=jnp.asarray(kinds))
   out = flex_attention(q, k, v, block_mask=lying)
-  _, _, i, j = _grids(1, 1, LENGTH, LENGTH)
+  b, _, i, j = _grids(BATCH, 1, LENGTH, LENGTH)
   visible = (j <= i) | (i < BLOCK) & (j < BLOCK)
-  visible &= ~((i >= BLOCK) & (i < 2 * BLOCK) & (j < BLOCK))
+  visible = visible & ~((b == 1) & (i >= BLOCK) & (i < 2 * BLOCK) & (j < BLOCK))
   want = _oracle(*inputs, score=lambda s: (s, np.ones_like(s)), visible=visible)[0]
   np.testing.assert_allclose(np.asarray(out), want, **FWD_TOL)
 

@@ -64,6 +64,11 @@ class BlockMask:
     q_len, kv_len: the lengths it was built for.
     block_q, block_kv: the tile sizes; the kernel tiles with these.
     mask_mod: the mask it classifies (used when `flex_attention` gets no `mask_mod`).
+
+  Build it inside the jitted function that uses it, where its mask_mod's captured arrays are traced.
+  Crossing a `jit` boundary (as an argument or a result), `mask_mod` is static metadata: a new closure
+  means a new compile, and one made inside another trace holds dead tracers; pass `mask_mod` to
+  `flex_attention` explicitly then.
   """
 
   kinds: Array
@@ -246,8 +251,9 @@ def create_block_mask(mask_mod, batch, heads, q_len, kv_len, block_size=None) ->
       clipped to the lengths.
 
   Returns:
-    A `BlockMask` with `kinds` `[batch|1, heads|1, q_blocks, kv_blocks]`. A key tile that runs past
-    `kv_len` is never full (its padding must be masked).
+    A `BlockMask` with `kinds` `[batch|1, heads|1, q_blocks, kv_blocks]`: batch (heads) 1 when the
+    mask does not depend on the batch row (head). A key tile that runs past `kv_len` is never full
+    (its padding must be masked).
   """
   fn, consts = _hoist("mask_mod", mask_mod)
   batch = _check_size("batch", batch, allow_none=True)
@@ -268,12 +274,11 @@ def create_block_mask(mask_mod, batch, heads, q_len, kv_len, block_size=None) ->
     valid = q_valid[:, None] & kv_valid[None, :]
     any_visible = jnp.any(visible & valid, axis=(2, 3))
     all_visible = jnp.all(visible | ~valid, axis=(2, 3)) & jnp.all(kv_valid)
-    kind = jnp.where(all_visible, FULL, jnp.where(any_visible, PARTIAL, EMPTY))
-    return jnp.broadcast_to(kind, (batch, heads)).astype(jnp.int8)
+    return jnp.where(all_visible, FULL, jnp.where(any_visible, PARTIAL, EMPTY)).astype(jnp.int8)
 
   chunk = max(1, _MASK_CHUNK // (batch * heads * block_q * block_kv))
   kinds = jax.lax.map(classify, jnp.arange(q_blocks * kv_blocks), batch_size=chunk)
-  kinds = kinds.reshape(q_blocks, kv_blocks, batch, heads).transpose(2, 3, 0, 1)
+  kinds = kinds.reshape(q_blocks, kv_blocks, *kinds.shape[1:]).transpose(2, 3, 0, 1)
   return BlockMask(kinds=kinds, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
                    mask_mod=mask_mod)
 
@@ -288,11 +293,11 @@ def _dense_block_mask(q_len: int, kv_len: int, block_size) -> BlockMask:
                    block_kv=block_kv)
 
 
-def _schedule(kinds):
-  """Per query tile, the key tiles to visit: `(full_counts, full_tiles, partial_counts,
+def _schedule(kinds, batch_start):
+  """Per query tile, the key tiles to visit: `(batch_start, full_counts, full_tiles, partial_counts,
   partial_tiles)`, counts `[q_blocks]`, tiles `[q_blocks, kv_blocks]` (the first `count` entries, in
-  increasing order). Batch rows and heads share a tile: visited if non-empty for any, full if full
-  for all."""
+  increasing order); `batch_start` is the batch index of the first row in the call. Batch rows and
+  heads share a tile: visited if non-empty for any, full if full for all."""
   full = jnp.all(kinds == FULL, axis=(0, 1))
   partial = jnp.any(kinds != EMPTY, axis=(0, 1)) & ~full
 
@@ -300,7 +305,7 @@ def _schedule(kinds):
     order = jnp.argsort(jnp.logical_not(chosen).astype(jnp.int8), axis=-1, stable=True)
     return chosen.sum(-1).astype(jnp.int32), order.astype(jnp.int32)
 
-  return (*listed(full), *listed(partial))
+  return (jnp.asarray(batch_start, jnp.int32), *listed(full), *listed(partial))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +320,7 @@ class _Mods:
   mask: Callable | None
 
 
-def _tile_indices(plan: blockwise._Plan, batch: int, kv_heads: int, q_block, kv_block):
+def _tile_indices(plan: blockwise._Plan, batch_start, batch: int, kv_heads: int, q_block, kv_block):
   """Mod arguments of one tile in the folded row layout, clamped inside the lengths (padded rows and
   keys repeat the last one; the kernel masks padded keys and drops padded rows), and which keys are
   real. Returns `(batch_idx [batch], head_idx [kv_heads, rows], q_idx [rows], kv_idx [block_kv],
@@ -324,12 +329,12 @@ def _tile_indices(plan: blockwise._Plan, batch: int, kv_heads: int, q_block, kv_
   q_idx = jnp.minimum(q_block * plan.block_q + rows // plan.group, plan.q_len - 1)
   head_idx = jnp.arange(kv_heads)[:, None] * plan.group + (rows % plan.group)[None, :]
   kv_pos = kv_block * plan.block_kv + jnp.arange(plan.block_kv)
-  return (jnp.arange(batch), head_idx, q_idx, jnp.minimum(kv_pos, plan.kv_len - 1),
+  return (batch_start + jnp.arange(batch), head_idx, q_idx, jnp.minimum(kv_pos, plan.kv_len - 1),
           kv_pos < plan.kv_len)
 
 
-def _tile_scores(mods: _Mods, s, score_consts, mask_consts, q_block, kv_block, *, masked: bool,
-                 transposed: bool):
+def _tile_scores(mods: _Mods, s, score_consts, mask_consts, batch_start, q_block, kv_block, *,
+                 masked: bool, transposed: bool):
   """A tile's logits after the score_mod, and its visibility (None on a full tile).
 
   `s` is the raw (scaled) tile `[batch, kv_heads, rows, block_kv]`, or `[..., block_kv, rows]` if
@@ -337,7 +342,7 @@ def _tile_scores(mods: _Mods, s, score_consts, mask_consts, q_block, kv_block, *
   """
   batch, kv_heads = s.shape[:2]
   batch_idx, head_idx, q_idx, kv_idx, kv_valid = _tile_indices(
-      mods.plan, batch, kv_heads, q_block, kv_block)
+      mods.plan, batch_start, batch, kv_heads, q_block, kv_block)
   if mods.score is not None:
     s = _evaluate(mods.score, score_consts, s, batch_idx, head_idx, q_idx, kv_idx,
                   transposed=transposed).astype(jnp.float32)
@@ -360,7 +365,7 @@ def _forward(mods: _Mods, q, k, v, score_consts, mask_consts, schedule):
   """Output `[q_blocks, batch, kv_heads, rows, value_dim]` float32 and log-sum-exp `[..., rows]`
   (+inf for a row that sees no key, whose output is 0), as `blockwise._forward`."""
   plan = mods.plan
-  full_counts, full_tiles, partial_counts, partial_tiles = schedule
+  batch_start, full_counts, full_tiles, partial_counts, partial_tiles = schedule
 
   def query_block(q_block, q_i):
 
@@ -368,7 +373,7 @@ def _forward(mods: _Mods, q, k, v, score_consts, mask_consts, schedule):
       def step(i, carry):
         kv_block = tiles[q_block, i]
         s = _raw_logits(q_i, blockwise._kv_tile(k, kv_block, plan), transposed=False)
-        s, _ = _tile_scores(mods, s, score_consts, mask_consts, q_block, kv_block,
+        s, _ = _tile_scores(mods, s, score_consts, mask_consts, batch_start, q_block, kv_block,
                             masked=masked, transposed=False)
         return blockwise.softmax_step(carry, s, blockwise._kv_tile(v, kv_block, plan))
       return step
@@ -394,7 +399,7 @@ def _backward(mods: _Mods, residuals, d_out, d_lse):
   """
   plan = mods.plan
   q, k, v, score_consts, mask_consts, schedule, out, lse = residuals
-  full_counts, full_tiles, partial_counts, partial_tiles = schedule
+  batch_start, full_counts, full_tiles, partial_counts, partial_tiles = schedule
   floats = _differentiable(score_consts)
   delta = jnp.einsum("nbhrd,nbhrd->nbhr", d_out, out) - d_lse
   d_out = d_out.astype(v.dtype)
@@ -414,8 +419,8 @@ def _backward(mods: _Mods, residuals, d_out, d_lse):
         s_raw = _raw_logits(q_i, k_j, transposed=True)
         diff = tuple(c for c, f in zip(score_consts, floats) if f)
         scores = lambda s_raw, diff: _tile_scores(
-            mods, s_raw, merged(diff), mask_consts, q_block, kv_block, masked=masked,
-            transposed=True)
+            mods, s_raw, merged(diff), mask_consts, batch_start, q_block, kv_block,
+            masked=masked, transposed=True)
         if mods.score is not None:
           s_t, score_vjp, visible = jax.vjp(scores, s_raw, diff, has_aux=True)
         else:
@@ -471,7 +476,26 @@ _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 def _blockwise(query, key, value, score_fn, score_consts, mask_fn, mask_consts,
                block_mask: BlockMask, scale: float):
-  """`(out [batch, q_len, heads, value_dim], lse [batch, heads, q_len])` from the tiled kernel."""
+  """`(out [batch, q_len, heads, value_dim], lse [batch, heads, q_len])` from the tiled kernel.
+
+  A block mask that differs between batch rows (documents packed differently in each) runs one row
+  at a time (`lax.map`), so each row skips its own empty tiles; otherwise all rows share one pass.
+  """
+  if block_mask.kinds.shape[0] > 1 and query.shape[0] > 1:
+    def row(xs):
+      b, q, k, v, kinds = xs
+      return _tiled_call(q[None], k[None], v[None], score_fn, score_consts, mask_fn, mask_consts,
+                         kinds[None], b, block_mask, scale)
+    rows = (jnp.arange(query.shape[0]), query, key, value, block_mask.kinds)
+    out, lse = jax.lax.map(row, rows)
+    return out[:, 0], lse[:, 0]
+  return _tiled_call(query, key, value, score_fn, score_consts, mask_fn, mask_consts,
+                     block_mask.kinds, 0, block_mask, scale)
+
+
+def _tiled_call(query, key, value, score_fn, score_consts, mask_fn, mask_consts, kinds,
+                batch_start, block_mask: BlockMask, scale: float):
+  """`_blockwise` on the batch rows `batch_start, ...` given (`kinds` their tile kinds)."""
   batch, q_len, heads, _ = query.shape
   kv_heads = key.shape[2]
   plan = blockwise._Plan(q_len=q_len, kv_len=key.shape[1], block_q=block_mask.block_q,
@@ -480,7 +504,7 @@ def _blockwise(query, key, value, score_fn, score_consts, mask_fn, mask_consts,
   q = blockwise._tile_rows((query * scale).astype(query.dtype), plan=plan)
   k, v = (blockwise._kv_blocks(x, plan, kv_pad) for x in (key, value))
   mods = _Mods(plan=plan, score=score_fn, mask=mask_fn)
-  out, lse = _kernel(mods, q, k, v, score_consts, mask_consts, _schedule(block_mask.kinds))
+  out, lse = _kernel(mods, q, k, v, score_consts, mask_consts, _schedule(kinds, batch_start))
   out = blockwise._untile_rows(out, plan, heads)
   lse = blockwise._untile_rows(lse[..., None], plan, heads)[..., 0]
   # Internally +inf marks a row without keys (so the backward's exp(s - lse) is 0); callers get -inf.
