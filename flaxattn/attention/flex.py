@@ -17,9 +17,12 @@ on stays size 1 (a causal mask is one `[rows, keys]` tile, a document mask `[bat
 
 Block sparsity. `create_block_mask` classifies every (query tile, key tile) as empty, partial or full
 per batch row and head; the kernel skips empty tiles (it walks a gathered list of the non-empty key
-tiles of each query tile) and does not evaluate the mask on full ones. The kernel runs all batch rows
-and heads of a tile in one batched product, so it visits a tile that is non-empty for any of them and
-treats it as full only when it is full for all of them.
+tiles of each query tile) and does not evaluate the mask on full ones. The heads of a tile run in one
+batched product, so a tile is visited if non-empty for any head and full only if full for all; so are
+batch rows when the mask does not depend on the row, else each row runs with its own tile lists
+(`lax.map` over rows). Measured on 2 CPU cores (causal + documents, 4k and 8k tokens, forward): the
+gathered list and a `lax.switch` per tile over every key tile were within noise of each other; the
+list never touches an empty tile at all.
 
 Fully masked rows. A query that sees no key gets output 0, log-sum-exp -inf and zero gradients.
 """
@@ -37,6 +40,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from flaxattn.attention import blockwise
+from flaxattn.attention.mask import _static
 from flaxattn.attention.rows import max_shift
 
 Array = Any
@@ -46,10 +50,6 @@ IMPLEMENTATIONS = (None, "blockwise", "reference")
 
 # Elements of mask evaluated per step of `create_block_mask`'s loop over tiles (bounds its memory).
 _MASK_CHUNK = 1 << 22
-
-
-def _static(**kwargs):
-  return dataclasses.field(metadata=dict(static=True), **kwargs)
 
 
 @jax.tree_util.register_dataclass
@@ -183,32 +183,27 @@ def _evaluate(fn, consts, score, batch_idx, head_idx, q_idx, kv_idx, *, transpos
   return out.reshape([sizes[level] if m else 1 for level, m in zip(levels, mapped)])
 
 
-def and_masks(*mask_mods):
-  """A mask_mod that is True where every one of `mask_mods` is (True for none)."""
+def _combine(mask_mods, combine, empty: bool):
   for mod in mask_mods:
     _check_arity("mask_mod", mod)
 
   def mask_mod(batch, head, q_idx, kv_idx):
-    result = jnp.bool_(True)
+    result = jnp.bool_(empty)
     for mod in mask_mods:
-      result = result & mod(batch, head, q_idx, kv_idx)
+      result = combine(result, mod(batch, head, q_idx, kv_idx))
     return result
 
   return mask_mod
+
+
+def and_masks(*mask_mods):
+  """A mask_mod that is True where every one of `mask_mods` is (True for none)."""
+  return _combine(mask_mods, jnp.logical_and, True)
 
 
 def or_masks(*mask_mods):
   """A mask_mod that is True where any one of `mask_mods` is (False for none)."""
-  for mod in mask_mods:
-    _check_arity("mask_mod", mod)
-
-  def mask_mod(batch, head, q_idx, kv_idx):
-    result = jnp.bool_(False)
-    for mod in mask_mods:
-      result = result | mod(batch, head, q_idx, kv_idx)
-    return result
-
-  return mask_mod
+  return _combine(mask_mods, jnp.logical_or, False)
 
 
 # ------------------------------------------------------------------------------------------------
