@@ -288,12 +288,14 @@ def _dense_block_mask(q_len: int, kv_len: int, block_size) -> BlockMask:
                    block_kv=block_kv)
 
 
-def _schedule(kinds, batch_start):
+def _schedule(kinds, batch_start, plan: blockwise._Plan):
   """Per query tile, the key tiles to visit: `(batch_start, full_counts, full_tiles, partial_counts,
   partial_tiles)`, counts `[q_blocks]`, tiles `[q_blocks, kv_blocks]` (the first `count` entries, in
   increasing order); `batch_start` is the batch index of the first row in the call. Batch rows and
   heads share a tile: visited if non-empty for any, full if full for all."""
   full = jnp.all(kinds == FULL, axis=(0, 1))
+  if plan.kv_len % plan.block_kv:  # Padding keys must be masked, whatever the block mask says.
+    full = full.at[:, -1].set(False)
   partial = jnp.any(kinds != EMPTY, axis=(0, 1)) & ~full
 
   def listed(chosen):
@@ -499,7 +501,7 @@ def _tiled_call(query, key, value, score_fn, score_consts, mask_fn, mask_consts,
   q = blockwise._tile_rows((query * scale).astype(query.dtype), plan=plan)
   k, v = (blockwise._kv_blocks(x, plan, kv_pad) for x in (key, value))
   mods = _Mods(plan=plan, score=score_fn, mask=mask_fn)
-  out, lse = _kernel(mods, q, k, v, score_consts, mask_consts, _schedule(kinds, batch_start))
+  out, lse = _kernel(mods, q, k, v, score_consts, mask_consts, _schedule(kinds, batch_start, plan))
   out = blockwise._untile_rows(out, plan, heads)
   lse = blockwise._untile_rows(lse[..., None], plan, heads)[..., 0]
   # Internally +inf marks a row without keys (so the backward's exp(s - lse) is 0); callers get -inf.
