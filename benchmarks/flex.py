@@ -147,8 +147,8 @@ def main(argv=None) -> dict:
     shape = (1, length, args.heads, args.head_dim)
     inputs = tuple(jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for _ in range(4))
     docs = document_ids(length, args.doc_min, args.doc_max)
-    position = np.arange(length)
-    dense = jnp.asarray((position[None, :] <= position[:, None]) & (docs[0][:, None] == docs[0][None, :]))
+    position, ids = np.arange(length), docs[0]
+    dense = jnp.asarray((position[None, :] <= position[:, None]) & (ids[:, None] == ids[None, :]))
     for backward in (False, True):
       mode = "fwd+bwd" if backward else "fwd"
       runs = {name: _runner(attend, inputs, docs, dense, backward)

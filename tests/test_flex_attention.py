@@ -1,9 +1,9 @@
 """flex_attention against a float64 NumPy oracle written here, and against torch's FlexAttention.
 
 Shapes: batch 2, 4 query heads over 2 key heads (GQA), head_dim 8, 37 positions in tiles of 16, so
-every call has 3 x 3 tiles with a ragged last one. The oracle (`_oracle`) is dense NumPy in float64:
-softmax attention with the mod's scores and visibility written with NumPy index grids, and its
-gradients by hand (the softmax backward, the score_mod's slope, and each captured tensor's gradient
+most calls have 3 x 3 tiles with a ragged last one (one case: 21 queries over 45 keys, MQA). The
+oracle (`_oracle`) is dense NumPy in float64: softmax attention with the mod's scores and visibility
+written with NumPy index grids, and its gradients by hand (the softmax backward, the score_mod's slope, and each captured tensor's gradient
 summed from d(loss)/d(score)). The loss is `sum(out * d_out) + sum(lse * d_lse)` over the rows that
 see a key, so the log-sum-exp's gradient is checked too.
 

@@ -174,7 +174,7 @@ def _evaluate(fn, consts, score, batch_idx, head_idx, q_idx, kv_idx, *, transpos
     try:
       candidate = jax.vmap(fun, in_axes=in_axes, out_axes=None)
       jax.eval_shape(candidate, *level_args[depth], *const_avals)
-    except ValueError:  # The result varies over this axis.
+    except (ValueError, TypeError):  # The result varies over this axis (a user error reraises below).
       candidate, mapped[depth] = jax.vmap(fun, in_axes=in_axes), True
     fun = candidate
   out = fun(*args, *consts)
@@ -568,10 +568,11 @@ def _check_block_mask(block_mask, batch: int, heads: int, q_len: int, kv_len: in
   if not isinstance(block_mask, BlockMask):
     raise ValueError(f"block_mask must come from create_block_mask, got {type(block_mask).__name__}")
   b, h = block_mask.shape[:2]
+  built = [b, h, block_mask.q_len, block_mask.kv_len]
   if (block_mask.q_len, block_mask.kv_len) != (q_len, kv_len) or b not in (1, batch) or h not in (
       1, heads):
     raise ValueError(
-        f"block_mask was built for [batch, heads, q_len, kv_len] = {[b, h, block_mask.q_len, block_mask.kv_len]}, "
+        f"block_mask was built for [batch, heads, q_len, kv_len] = {built}, "
         f"the call has {[batch, heads, q_len, kv_len]}: build it with create_block_mask(mask_mod, "
         f"{batch}, {heads}, {q_len}, {kv_len}) (batch/heads may be None)")
 
