@@ -1,15 +1,16 @@
 """Attention kernels: one API over interchangeable implementations.
 
 `dot_product_attention(query, key, value, *, mask, bias, ...)` with `Mask` for structured masks;
-`implementations()` lists what each implementation supports; `activation_layout(spec)` states how
+`implementations()` names the implementations (`describe_implementations()`: what each supports); `activation_layout(spec)` states how
 the caller's activations lie on the mesh (the kernels that run per device, and ring attention, which
 rings over the axis it gives the length). `flaxattn.attention.linear` holds the
 kernelized approximations (elu+1 linear attention, Performer FAVOR+), which are not softmax and so
 sit beside the dispatcher rather than behind it.
 """
 
-from flaxattn.attention.api import dot_product_attention, implementations
+from flaxattn.attention.api import describe_implementations, dot_product_attention, implementations
 from flaxattn.attention.mask import MASK_KINDS, Mask
 from flaxattn.attention.placement import activation_layout
 
-__all__ = ["MASK_KINDS", "Mask", "activation_layout", "dot_product_attention", "implementations"]
+__all__ = ["MASK_KINDS", "Mask", "activation_layout", "describe_implementations", "dot_product_attention",
+           "implementations"]
