@@ -298,7 +298,8 @@ def plot_attention(weights: np.ndarray, row_labels: Sequence[str], col_labels: S
     max_heads: the most heads drawn by default.
     include_mean: add a panel with the mean over all heads (not only the drawn ones), when there
       is more than one.
-    row_name, col_name: the axis titles.
+    row_name: the row axis title.
+    col_name: the column axis title.
 
   Returns:
     `path`.
