@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 
 import pytest
 
@@ -93,7 +94,10 @@ def run_python_blocks(path: pathlib.Path, directory: pathlib.Path) -> None:
       try:
         exec(compile(block.code, block.where, "exec"), namespace)  # noqa: S102
       except Exception as error:
-        raise AssertionError(f"{block.where}: the python block starting here fails: "
+        lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+                 if frame.filename == block.where]
+        at = f" (file line {block.line + lines[-1]})" if lines else ""
+        raise AssertionError(f"{block.where}: the python block starting here fails{at}: "
                              f"{type(error).__name__}: {error}") from error
   finally:
     os.chdir(cwd)
@@ -117,8 +121,8 @@ def test_python_blocks_run(path, tmp_path, monkeypatch):
 def test_a_failing_block_names_file_and_line(tmp_path):
   page = tmp_path / "page.md"
   page.write_text("text\n\n```python\nx = 1\n```\n\n```python\nassert x == 2, 'x is 1'\n```\n")
-  with pytest.raises(AssertionError, match=r"page.md:7: the python block starting here fails: "
-                                           r"AssertionError: x is 1"):
+  with pytest.raises(AssertionError, match=r"page.md:7: the python block starting here fails "
+                                           r"\(file line 8\): AssertionError: x is 1"):
     run_python_blocks(page, tmp_path)
 
 
