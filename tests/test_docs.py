@@ -103,8 +103,11 @@ def run_python_blocks(path: pathlib.Path, directory: pathlib.Path) -> None:
     os.chdir(cwd)
 
 
-# Files whose blocks take more than ~20 s (loading real checkpoints, training a few steps).
-SLOW_FILES = {"README.md", "docs/tutorials/reading_attention.md"}
+# Files whose blocks take more than ~20 s here: loading the shipped checkpoints (README: about 60 s;
+# reading_attention: 16 s plus the model's load), importing Keras and its first call (about 10 s of
+# numpy_to_flaxattn's 22 s).
+SLOW_FILES = {"README.md", "docs/tutorials/reading_attention.md",
+              "docs/tutorials/numpy_to_flaxattn.md"}
 PYTHON_FILES = [path for path in markdown_files()
                 if any(block.language == "python" for block in code_blocks(path))]
 
