@@ -1,21 +1,22 @@
 """Every code block of README.md and docs/**/*.md runs, and the docs site builds with warnings as
 errors.
 
-The policy, per fenced block:
+The policy, per fenced block (each is ```python or ```bash):
 - ```python: each file's blocks run in order in one namespace (a fresh one per file), in a
-  temporary working directory; a failure names the file and the line where the block starts.
-- ```bash, one command a line (backslash continuations joined, `# comments` dropped, leading
-  `VAR=value` assignments applied, `cmd && cmd` split, `echo ... |` dropped):
+  temporary working directory; a failure names the file, the line where the block starts and the
+  failing line.
+- ```bash, one command a line (backslash continuations joined, `# comments` dropped, `cmd && cmd`
+  split, `echo ... |` dropped; a leading `XLA_FLAGS=...` is allowed: the checks run with 8 CPU
+  devices, as those lines ask):
   * `pip install ...`: not run (installing is CI's part); the README's test command line must be
     exactly what `.ci/run` runs, and `python -m pytest ...` (this suite) is not run again.
   * `python -m flaxattn.main ...` and `flaxattn [MODE] ...`: parsed by `flaxattn.main`'s own flags
-    (absl; the experiment file loaded with its `:variant` and `--config.*` overrides), and a training
-    command's config validated by `flaxattn.config.validate` as the run would, before anything
-    trains; `NAME.py:smoke` stands for every experiment with a `smoke` variant. Nothing is
-    trained here: tests/test_experiments.py runs the smoke variants, tests/test_main*.py the modes.
+    (absl; the experiment file loaded with its `:variant` and `--config.*` overrides), and the
+    config validated by `flaxattn.config.validate` as the run would, before anything trains;
+    `NAME.py:smoke` stands for every experiment with a `smoke` variant. Nothing is trained here:
+    tests/test_experiments.py runs the smoke variants.
   * `python benchmarks/NAME.py ...`: parsed by the script's own `parse_args` (nothing measured).
   * any other command fails this test, so that a new kind of command gets a policy.
-- Other fences (tables, text) are not code and are not run.
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ def markdown_files() -> list[pathlib.Path]:
   return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def test_fences_name_their_language():
-  """A code fence without a language would be skipped silently: every one names it."""
+def test_fences_are_python_or_bash():
+  """A fence of another language (or none) would be skipped silently: each is one of the two."""
   for path in markdown_files():
     for block in code_blocks(path):
-      assert block.language != "text", f"{block.where}: name the fence's language (```python)"
+      assert block.language in ("python", "bash"), (
+          f"{block.where}: a ```{block.language} fence; tests/test_docs.py runs ```python and "
+          "```bash blocks only")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,9 +115,12 @@ PYTHON_FILES = [path for path in markdown_files()
                 if any(block.language == "python" for block in code_blocks(path))]
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(path, marks=[pytest.mark.slow] if str(path.relative_to(ROOT)) in SLOW_FILES else [],
-                 id=str(path.relative_to(ROOT))) for path in PYTHON_FILES])
+def _param(path: pathlib.Path):
+  name = str(path.relative_to(ROOT))
+  return pytest.param(path, marks=[pytest.mark.slow] if name in SLOW_FILES else [], id=name)
+
+
+@pytest.mark.parametrize("path", [_param(path) for path in PYTHON_FILES])
 def test_python_blocks_run(path, tmp_path, monkeypatch):
   monkeypatch.setenv("KERAS_BACKEND", "jax")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -229,8 +235,8 @@ for where, argv in json.load(sys.stdin):
   try:
     argv = list(argv)
     if argv[0] == "flaxattn":
-      argv = ["flaxattn"] + ([f"--mode={argv[1]}"] + argv[2:] if len(argv) > 1 and argv[1] in main.MODES
-                             else argv[1:])
+      mode = len(argv) > 1 and argv[1] in main.MODES
+      argv = ["flaxattn"] + ([f"--mode={argv[1]}"] + argv[2:] if mode else argv[1:])
     else:
       argv = ["flaxattn"] + argv[3:]
     flags.FLAGS.unparse_flags()

