@@ -387,9 +387,9 @@ def main(argv=None) -> dict:
 
   import jax
 
-  from flaxattn.attention import implementations
+  from flaxattn.attention import describe_implementations
 
-  described = {d["name"]: d for d in implementations()}
+  described = {d["name"]: d for d in describe_implementations()}
   # Mesh-only implementations (ring attention) need a sharded setup of their own: benchmarks/ring.py.
   runnable = [name for name, d in described.items()
               if jax.default_backend() in d["platforms"] and not d["sequence_sharded"]]

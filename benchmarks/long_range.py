@@ -249,7 +249,7 @@ def unavailable(implementation: str) -> str | None:
     return None
   from flaxattn.attention import implementations
 
-  if "ring" not in {described["name"] for described in implementations()}:
+  if "ring" not in implementations():
     return "not available: implementation 'ring' is not registered in this checkout"
   return None
 

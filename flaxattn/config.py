@@ -306,7 +306,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   do not divide the batch, an attention implementation this platform cannot run, sequence
   length vs the model's positions, and what ring attention needs (a context axis > 1 that splits
   the sequence into 2 x context chunks)."""
-  from flaxattn.attention import implementations  # Deferred: keeps `import flaxattn.config` light.
+  from flaxattn.attention import describe_implementations  # Deferred: keeps `import flaxattn.config` light.
   from flaxattn.parallel import make_rules, mesh_shape, unused_mesh_axes
   from flaxattn.train.optim import OPTIMIZERS, SCHEDULES
 
@@ -374,7 +374,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model: {error}") from None
   if model.attention_impl is not None:
     platform = jax.default_backend()
-    impl = next(impl for impl in implementations() if impl["name"] == model.attention_impl)
+    impl = next(impl for impl in describe_implementations()
+                if impl["name"] == model.attention_impl)
     if platform not in impl["platforms"]:
       raise ValueError(f"config.model.attention_impl={model.attention_impl!r} cannot run on "
                        f"platform {platform!r} (it runs on {impl['platforms']})")

@@ -12,7 +12,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from flaxattn.attention import implementations
+from flaxattn.attention import describe_implementations
 
 
 def assert_close(actual, expected, tolerance: float, what: str = "") -> None:
@@ -32,12 +32,12 @@ def supporting(*, masks=(), bias=False, softcap=False, dropout=False, weights=Fa
                dtype="float32") -> list[str]:
   """Names of the registered implementations whose declaration covers these features here.
 
-  Read from `implementations()`, so an implementation merged later is tested without naming it.
+  Read from `describe_implementations()`, so an implementation merged later is tested without naming it.
   Implementations that run only inside a mesh (`sequence_sharded`, e.g. ring attention) are left out: these
   shared tests call without one; each has its own tests on a mesh (tests/test_attention_ring.py).
   """
   names = []
-  for described in implementations():
+  for described in describe_implementations():
     if described.get("sequence_sharded"):
       continue
     if jax.default_backend() not in described["platforms"] or dtype not in described["dtypes"]:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from attention_support import MaskParts, assert_close, numpy_attention, numpy_visible, supporting
-from flaxattn.attention import MASK_KINDS, Mask, api, dot_product_attention, implementations
+from flaxattn.attention import (MASK_KINDS, Mask, api, describe_implementations, dot_product_attention,
+                                implementations)
 
 # The float32 bound of the oracle tests (see attention_support.assert_close).
 TOLERANCE = 1e-5
@@ -282,10 +283,22 @@ def test_mask_causal_must_be_bool():
 FEATURES = ("bias", "softcap", "dropout", "weights")
 
 
+def test_implementations_are_names_in_auto_order():
+  names = implementations()
+  assert isinstance(names, tuple) and all(isinstance(name, str) for name in names)
+  assert len(names) == len(set(names)) and {"reference", "xla", "blockwise", "ring"} <= set(names)
+  # The README's auto order per platform; ring is only called by name.
+  assert implementations("cpu") == ("blockwise", "xla", "reference")
+  assert implementations("gpu") == ("cudnn", "tokamax", "xla", "blockwise", "reference")
+  assert implementations("tpu") == ("splash", "xla", "blockwise", "reference")
+  with pytest.raises(ValueError, match=r"platform must be None or one of .* got 'cuda'"):
+    implementations("cuda")
+
+
 def test_implementations_describe_themselves():
-  described = implementations()
+  described = describe_implementations()
   names = [d["name"] for d in described]
-  assert len(names) == len(set(names)) and "reference" in names and "xla" in names
+  assert names == list(implementations())
   for d in described:
     assert set(d) >= {"name", "masks", *FEATURES, "dtypes", "platforms", "memory", "notes"}, d
     assert set(d["masks"]) <= set(MASK_KINDS), d
@@ -323,7 +336,7 @@ def _single_features():
   return [frozenset([feature]) for feature in (*FEATURES, *MASK_KINDS)]
 
 
-@pytest.mark.parametrize("described", implementations(), ids=lambda d: d["name"])
+@pytest.mark.parametrize("described", describe_implementations(), ids=lambda d: d["name"])
 def test_named_implementation_runs_what_it_declares_and_rejects_the_rest(described):
   name = described["name"]
   if jax.default_backend() not in described["platforms"]:

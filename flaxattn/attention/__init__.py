@@ -1,20 +1,22 @@
 """Attention kernels: one API over interchangeable implementations.
 
 `dot_product_attention(query, key, value, *, mask, bias, ...)` with `Mask` for structured masks;
-`implementations()` lists what each implementation supports; `activation_layout(spec)` states how
-the caller's activations lie on the mesh (the kernels that run per device, and ring attention, which
-rings over the axis it gives the length). `flaxattn.attention.linear` holds the
-kernelized approximations (elu+1 linear attention, Performer FAVOR+), which are not softmax and so
-sit beside the dispatcher rather than behind it. `flex_attention(query, key, value, score_mod=,
-mask_mod=, block_mask=)` runs user-defined scalar score and mask functions inside the blockwise tiles
-(`create_block_mask`, `and_masks`, `or_masks` build and combine masks).
+`implementations()` names the implementations (`describe_implementations()`: what each
+supports); `activation_layout(spec)` states how the caller's activations lie on the mesh (the kernels
+that run per device, and ring attention, which rings over the axis it gives the length).
+`flaxattn.attention.linear` holds the kernelized approximations (elu+1 linear attention, Performer
+FAVOR+), which are not softmax and so sit beside the dispatcher rather than behind it.
+`flex_attention(query, key, value, score_mod=, mask_mod=, block_mask=)` runs user-defined scalar
+score and mask functions inside the blockwise tiles (`create_block_mask`, `and_masks`, `or_masks`
+build and combine masks).
 """
 
-from flaxattn.attention.api import dot_product_attention, implementations
+from flaxattn.attention.api import describe_implementations, dot_product_attention, implementations
 from flaxattn.attention.flex import (BlockMask, and_masks, create_block_mask, flex_attention,
                                      or_masks)
 from flaxattn.attention.mask import MASK_KINDS, Mask
 from flaxattn.attention.placement import activation_layout
 
 __all__ = ["MASK_KINDS", "BlockMask", "Mask", "activation_layout", "and_masks", "create_block_mask",
-           "dot_product_attention", "flex_attention", "implementations", "or_masks"]
+           "describe_implementations", "dot_product_attention", "flex_attention", "implementations",
+           "or_masks"]

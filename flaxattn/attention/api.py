@@ -48,8 +48,30 @@ register(splash.IMPLEMENTATION, prefer_on={"tpu": 0})
 register(ring.IMPLEMENTATION)
 
 
-def implementations() -> list[dict]:
-  """Each registered implementation with what it supports (mask kinds, bias, dtypes, platforms...)."""
+def implementations(platform: str | None = None) -> tuple[str, ...]:
+  """Names of the implementations, each one a valid `dot_product_attention(implementation=...)`.
+
+  Args:
+    platform: None for every registered implementation (registration order); `'cpu'`, `'gpu'` or
+      `'tpu'` for those the dispatcher may pick there, in its auto order (first that supports the
+      call wins). Implementations used only by name (ring attention) are in the first list only.
+
+  What each one supports (masks, bias, dtypes, platforms...) is `describe_implementations()`.
+  """
+  if platform is None:
+    return tuple(_REGISTRY)
+  if platform not in _PREFERENCE:
+    raise ValueError(f"platform must be None or one of {sorted(_PREFERENCE)}, got {platform!r}")
+  return _PREFERENCE[platform]
+
+
+def describe_implementations() -> list[dict]:
+  """Each registered implementation's declaration: a dict with its `name` and what it supports.
+
+  Keys: `name`, `masks` (mask kinds), `bias`, `softcap`, `dropout`, `weights` (bools), `dtypes`,
+  `platforms`, `memory`, `notes`, `sequence_sharded` (needs the sequence split over a mesh axis) and
+  `equal_lengths` (needs q_len == kv_len).
+  """
   return [impl.describe() for impl in _REGISTRY.values()]
 
 

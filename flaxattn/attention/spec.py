@@ -90,7 +90,7 @@ class Implementation:
     return None
 
   def describe(self) -> dict:
-    """A plain dict of what this implementation supports (for `implementations()`)."""
+    """A plain dict of what this implementation supports (for `describe_implementations()`)."""
     return {
         "name": self.name,
         "masks": sorted(self.masks),

@@ -313,8 +313,8 @@ def bible_pairs(source: str, target: str, split: str) -> list[dict]:
   (nor its book's context) appears in two splits. Pairs come in canonical order.
 
   Args:
-    source, target: keys of `BIBLE_VERSIONS` (e.g. 'k' to 'l' for English to French, 'k' to '3'
-      for simplification); other codes raise `ValueError`.
+    source: a key of `BIBLE_VERSIONS` (e.g. 'k' for English); other codes raise `ValueError`.
+    target: a key of `BIBLE_VERSIONS` ('l' for French from 'k', '3' for simplification).
     split: one of `SPLITS`.
   """
   _check_version(source)

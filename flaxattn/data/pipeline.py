@@ -392,9 +392,10 @@ def make_dataset(examples, *, format: str, lengths: Mapping[str, int], batch_siz
     bos_id: first token of seq2seq `target_inputs`.
     pad_id: the id padding positions hold.
     seed: shuffling seed (training).
-    process_index, process_count: which share of the data this process reads and how many shares
-      there are: its block of the global batch rows (`flaxattn.parallel.row_block`), which is
-      `jax.process_index()` of `jax.process_count()` when the batch is split over all processes.
+    process_index: which share of the data this process reads: its block of the global batch rows
+      (`flaxattn.parallel.row_block`), `jax.process_index()` when the batch is split over all
+      processes.
+    process_count: how many shares there are (`jax.process_count()` in that case).
     packing: lm only: several documents per row, in order, greedily, with `segment_ids` and `positions`.
     bucket_boundaries: training only (evaluation keeps the full lengths so every batch has one shape):
       increasing lengths; an example goes to the first bucket whose boundary holds it (lm: its inputs;

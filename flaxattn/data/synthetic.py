@@ -214,7 +214,8 @@ def listops(split: str, num_examples: int, *, seed: int = 0, min_length: int = 5
     split: one of `TASK_SPLITS`; each split is an independent stream.
     num_examples: the sequence's length.
     seed: selects the whole data set.
-    min_length, max_length: inclusive bounds on an example's token count.
+    min_length: the fewest tokens of an example (inclusive).
+    max_length: the most tokens of an example (inclusive).
     max_depth: node levels of the tree, root 1 and digits included.
     max_args: the most arguments an operator takes (at least 2).
 

