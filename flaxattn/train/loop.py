@@ -4,9 +4,11 @@
 checkpoint in `WORKDIR/checkpoints`), jits the steps once, and runs to `config.steps`. Metrics stay
 on the devices between log steps: the host waits for the devices only to log (every
 `config.log_every` steps), to evaluate, and to check the loss before a checkpoint. Each log line
-goes to `WORKDIR/metrics.jsonl`, TensorBoard (`WORKDIR/tensorboard`) and a progress bar (step, loss, tokens/s, ETA), with throughput over the interval (the first one includes
-compilation) and MFU: model FLOPs (`flops.train_flops_per_token`) per second over the devices'
-matmul rate measured at startup.
+goes to `WORKDIR/metrics.jsonl`, TensorBoard (`WORKDIR/tensorboard`) and a progress bar (step, loss,
+tokens/s, ETA), with throughput over the interval (the first one includes compilation): real
+(non-padding) input tokens per second, all input positions per second, and MFU: model FLOPs
+(`flops.train_flops`: matmuls on real tokens) per second over the devices' matmul rate measured at
+startup.
 
 SIGTERM (on any process) finishes the current step, saves it, and returns, with no evaluation or
 report; every process stops at the same step (`_Preemption`). A rerun of the same command resumes
@@ -35,7 +37,7 @@ from flaxattn import parallel
 from flaxattn.config import config_changes, parse_checkpoint
 from flaxattn.train.checkpoint import Checkpointer, abstract_like
 from flaxattn.train.evaluate import prefixed
-from flaxattn.train.flops import measured_peak_flops, train_flops_per_token
+from flaxattn.train.flops import measured_peak_flops
 from flaxattn.train.optim import make_optimizer, make_schedule
 from flaxattn.train.run import build_run, evaluate_during_training, write_final_report
 from flaxattn.train.step import init_train_state, jit_steps, make_train_step
@@ -110,6 +112,23 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+# Per-step counts (`Run.batch_counts`, the loss weight `tokens`): summed into rates, not logged.
+_COUNTS = ("tokens", "model_flops", "real_tokens", "padded_tokens")
+
+
+def _rates(fetched: list[dict], elapsed: float, peak_flops: float) -> dict[str, float]:
+  """A log line's train metrics from the interval's step metrics: the last step's values, and
+  rates over the interval (`elapsed` seconds): `tokens_per_s` (real, non-padding input tokens),
+  `padded_tokens_per_s` (every input position), `steps_per_s`, and `mfu` (model FLOPs per second
+  over `peak_flops`)."""
+  total = lambda name: sum(float(m[name]) for m in fetched)
+  return {**{name: float(value) for name, value in fetched[-1].items() if name not in _COUNTS},
+          "tokens_per_s": total("real_tokens") / elapsed,
+          "padded_tokens_per_s": total("padded_tokens") / elapsed,
+          "steps_per_s": len(fetched) / elapsed,
+          "mfu": total("model_flops") / elapsed / peak_flops}
+
+
 def _write_metrics(path: str, record: dict, board: SummaryWriter | None) -> None:
   if jax.process_index() == 0:
     with open(path, "a") as f:
@@ -158,14 +177,13 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
                       eps=opt.eps, momentum=opt.momentum, clip_norm=opt.clip_norm or None)
   graphdef, state, state_shardings = init_train_state(run.make_model, tx, config.seed, mesh, rules)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  flops_per_token = train_flops_per_token(run.model_config, num_params, run.seq_len)
   peak_flops = measured_peak_flops(mesh)
-  logging.info("%d parameters, %.3g train FLOPs per token, measured peak %.3g FLOP/s", num_params,
-               flops_per_token, peak_flops)
+  logging.info("%d parameters, measured peak %.3g FLOP/s", num_params, peak_flops)
   train_data = run.train_iterator()
   batch_shardings = run.batch_shardings
   train_step, eval_step = jit_steps(
-      make_train_step(graphdef, tx, run.loss_fn, schedule, grad_accum_steps=config.grad_accum_steps),
+      make_train_step(graphdef, tx, run.loss_fn, schedule, grad_accum_steps=config.grad_accum_steps,
+                      batch_counts=run.batch_counts),
       run.eval_step(graphdef), state_shardings, batch_shardings, mesh, rules)
   evaluator = run.evaluator(graphdef, eval_step)
 
@@ -218,11 +236,8 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
       if step % config.log_every == 0 or last or stopping or evaluating:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
-        # Classification weighs examples, not tokens: each one is `seq_len` input tokens.
-        tokens_per_s = (sum(float(m["tokens"]) for m in fetched) * run.tokens_per_weight / elapsed)
-        record = {"step": step, **{name: float(value) for name, value in fetched[-1].items()},
-                  "tokens_per_s": tokens_per_s, "steps_per_s": len(fetched) / elapsed,
-                  "mfu": tokens_per_s * flops_per_token / peak_flops}
+        record = {"step": step, **_rates(fetched, elapsed, peak_flops)}
+        tokens_per_s = record["tokens_per_s"]
         if not math.isfinite(record["loss"]):
           checkpoints.wait()
           raise FloatingPointError(

@@ -15,6 +15,7 @@ import pathlib
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -23,6 +24,7 @@ from flaxattn import parallel
 from flaxattn.config import transformer_config
 from flaxattn.data import registry, tasks
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
+from flaxattn.train import flops
 from flaxattn.train.evaluate import Evaluator, prefixed
 from flaxattn.train.losses import LOSSES
 from flaxattn.train.step import make_eval_step
@@ -68,9 +70,20 @@ class Run:
                              process_index=index, process_count=count)
 
   @property
-  def tokens_per_weight(self) -> int:
-    """Input tokens per unit of loss weight: `seq_len` per example for classification, else 1."""
-    return self.seq_len if self.kind == "classification" else 1
+  def head(self) -> dict:
+    """The output head's description that `flaxattn.train.flops` takes (`num_classes`, `pooling`)."""
+    if self.kind != "classification":
+      return {}
+    return {"num_classes": len(self.task.class_names), "pooling": self.config.model.pooling}
+
+  def batch_counts(self, batch: dict) -> dict:
+    """What a training step on `batch` processes (float32 scalars, jittable): `model_flops` (matmuls
+    on real tokens, forward and backward: `flops.train_flops`), `real_tokens` (non-padding input
+    tokens, source and target for seq2seq) and `padded_tokens` (every input position)."""
+    inputs = ("source", "target_inputs") if self.kind == "seq2seq" else ("inputs",)
+    return {"model_flops": flops.train_flops(self.model_config, self.kind, batch, **self.head),
+            "real_tokens": flops.real_tokens(self.kind, batch),
+            "padded_tokens": jnp.asarray(sum(batch[name].size for name in inputs), jnp.float32)}
 
   @property
   def eval_batch_size(self) -> int:
