@@ -244,8 +244,9 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
               f"loss is {record['loss']} at step {step}; the last good checkpoint is step "
               f"{checkpoints.manager.latest_step()} in {workdir}/checkpoints")
         if evaluating:
-          record.update(prefixed(evaluate_during_training(run, evaluator, state.params, step=step,
-                                                          board=board), "eval"))
+          record.update(prefixed(evaluate_during_training(
+              run, evaluator, state.params, step=step, board=board, draw_attention=not last),
+              "eval"))
         _write_metrics(metrics_path, record, board)
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{record['loss']:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")

@@ -123,9 +123,11 @@ class Run:
 
 
 def evaluate_during_training(run: Run, evaluator: Evaluator, params, *, step: int,
-                             board=None) -> dict[str, float]:
-  """The loop's evaluation at `step`: validation metrics (Markov: its eval batches), and attention
-  maps of one example (data sets with text) under `WORKDIR/attention/step_<step>` (to TensorBoard when `board`)."""
+                             board=None, draw_attention: bool = True) -> dict[str, float]:
+  """The loop's evaluation at `step`: validation metrics (`config.eval_batches` batches), and with
+  `draw_attention` attention maps of one example (data sets with text) under
+  `WORKDIR/attention/step_<step>` (to TensorBoard when `board`). The loop's last evaluation draws
+  none: the final report draws the same parameters' maps once, in `WORKDIR/attention/final`."""
   config = run.config
   split = run.task.validation_split
   result = evaluator.evaluate(params, split, max_batches=config.eval_batches,
@@ -133,7 +135,8 @@ def evaluate_during_training(run: Run, evaluator: Evaluator, params, *, step: in
                               max_decode_examples=config.eval.decode_examples).metrics
   # Process 0 draws (it has the board); the others join in gathering the parameters.
   drawing = board is not None or jax.process_index() > 0
-  if drawing and run.task.tokenizer is not None and config.report.attention_examples:
+  if (draw_attention and drawing and run.task.tokenizer is not None and
+      config.report.attention_examples):
     images = attention_images(run, evaluator.graphdef, params,
                               os.path.join(run.workdir, "attention", f"step_{step}"), examples=1)
     if board is not None:
@@ -273,8 +276,10 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
             num_classes=len(run.task.class_names), c_grid=c_grid)
         c_grid = (scores["C"],)  # Chosen on the training split alone: no second search.
         final.update({f"baseline_tfidf_{split}_{name}": float(v) for name, v in scores.items()})
+  # Metrics, not counters (`report.COUNTERS`) nor a z-loss term that is 0 (no `loss.z_loss`).
   metrics = {key: value for key, value in {**record, **final}.items()
-             if key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss"))}
+             if (key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss")))
+             and report.is_metric(key) and not (key.endswith("z_loss") and value == 0)}
   report.write_report(workdir, title=f"{config.data.name} ({run.kind})", metrics=metrics,
                       tables=tables, images=images,
                       notes=notes)
