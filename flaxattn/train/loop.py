@@ -245,7 +245,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
               f"{checkpoints.manager.latest_step()} in {workdir}/checkpoints")
         if evaluating:
           record.update(prefixed(evaluate_during_training(
-              run, evaluator, state.params, step=step, board=board, draw_attention=not last),
+              run, evaluator, state.params, step=step, board=board, final=last),
               "eval"))
         _write_metrics(metrics_path, record, board)
         progress.update(step - progress.n)
@@ -269,7 +269,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   elif step == config.steps:
     if not any(key.startswith("eval_") for key in record):  # Resumed at the end: evaluate now.
       record = {"step": step, **prefixed(
-          evaluate_during_training(run, evaluator, state.params, step=step), "eval")}
+          evaluate_during_training(run, evaluator, state.params, step=step, final=True), "eval")}
     params, used = state.params, step
     if report_checkpoint != "latest":
       used = checkpoints.select(report_checkpoint)

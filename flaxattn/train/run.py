@@ -123,19 +123,22 @@ class Run:
 
 
 def evaluate_during_training(run: Run, evaluator: Evaluator, params, *, step: int,
-                             board=None, draw_attention: bool = True) -> dict[str, float]:
-  """The loop's evaluation at `step`: validation metrics (`config.eval_batches` batches), and with
-  `draw_attention` attention maps of one example (data sets with text) under
-  `WORKDIR/attention/step_<step>` (to TensorBoard when `board`). The loop's last evaluation draws
-  none: the final report draws the same parameters' maps once, in `WORKDIR/attention/final`."""
+                             board=None, final: bool = False) -> dict[str, float]:
+  """The loop's evaluation at `step`: validation metrics on `config.eval_batches` batches (`final`:
+  the whole split, unless the data set is endless), and attention maps of one example (data sets
+  with text) under `WORKDIR/attention/step_<step>` (to TensorBoard when `board`). The `final`
+  evaluation draws none: the final report draws the same parameters' maps once, in
+  `WORKDIR/attention/final`."""
   config = run.config
   split = run.task.validation_split
-  result = evaluator.evaluate(params, split, max_batches=config.eval_batches,
+  endless = registry.get(config.data.name).endless
+  result = evaluator.evaluate(params, split,
+                              max_batches=config.eval_batches if endless or not final else 0,
                               decode=config.eval.decode_every_eval,
                               max_decode_examples=config.eval.decode_examples).metrics
   # Process 0 draws (it has the board); the others join in gathering the parameters.
   drawing = board is not None or jax.process_index() > 0
-  if (draw_attention and drawing and run.task.tokenizer is not None and
+  if (not final and drawing and run.task.tokenizer is not None and
       config.report.attention_examples):
     images = attention_images(run, evaluator.graphdef, params,
                               os.path.join(run.workdir, "attention", f"step_{step}"), examples=1)
