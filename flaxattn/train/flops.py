@@ -150,12 +150,14 @@ def real_tokens(kind: str, batch: dict) -> jax.Array:
 
 
 def forward_flops_per_token(config: TransformerConfig, kind: str, seq_len: int, *,
-                            num_classes: int = 0, pooling: str = "first") -> float:
-  """`forward_flops` per input token of one unpadded sequence of `seq_len` tokens (source and target
-  both `seq_len` for seq2seq): the model summary's FLOPs per token."""
+                            target_len: int | None = None, num_classes: int = 0,
+                            pooling: str = "first") -> float:
+  """`forward_flops` per input token of one unpadded sequence of `seq_len` tokens (seq2seq: a source
+  of `seq_len` and a target of `target_len`, default `seq_len`): the model summary's FLOPs per
+  token."""
   full = np.ones((1, seq_len), np.int32)
-  batch = ({"source_mask": full, "target_mask": full} if kind == "seq2seq" else
-           {"inputs": full, "mask": full})
+  batch = ({"source_mask": full, "target_mask": np.ones((1, target_len or seq_len), np.int32)}
+           if kind == "seq2seq" else {"inputs": full, "mask": full})
   return float(forward_flops(config, kind, batch, num_classes=num_classes, pooling=pooling) /
                real_tokens(kind, batch))
 

@@ -35,6 +35,7 @@ from tensorboardX import SummaryWriter
 
 from flaxattn import parallel
 from flaxattn.config import config_changes, parse_checkpoint
+from flaxattn.files import write_atomically
 from flaxattn.train.checkpoint import Checkpointer, abstract_like
 from flaxattn.train.evaluate import prefixed
 from flaxattn.train.flops import measured_peak_flops
@@ -107,6 +108,18 @@ def _claim_workdir(config, workdir: str, restart: bool) -> None:
           "give --restart to move that run to WORKDIR.old-N and start over")
 
 
+def _write_summary(run, workdir: str) -> None:
+  """The model summary (`Run.summary`): one line per module in the log, the full table (a row per
+  parameter) in `WORKDIR/summary.txt`. Process 0 only."""
+  if jax.process_index() != 0:
+    return
+  model_summary = run.summary()
+  write_atomically(os.path.join(workdir, "summary.txt"),
+                   lambda f: f.write(model_summary.table("param") + "\n"))
+  logging.info("model (full table in %s):\n%s", os.path.join(workdir, "summary.txt"),
+               model_summary)
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
@@ -168,6 +181,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   os.makedirs(workdir, exist_ok=True)
   run = build_run(config, workdir)
   mesh, rules = run.mesh, run.rules
+  _write_summary(run, workdir)
 
   schedule = make_schedule(config.schedule.name, config.optimizer.learning_rate, steps=config.steps,
                            warmup_steps=config.schedule.warmup_steps,

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from flaxattn import parallel
+from flaxattn import nn, parallel
 from flaxattn.config import transformer_config
 from flaxattn.data import registry, tasks
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
@@ -75,6 +75,19 @@ class Run:
     if self.kind != "classification":
       return {}
     return {"num_classes": len(self.task.class_names), "pooling": self.config.model.pooling}
+
+  def summary(self) -> nn.ModelSummary:
+    """The model's parameters (built abstractly: nothing is initialised) under this run's rules and
+    mesh, with its forward FLOPs per token of a full-length sequence (`flaxattn.nn.summary`)."""
+    model = nnx.eval_shape(lambda: self.make_model(nnx.Rngs(0)))
+    lengths = self.task.lengths
+    if self.kind == "seq2seq":
+      per_token = flops.forward_flops_per_token(self.model_config, self.kind, lengths["source"],
+                                                target_len=lengths["target"])
+    else:
+      per_token = flops.forward_flops_per_token(self.model_config, self.kind, self.seq_len,
+                                                **self.head)
+    return nn.summary(model, rules=self.rules, mesh=self.mesh, flops_per_token=per_token)
 
   def batch_counts(self, batch: dict) -> dict:
     """What a training step on `batch` processes (float32 scalars, jittable): `model_flops` (matmuls
