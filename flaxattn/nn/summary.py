@@ -20,9 +20,10 @@ from flaxattn.nn.sharding import logical_spec
 
 @dataclasses.dataclass(frozen=True)
 class ParamRow:
-  """One parameter: `path` ('/'-joined), `module` (its first `depth` parts), `shape`, `count`,
-  `dtype`, `axes` (logical names, None for an unnamed dimension), `sharding` (the mesh
-  `PartitionSpec` as text; 'replicated' without rules or when no dimension is split), `bytes` (of
+  """One parameter: `path` ('/'-joined), `module` (the first `depth` parts of its module's path), `shape`, `count`,
+  `dtype`, `axes` (logical names, None for an unnamed dimension), `spec` (the mesh `PartitionSpec`
+  the rules give them), `sharding` (`spec` as text, 'replicated' when no dimension is split or
+  without rules), `bytes` (of
   the whole parameter) and `device_bytes` (of one device's shard: `bytes` without a mesh)."""
 
   path: str
@@ -31,6 +32,7 @@ class ParamRow:
   count: int
   dtype: str
   axes: tuple[str | None, ...]
+  spec: jax.sharding.PartitionSpec
   sharding: str
   bytes: int
   device_bytes: int
@@ -111,6 +113,13 @@ def _bytes(size: int) -> str:
   return f"{size} B"
 
 
+def _spec_text(spec: jax.sharding.PartitionSpec) -> str:
+  """`P('fsdp', 'tensor', None)` (the same text on every jax version), or 'replicated'."""
+  if all(entry is None for entry in spec):
+    return "replicated"
+  return "P(" + ", ".join(map(repr, spec)) + ")"
+
+
 def _path(keys: Sequence) -> str:
   return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in keys)
 
@@ -125,7 +134,8 @@ def summary(model: nnx.Module, *, rules=None, mesh: jax.sharding.Mesh | None = N
     rules: logical axis rules (`flaxattn.parallel.make_rules`); None: every parameter replicated.
     mesh: the mesh the rules map onto, for each device's bytes (and the mesh's shape in the text).
     flops_per_token: the model's forward FLOPs per token (`flaxattn.train.flops`), printed last.
-    depth: path parts that name a module for the subtotals (2: `decoder/layers`, `embedder/token`).
+    depth: the leading parts of a parameter's module path that group it for the subtotals (2:
+      `decoder/layers`, `embedder/token`, `lm_head`).
 
   Returns:
     A `ModelSummary`; `print(summary(model))` shows one line per module, `.table('param')` one per
@@ -146,9 +156,8 @@ def summary(model: nnx.Module, *, rules=None, mesh: jax.sharding.Mesh | None = N
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     path = _path(keys)
     rows.append(ParamRow(
-        path=path, module="/".join(path.split("/")[:depth]), shape=shape,
+        path=path, module="/".join(path.split("/")[:-1][:depth]) or path, shape=shape,
         count=int(np.prod(shape, dtype=np.int64)), dtype=str(dtype), axes=axes,
-        sharding=str(spec) if any(entry is not None for entry in spec) else "replicated",
-        bytes=size, device_bytes=size // split))
+        spec=spec, sharding=_spec_text(spec), bytes=size, device_bytes=size // split))
   return ModelSummary(rows=rows, flops_per_token=flops_per_token,
                       mesh_shape=None if mesh is None else dict(mesh.shape))

@@ -70,10 +70,15 @@ def is_metric(name: str) -> bool:
                  for counter in COUNTERS)
 
 
+def _smoothing(points: int) -> float:
+  """The moving average's weight for a series of `points`: 0 (none) up to 8 points, 0.9 from 80."""
+  return float(np.clip(1.0 - 8.0 / max(points, 1), 0.0, 0.9))
+
+
 def smoothed(values: np.ndarray) -> np.ndarray:
-  """A debiased exponential moving average of `values` (as TensorBoard's smoothing), with a weight
-  that grows with the number of points: 0 (no smoothing) up to 8 points, 0.9 from 80."""
-  weight = float(np.clip(1.0 - 8.0 / max(len(values), 1), 0.0, 0.9))
+  """A debiased exponential moving average of `values` (as TensorBoard's smoothing), weighted by
+  `_smoothing(len(values))`: longer series are smoothed more."""
+  weight = _smoothing(len(values))
   average, out = 0.0, np.empty(len(values))
   for index, value in enumerate(values):
     average = weight * average + (1.0 - weight) * value
@@ -134,7 +139,8 @@ def plot_learning_curves(metrics_jsonl_path: str, png_path: str, *, log_loss: bo
       steps, values = _series(records, "loss")
       if steps.size:
         line, = ax.plot(steps, values, alpha=0.25, linewidth=1)
-        ax.plot(steps, smoothed(values), color=line.get_color(), label="train (smoothed)")
+        ax.plot(steps, smoothed(values), color=line.get_color(),
+                label="train (smoothed)" if _smoothing(steps.size) else "train")
       steps, values = _series(records, "eval_loss")
       if steps.size:
         ax.plot(steps, values, marker="o", markersize=4, label="eval")
