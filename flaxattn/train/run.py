@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import pathlib
 from typing import Any, Callable
@@ -139,9 +140,9 @@ def evaluate_during_training(run: Run, evaluator: Evaluator, params, *, step: in
                              board=None, final: bool = False) -> dict[str, float]:
   """The loop's evaluation at `step`: validation metrics on `config.eval_batches` batches (`final`:
   the whole split, unless the data set is endless), and attention maps of one example (data sets
-  with text) under `WORKDIR/attention/step_<step>` (to TensorBoard when `board`). The `final`
-  evaluation draws none: the final report draws the same parameters' maps once, in
-  `WORKDIR/attention/final`."""
+  with text) under `WORKDIR/attention/step_<step>` (to TensorBoard when `board`) at most
+  `_TRAINING_DRAWS` times a run (`_draws_at`). The `final` evaluation draws none: the final report
+  draws the same parameters' maps once, in `WORKDIR/attention/final`."""
   config = run.config
   split = run.task.validation_split
   endless = registry.get(config.data.name).endless
@@ -151,7 +152,7 @@ def evaluate_during_training(run: Run, evaluator: Evaluator, params, *, step: in
                               max_decode_examples=config.eval.decode_examples).metrics
   # Process 0 draws (it has the board); the others join in gathering the parameters.
   drawing = board is not None or jax.process_index() > 0
-  if (not final and drawing and run.task.tokenizer is not None and
+  if (not final and _draws_at(config, step) and drawing and run.task.tokenizer is not None and
       config.report.attention_examples):
     images = attention_images(run, evaluator.graphdef, params,
                               os.path.join(run.workdir, "attention", f"step_{step}"), examples=1)
@@ -159,6 +160,21 @@ def evaluate_during_training(run: Run, evaluator: Evaluator, params, *, step: in
       from flaxattn.train import report  # Deferred: matplotlib.
       report.log_images(board, images, step)
   return result
+
+
+# Attention maps drawn during training (the final report draws its own): a few show how attention
+# forms, while drawing one at every evaluation costs seconds each for a 6-layer, 12-head model.
+_TRAINING_DRAWS = 3
+
+
+def _draws_at(config, step: int) -> bool:
+  """Whether the evaluation at `step` draws attention maps: every k-th evaluation, k chosen so
+  that at most `_TRAINING_DRAWS` of those before the last one draw."""
+  if not config.eval_every or step % config.eval_every:
+    return False
+  evaluations = (config.steps - 1) // config.eval_every  # Those before the final one.
+  every = max(1, math.ceil(evaluations / _TRAINING_DRAWS))
+  return (step // config.eval_every) % every == 0
 
 
 # Longer inputs make unreadable heatmaps; the report draws the first validation examples below it.
@@ -292,10 +308,14 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
             num_classes=len(run.task.class_names), c_grid=c_grid)
         c_grid = (scores["C"],)  # Chosen on the training split alone: no second search.
         final.update({f"baseline_tfidf_{split}_{name}": float(v) for name, v in scores.items()})
-  # Metrics, not counters (`report.COUNTERS`) nor a z-loss term that is 0 (no `loss.z_loss`).
-  metrics = {key: value for key, value in {**record, **final}.items()
+  # Metrics, not counters (`report.COUNTERS`), nor a z-loss term that is 0 (no `loss.z_loss`) or
+  # an nll equal to the loss (no label smoothing or z-loss).
+  everything = {**record, **final}
+  redundant = lambda key, value: (key.endswith("z_loss") and value == 0 or key.endswith("_nll")
+                                  and everything.get(key[:-len("nll")] + "loss") == value)
+  metrics = {key: value for key, value in everything.items()
              if (key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss")))
-             and report.is_metric(key) and not (key.endswith("z_loss") and value == 0)}
+             and report.is_metric(key) and not redundant(key, value)}
   report.write_report(workdir, title=f"{config.data.name} ({run.kind})", metrics=metrics,
                       tables=tables, images=images,
                       notes=notes)
