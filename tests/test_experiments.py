@@ -57,7 +57,7 @@ def test_smoke_variant_trains_evaluates_and_reports(name, tmp_path_factory):
   assert record["step"] == experiment_config(name).steps
   files = set(os.listdir(workdir))
   assert {"report.md", "report.json", "learning_curves.png", "metrics.jsonl", "config.json",
-          "checkpoints", "tokenizer"} <= files
+          "checkpoints", "tokenizer", "summary.txt"} <= files
   report = (pathlib.Path(workdir) / "report.md").read_text()
   assert "learning_curves.png" in report and "attention" in report
   pngs = list(pathlib.Path(workdir, "attention").rglob("*.png"))
