@@ -41,7 +41,7 @@ def test_learning_curves_png(tmp_path):
 
 
 def test_smoothing_and_metric_names():
-  assert np.array_equal(smoothed(np.arange(8.0)), np.arange(8.0))  # Few points: drawn as they are.
+  assert np.array_equal(smoothed(np.arange(16.0)), np.arange(16.0))  # Few points: drawn as they are.
   np.testing.assert_allclose(smoothed(np.full(50, 2.5)), 2.5, rtol=1e-12)  # Debiased: no ramp.
   noisy = np.random.default_rng(0).normal(size=400)
   assert smoothed(noisy)[100:].std() < 0.4 * noisy.std()

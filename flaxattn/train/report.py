@@ -71,8 +71,10 @@ def is_metric(name: str) -> bool:
 
 
 def _smoothing(points: int) -> float:
-  """The moving average's weight for a series of `points`: 0 (none) up to 8 points, 0.9 from 80."""
-  return float(np.clip(1.0 - 8.0 / max(points, 1), 0.0, 0.9))
+  """The moving average's weight for a series of `points`: 0 (none) up to 16 points, rising to 0.9
+  from 160 (a short curve is drawn as logged; a long, noisy one averages about 1 / (1 - weight)
+  points)."""
+  return float(np.clip(1.0 - 16.0 / max(points, 1), 0.0, 0.9))
 
 
 def smoothed(values: np.ndarray) -> np.ndarray:
@@ -148,7 +150,10 @@ def plot_learning_curves(metrics_jsonl_path: str, png_path: str, *, log_loss: bo
       if log_loss:
         ax.set_yscale("log")
     else:
-      ax.plot(*_series(records, panel), marker="o", markersize=4)
+      steps, values = _series(records, panel)
+      ax.plot(steps, values, marker="o", markersize=4)
+      if panel.endswith("perplexity") and values.min() > 0 and values.max() > 10 * values.min():
+        ax.set_yscale("log")  # From ~vocabulary size down to a few: linear hides the end.
     ax.set_title(panel[len("eval_"):] if panel.startswith("eval_") else panel)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
