@@ -311,8 +311,9 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
   # Metrics, not counters (`report.COUNTERS`), nor a z-loss term that is 0 (no `loss.z_loss`) or
   # an nll equal to the loss (no label smoothing or z-loss).
   everything = {**record, **final}
+  loss_of = lambda key: everything.get(key[:-len("nll")] + "loss", math.nan)
   redundant = lambda key, value: (key.endswith("z_loss") and value == 0 or key.endswith("_nll")
-                                  and everything.get(key[:-len("nll")] + "loss") == value)
+                                  and math.isclose(loss_of(key), value, rel_tol=1e-5))
   metrics = {key: value for key, value in everything.items()
              if (key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss")))
              and report.is_metric(key) and not redundant(key, value)}
