@@ -25,9 +25,9 @@ def get_config(arg=None):
   variant = parse_variant(arg, __file__, VARIANTS).variant
   config = base_config()
   config.task = "classification"
-  # 10 evaluations on 8 validation batches (256 tweets, seconds each) draw the curves; the last
-  # one covers the whole split.
-  config.update(steps=300, batch_size=32, log_every=25, eval_every=30, eval_batches=8,
+  # 10 evaluations draw the curves: 9 on 4 validation batches (128 tweets, ~4 s each on 2 CPU
+  # cores, against ~90 s for the whole split), the last on the whole split.
+  config.update(steps=300, batch_size=32, log_every=25, eval_every=30, eval_batches=4,
                 checkpoint_every=300, best_checkpoint_metric="eval_accuracy",
                 best_checkpoint_mode="max")
   config.data.update(name="tweets", seq_len=64)
