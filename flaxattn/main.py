@@ -89,7 +89,7 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   if _WORKDIR.value is None and not (_MODE.value == "summary" and config is not None):
-    raise app.UsageError("--workdir is required (summary: or --config)")
+    raise app.UsageError("--workdir is required (the summary mode takes --config instead)")
   if config is None:
     if _MODE.value == "train":
       raise app.UsageError("--config is required to train")

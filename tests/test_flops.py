@@ -80,7 +80,8 @@ def test_encoder_classifier_hand_count(pooling):
   block = sum(size for path, size in sizes.items() if "/layers/" in path)
   lengths, examples = [7, 2, 0], 2  # The last row is a padding example: no tokens, no head.
   tokens = sum(lengths)
-  expected = 2 * tokens * block + config.num_layers * pairs(lengths, causal=False) * head_flops(config)
+  expected = (2 * tokens * block
+              + config.num_layers * pairs(lengths, causal=False) * head_flops(config))
   expected += 2 * examples * sizes["head/kernel"]
   if pooling == "attention":
     expected += 2 * tokens * sizes["attention_pooling/score/kernel"]

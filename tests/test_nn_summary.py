@@ -44,13 +44,15 @@ def test_counts_match_hand_formula(abstract_classifier):
   assert {name: count for name, (count, _) in result.modules.items()} == expected
   assert result.total_params == sum(expected.values())
   assert result.total_bytes == 4 * sum(expected.values())  # float32
-  query = next(row for row in result.rows if row.path == "encoder/encoder/layers/0/attention/query/kernel")
+  query = next(row for row in result.rows
+               if row.path == "encoder/encoder/layers/0/attention/query/kernel")
   assert query.shape == (12, 3, 4) and query.axes == ("embed", "heads", "head_dim")
   assert query.sharding == "replicated" and query.device_bytes == query.bytes == 12 * 12 * 4
   text = result.table("param")
   assert "encoder/encoder/layers/0/attention/query/kernel" in text
   assert f"{sum(expected.values()):,}" in text and "1,234" in text
-  assert len(str(result).splitlines()) == 2 + len(expected) + 2 + 1  # Header, modules, total, FLOPs.
+  # Header and rule, a line per module, rule and total, FLOPs.
+  assert len(str(result).splitlines()) == 2 + len(expected) + 2 + 1
 
 
 def test_scanned_decoder_counts():
@@ -109,7 +111,8 @@ def test_summary_cli_mode():
   lines = result.stdout.splitlines()
   assert lines[0].split()[:3] == ["parameter", "shape", "count"]
   total = next(line for line in lines if line.startswith("total"))
-  # lm_tiny: vocab 256 x 64 tied embedding, 2 scanned Llama blocks (GQA 4/2 heads, SwiGLU 128), RMSNorm.
+  # lm_tiny: a tied 256 x 64 embedding, 2 scanned Llama blocks (GQA 4/2 heads of 16, SwiGLU 128,
+  # 2 RMSNorms), the final RMSNorm.
   block = 64 * 16 * (2 * 4 + 2 * 2) + 3 * 64 * 128 + 2 * 64
   assert f"{256 * 64 + 2 * block + 64:,}" in total
   assert any(line.startswith("forward FLOPs per token") for line in lines)

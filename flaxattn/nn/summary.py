@@ -20,8 +20,8 @@ from flaxattn.nn.sharding import logical_spec
 
 @dataclasses.dataclass(frozen=True)
 class ParamRow:
-  """One parameter: `path` ('/'-joined), `module` (the first `depth` parts of its module's path), `shape`, `count`,
-  `dtype`, `axes` (logical names, None for an unnamed dimension), `spec` (the mesh `PartitionSpec`
+  """One parameter: `path` ('/'-joined), `module` (the first `depth` parts of its module's path),
+  `shape`, `count`, `dtype`, `axes` (logical names, None for an unnamed dimension), `spec` (the mesh `PartitionSpec`
   the rules give them), `sharding` (`spec` as text, 'replicated' when no dimension is split or
   without rules), `bytes` (of
   the whole parameter) and `device_bytes` (of one device's shard: `bytes` without a mesh)."""

@@ -1,4 +1,4 @@
-"""Model FLOPs of a batch (matmuls on real tokens only) and the devices' measured matmul rate, for MFU.
+"""Model FLOPs of a batch (matmuls on real tokens only) and the devices' matmul rate, for MFU.
 
 What counts (a multiply-add is 2 FLOPs): every matmul of the forward pass on the batch's real
 (non-padding) tokens: the attention projections (query, key, value, output), the MLP, the output
@@ -42,7 +42,7 @@ def _projection_flops(config: TransformerConfig) -> int:
 
 
 def _kernelized_flops(config: TransformerConfig) -> int:
-  """Forward FLOPs per token and layer of kernelized attention in its recurrent form (0 for softmax)."""
+  """Forward FLOPs per token and layer of kernelized attention, recurrent form (0 for softmax)."""
   if config.attention_kind == "softmax":
     return 0
   hd, heads = config.features_per_head, config.num_heads
@@ -126,8 +126,8 @@ def forward_flops(config: TransformerConfig, kind: str, batch: dict, *, num_clas
   # real (target, source) pair of a row.
   pairs = jnp.sum(jnp.sum(target != 0, axis=1).astype(jnp.float32) *
                   jnp.sum(source != 0, axis=1).astype(jnp.float32))
-  flops = flops + layers * (count(target) * 2 * d * hd * 2 * heads + count(source) * 2 * d * hd * 2 * kv
-                            + pairs * 4 * heads * hd)
+  flops = flops + layers * (count(target) * 2 * d * hd * 2 * heads
+                            + count(source) * 2 * d * hd * 2 * kv + pairs * 4 * heads * hd)
   return flops + count(target) * 2 * d * config.vocab_size
 
 

@@ -72,7 +72,7 @@ class Run:
 
   @property
   def head(self) -> dict:
-    """The output head's description that `flaxattn.train.flops` takes (`num_classes`, `pooling`)."""
+    """The output head as `flaxattn.train.flops` takes it (`num_classes`, `pooling`)."""
     if self.kind != "classification":
       return {}
     return {"num_classes": len(self.task.class_names), "pooling": self.config.model.pooling}
