@@ -3,9 +3,10 @@ TensorBoard images.
 
 `plot_learning_curves` draws the training loss (smoothed) with the eval loss, and each evaluation
 metric (not the counters) against the step; `write_report` writes the final metrics, result tables,
-image links and notes as Markdown (and the metrics as JSON), atomically; `log_images` sends PNG files (learning curves, attention maps from
-`flaxattn.models.attention_maps`) to TensorBoard, and `figure_array` / `png_to_array` turn figures
-and PNG files into the uint8 `[height, width, 3]` images it sends.
+image links and notes as Markdown (and the metrics as JSON), atomically; `log_images` sends PNG
+files (learning curves, attention maps from `flaxattn.models.attention_maps`) to TensorBoard, and
+`figure_array` / `png_to_array` turn figures and PNG files into the uint8 `[height, width, 3]`
+images it sends.
 """
 
 from __future__ import annotations
