@@ -160,3 +160,14 @@ def test_per_token_flops():
   n = 8
   expected = 2 * sum(sizes.values()) + SMALL.num_layers * (n + 1) / 2 * head_flops(SMALL)
   assert flops.forward_flops_per_token(SMALL, "lm", n) == pytest.approx(expected, rel=1e-6)
+
+
+def test_log_line_rates_from_step_counts():
+  from flaxattn.train.loop import _rates
+  steps = [{"loss": 3.0, "tokens": 4.0, "model_flops": 100.0, "real_tokens": 3.0,
+            "padded_tokens": 4.0},
+           {"loss": 2.0, "tokens": 4.0, "model_flops": 300.0, "real_tokens": 5.0,
+            "padded_tokens": 8.0}]
+  record = _rates(steps, elapsed=2.0, peak_flops=10.0)
+  assert record == {"loss": 2.0, "tokens_per_s": 4.0, "padded_tokens_per_s": 6.0,
+                    "steps_per_s": 1.0, "mfu": 20.0}  # Counts become rates; the last loss.

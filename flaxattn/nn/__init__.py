@@ -10,7 +10,7 @@ from flaxattn.nn.positions import (LearnedPositions, RelativePositionBias, alibi
                                    apply_rope, relative_position_bucket, sinusoidal)
 from flaxattn.nn.recurrent import GRU, LSTM, Recurrent, RecurrentAttentionEncoder, RecurrentCell
 from flaxattn.nn.sharding import constrain
-from flaxattn.nn.summary import ModelSummary, ParamRow, summary
+from flaxattn.nn.summaries import ModelSummary, ParamRow, summary
 from flaxattn.nn.transformer import (Decoder, Embedder, Encoder, TransformerBlock, TransformerStack,
                                      positions_from_mask)
 
