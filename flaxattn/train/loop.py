@@ -39,6 +39,7 @@ from flaxattn.files import write_atomically
 from flaxattn.train.checkpoint import Checkpointer, abstract_like
 from flaxattn.train.evaluate import prefixed
 from flaxattn.train.flops import measured_peak_flops
+from flaxattn.train.metrics import is_metric
 from flaxattn.train.optim import make_optimizer, make_schedule
 from flaxattn.train.run import build_run, evaluate_during_training, write_final_report
 from flaxattn.train.step import init_train_state, jit_steps, make_train_step
@@ -147,7 +148,7 @@ def _write_metrics(path: str, record: dict, board: SummaryWriter | None) -> None
     with open(path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for name, value in record.items():
-      if name != "step":
+      if name != "step" and is_metric(name):  # Counters stay in the file only.
         board.add_scalar(name, value, record["step"])
     board.flush()
 

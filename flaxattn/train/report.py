@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from flaxattn.files import write_atomically
+from flaxattn.train.metrics import COUNTERS, is_metric  # noqa: F401 (part of this API)
 
 
 def read_metrics(metrics_jsonl_path: str) -> list[dict]:
@@ -56,19 +57,9 @@ def _series(records: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(steps, np.float64), np.asarray(values, np.float64)
 
 
-# Counts that evaluations log beside their metrics (how much was evaluated, not how well): kept
-# in metrics.jsonl, left out of the plots and the report's metric table.
-COUNTERS = ("tokens", "examples", "decoded_examples", "truncated_sources")
 # Parts of the loss: `z_loss` is the z-loss term (0 unless `loss.z_loss`), `nll` the cross-entropy
 # (`loss` without label smoothing and z-loss; `perplexity` is its exponential).
 LOSS_PARTS = ("z_loss", "nll")
-
-
-def is_metric(name: str) -> bool:
-  """Whether a logged `name` (`eval_accuracy`, `test_examples`, ...) is a metric rather than a
-  counter (`COUNTERS`, after the `eval_` / `test_` prefix)."""
-  return not any(name == f"{prefix}_{counter}" for prefix in ("eval", "test")
-                 for counter in COUNTERS)
 
 
 def _smoothing(points: int) -> float:

@@ -308,7 +308,7 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
             num_classes=len(run.task.class_names), c_grid=c_grid)
         c_grid = (scores["C"],)  # Chosen on the training split alone: no second search.
         final.update({f"baseline_tfidf_{split}_{name}": float(v) for name, v in scores.items()})
-  # Metrics, not counters (`report.COUNTERS`), nor a z-loss term that is 0 (no `loss.z_loss`) or
+  # Metrics, not counters (`metrics.COUNTERS`), nor a z-loss term that is 0 (no `loss.z_loss`) or
   # an nll equal to the loss (no label smoothing or z-loss).
   everything = {**record, **final}
   loss_of = lambda key: everything.get(key[:-len("nll")] + "loss", math.nan)
