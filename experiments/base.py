@@ -27,7 +27,7 @@ def bible_seq2seq_config(target: str, *, smoke: bool = False):
   `smoke`: tiny, 30 steps, 16 decoded verses."""
   config = base_config()
   config.task = "seq2seq"
-  config.update(steps=400, batch_size=32, log_every=50, eval_every=300, eval_batches=0,
+  config.update(steps=400, batch_size=32, log_every=50, eval_every=50, eval_batches=4,
                 checkpoint_every=300)
   config.data.update(name="bible", source="k", target=target, source_len=64, target_len=80,
                      tokenizer="sentencepiece", vocab_size=8000)

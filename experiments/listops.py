@@ -24,7 +24,7 @@ def get_config(arg=None):
   variant = parse_variant(arg, __file__, VARIANTS).variant
   config = base_config()
   config.task = "classification"
-  config.update(steps=5000, batch_size=32, log_every=100, eval_every=1000, eval_batches=0,
+  config.update(steps=5000, batch_size=32, log_every=100, eval_every=500, eval_batches=8,
                 checkpoint_every=1000, best_checkpoint_metric="eval_accuracy",
                 best_checkpoint_mode="max")
   config.data.update(name="listops", seq_len=2048, min_length=500, max_length=2000,
@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.report.attention_examples = 1
 
   if variant == "cpu":
-    config.update(steps=2000, batch_size=32, eval_every=500, checkpoint_every=500)
+    config.update(steps=2000, batch_size=32, eval_every=200, checkpoint_every=500)
     config.data.update(seq_len=512, min_length=100, max_length=500, train_examples=32_000,
                        eval_examples=1_000)
     config.model.update(d_model=128, num_heads=4, mlp_dim=256, num_layers=2, max_length=512)

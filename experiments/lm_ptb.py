@@ -20,7 +20,7 @@ def get_config(arg=None):
   variant = parse_variant(arg, __file__, VARIANTS).variant
   config = base_config()
   config.task = "lm"
-  config.update(steps=900, batch_size=32, log_every=50, eval_every=300, eval_batches=0,
+  config.update(steps=900, batch_size=32, log_every=50, eval_every=100, eval_batches=8,
                 checkpoint_every=300)
   config.data.update(name="ptb", seq_len=64, tokenizer="word")
   config.model.update(d_model=256, num_heads=4, mlp_dim=1024, num_layers=2, max_length=64,

@@ -21,7 +21,7 @@ VARIANTS = ("", "bf16", "accum", "sharded", "ring")
 def get_config(arg=None):
   variant = parse_variant(arg, __file__, VARIANTS).variant
   config = base_config()
-  config.update(steps=300, batch_size=16, log_every=25, eval_every=100, eval_batches=2,
+  config.update(steps=300, batch_size=16, log_every=25, eval_every=30, eval_batches=2,
                 checkpoint_every=100)
   # A small Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, scanned layers.
   config.model.update(vocab_size=256, d_model=64, num_heads=4, kv_heads=2, mlp_dim=128,

@@ -25,7 +25,9 @@ def get_config(arg=None):
   variant = parse_variant(arg, __file__, VARIANTS).variant
   config = base_config()
   config.task = "classification"
-  config.update(steps=300, batch_size=32, log_every=25, eval_every=0, eval_batches=0,
+  # 10 evaluations draw the curves: 9 on 4 validation batches (128 tweets, ~4 s each on 2 CPU
+  # cores, against ~90 s for the whole split), the last on the whole split.
+  config.update(steps=300, batch_size=32, log_every=25, eval_every=30, eval_batches=4,
                 checkpoint_every=300, best_checkpoint_metric="eval_accuracy",
                 best_checkpoint_mode="max")
   config.data.update(name="tweets", seq_len=64)
@@ -37,7 +39,7 @@ def get_config(arg=None):
 
   if variant in ("scratch", "smoke"):
     config.model.pretrained = ""
-    config.update(steps=1500, batch_size=64, log_every=50, eval_every=500, checkpoint_every=500)
+    config.update(steps=1500, batch_size=64, log_every=50, eval_every=150, checkpoint_every=500)
     config.data.update(tokenizer="sentencepiece", vocab_size=4000)
     config.model.update(d_model=128, num_heads=4, mlp_dim=512, num_layers=4, max_length=64,
                         positions="learned")

@@ -25,7 +25,7 @@ def get_config(arg=None):
   padded = max(16, -(-(length + 2) // 8) * 8)
   config = base_config()
   config.task = "seq2seq"
-  config.update(steps=400, batch_size=32, log_every=50, eval_every=0, eval_batches=0,
+  config.update(steps=400, batch_size=32, log_every=50, eval_every=50, eval_batches=4,
                 checkpoint_every=400)
   config.data.update(name=name, source_len=padded, target_len=padded, vocab_size=20,
                      min_length=length, train_examples=20_000, eval_examples=64)

@@ -63,8 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.batch_size = 32  # Global batch in sequences, split over mesh.data x mesh.fsdp.
   config.grad_accum_steps = 1  # Microbatches per step (gradients summed in a scan, one update).
   config.log_every = 50  # Steps between lines of WORKDIR/metrics.jsonl (the only host syncs).
-  config.eval_every = 500  # Steps between evaluations; 0: only the final one.
-  config.eval_batches = 4  # Batches per evaluation; 0: the whole split (the final eval always is).
+  config.eval_every = 100  # Steps between evaluations (10 curve points in 1000); 0: the last only.
+  config.eval_batches = 4  # Batches per evaluation; 0: the whole split (the last one's, if finite).
   config.checkpoint_every = 500  # Steps between checkpoints (also at the end and on SIGTERM).
   config.keep_checkpoints = 3  # Most recent checkpoints kept (plus the best, below).
   config.best_checkpoint_metric = "eval_loss"  # Also keep the best by this (BEST_METRICS; '': no).

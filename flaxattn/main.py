@@ -10,6 +10,8 @@ Modes (`--mode=`, or the first word of the console script: `flaxattn attend --wo
           `--temperature` sampling), or predicted labels with probabilities (classification).
   attend  attention maps of `--text` (repeatable; seq2seq: the source, the target is generated)
           as labelled heatmaps, rollout and cross-attention alignments, in `DIR/attention/cli/`.
+  summary the model's parameter table (shapes, counts, dtypes, logical axes, sharding, bytes,
+          FLOPs per token) from `--config` (or DIR's config), built abstractly; no DIR needed.
 Modes other than train read the run's config from `DIR/config.json` unless `--config` is given.
 `--checkpoint=latest|best|STEP` (`config.checkpoint`) picks the checkpoint that eval, decode and
 attend read and that the final report of train evaluates (the report names it and its step).
@@ -41,7 +43,7 @@ from ml_collections import config_dict, config_flags
 
 from flaxattn.config import validate
 
-MODES = ("train", "eval", "decode", "attend")
+MODES = ("train", "eval", "decode", "attend", "summary")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config(arg) -> ConfigDict), with an optional "
     "':variant' argument.", lock_config=True)
@@ -65,7 +67,6 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process run
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 to num_processes-1.")
-flags.mark_flags_as_required(["workdir"])
 
 
 def _run_config(workdir: str):
@@ -87,6 +88,8 @@ def main(argv):
     from flaxattn.parallel import distributed
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
+  if _WORKDIR.value is None and not (_MODE.value == "summary" and config is not None):
+    raise app.UsageError("--workdir is required (the summary mode takes --config instead)")
   if config is None:
     if _MODE.value == "train":
       raise app.UsageError("--config is required to train")
@@ -98,6 +101,10 @@ def main(argv):
   if _MODE.value == "train":
     from flaxattn.train.loop import train_and_evaluate
     train_and_evaluate(config, _WORKDIR.value, restart=_RESTART.value)
+    return
+  if _MODE.value == "summary":  # The model built abstractly: its parameter table, nothing trained.
+    from flaxattn.train.inference import model_summary
+    print(model_summary(config, _WORKDIR.value).table("param"))
     return
   from flaxattn.train import inference
   if _MODE.value == "eval":

@@ -193,6 +193,20 @@ def test_plots_write_readable_pngs(tmp_path):
   assert pixels.shape == (100, 150, 3) and pixels.dtype == np.uint8
 
 
+def test_long_title_on_a_small_figure_is_wrapped_not_cut(tmp_path):
+  # Three tokens make the narrowest figure; a rollout's title is wider than it on one line.
+  labels = ["<s>", "hi", "</s>"]
+  weights = np.random.default_rng(0).dirichlet(np.ones(3), size=3)
+  image = png_to_array(plot_attention(
+      weights, labels, labels, str(tmp_path / "rollout.png"),
+      title="example0: self-attention rollout over 6 layers", row_name="output token (last layer)",
+      col_name="input token"))
+  title_band = image[: image.shape[0] // 6]
+  assert title_band.min() < 100  # The title is drawn ...
+  edges = np.concatenate([title_band[:, :3], title_band[:, -3:]], axis=1)
+  assert edges.min() > 250  # ... and no glyph touches the left or right edge (cut text would).
+
+
 def test_attention_report_decoder(tmp_path):
   model = DecoderLM(LLAMA, rngs=nnx.Rngs(0))
   paths = attention_report(model, CharTokenizer(), "a cat", str(tmp_path), prefix="lm")

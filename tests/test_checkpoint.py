@@ -163,10 +163,14 @@ def test_lm_tiny_trains_end_to_end(tmp_path):
   validate(config)
   final = train_and_evaluate(config, str(tmp_path))
   records = read_metrics(tmp_path)
-  assert [r["step"] for r in records] == list(range(25, 301, 25))
+  # A line every log_every=25 steps and at every evaluation (eval_every=30).
+  assert [r["step"] for r in records] == sorted({*range(25, 301, 25), *range(30, 301, 30)})
+  assert sum("eval_loss" in r for r in records) == 10  # Enough points for a curve.
   # log(256) = 5.55 at the start; the corpus' entropy rate is 1.09 nats.
   assert records[0]["loss"] > 4.0 and final["loss"] < 1.6 and final["eval_loss"] < 1.6
   assert final["tokens_per_s"] > 0 and 0 < final["mfu"] < 1
+  # Unpacked, unpadded windows: every input position is a real token.
+  assert final["padded_tokens_per_s"] == pytest.approx(final["tokens_per_s"])
   assert json.load(open(tmp_path / "config.json"))["model"]["num_layers"] == 2
   losses = tensorboard_scalars(tmp_path / "tensorboard")["loss"]
   assert losses == [(r["step"], pytest.approx(r["loss"])) for r in records]

@@ -13,6 +13,7 @@ import matplotlib.image
 import pytest
 
 from flaxattn.config import validate
+from test_report import read_events
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # experiment -> metrics its final record must hold (finite).
@@ -57,11 +58,17 @@ def test_smoke_variant_trains_evaluates_and_reports(name, tmp_path_factory):
   assert record["step"] == experiment_config(name).steps
   files = set(os.listdir(workdir))
   assert {"report.md", "report.json", "learning_curves.png", "metrics.jsonl", "config.json",
-          "checkpoints", "tokenizer"} <= files
+          "checkpoints", "tokenizer", "summary.txt"} <= files
   report = (pathlib.Path(workdir) / "report.md").read_text()
   assert "learning_curves.png" in report and "attention" in report
   pngs = list(pathlib.Path(workdir, "attention").rglob("*.png"))
   assert pngs, "no attention maps were drawn"
+  # Drawn once at the end (not also by the last evaluation), each image logged once.
+  steps = experiment_config(name).steps
+  assert not os.path.exists(os.path.join(workdir, "attention", f"step_{steps}"))
+  images = [(event.step, value.tag) for event in read_events(os.path.join(workdir, "tensorboard"))
+            for value in event.summary.value if value.HasField("image")]
+  assert images and len(images) == len(set(images)), images
   assert matplotlib.image.imread(pngs[0]).shape[0] > 50
   with open(os.path.join(workdir, "report.json")) as f:
     saved = json.load(f)

@@ -11,7 +11,8 @@ import pytest
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import event_pb2
 
-from flaxattn.train.report import log_images, plot_learning_curves, read_metrics, write_report
+from flaxattn.train.report import (is_metric, log_images, plot_learning_curves, read_metrics,
+                                   smoothed, write_report)
 
 
 def write_metrics(path, records):
@@ -22,8 +23,10 @@ def write_metrics(path, records):
 
 RECORDS = ([{"step": step, "loss": 3.0 / step, "tokens_per_s": 100.0} for step in range(1, 11)]
            + [{"step": 10, "loss": 0.3, "eval_loss": 0.5, "eval_accuracy": 0.7,
-               "eval_macro_f1": 0.6}])
-RECORDS[4].update(eval_loss=0.9, eval_accuracy=0.4, eval_macro_f1=0.3)
+               "eval_macro_f1": 0.6, "eval_z_loss": 0.0, "eval_examples": 64.0}])
+# Counters (`eval_examples`, `eval_tokens`) and always-zero series (`eval_z_loss`) get no panel.
+RECORDS[4].update(eval_loss=0.9, eval_accuracy=0.4, eval_macro_f1=0.3, eval_z_loss=0.0,
+                  eval_tokens=500.0)
 
 
 def test_learning_curves_png(tmp_path):
@@ -35,6 +38,16 @@ def test_learning_curves_png(tmp_path):
   assert image.shape[:2] == (390, 1350), image.shape
   assert image[..., :3].std() > 0.05  # something is drawn
   assert os.listdir(tmp_path / "plots") == ["curves.png"]  # no temporary file left behind
+
+
+def test_smoothing_and_metric_names():
+  assert np.array_equal(smoothed(np.arange(16.0)), np.arange(16.0))  # Few points: drawn as they are.
+  np.testing.assert_allclose(smoothed(np.full(50, 2.5)), 2.5, rtol=1e-12)  # Debiased: no ramp.
+  noisy = np.random.default_rng(0).normal(size=400)
+  assert smoothed(noisy)[100:].std() < 0.4 * noisy.std()
+  assert [name for name in ("eval_accuracy", "eval_examples", "test_tokens", "test_bleu",
+                            "eval_decoded_examples", "loss") if is_metric(name)] == [
+      "eval_accuracy", "test_bleu", "loss"]
 
 
 def test_learning_curves_reject_bad_input(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import textwrap
 import unicodedata
 from collections.abc import Sequence
 
@@ -259,7 +260,7 @@ def _heatmaps(matrices: Sequence[np.ndarray], panel_titles: Sequence[str], row_l
       continue
     image = ax.imshow(matrices[index], cmap="viridis", vmin=0.0, vmax=top if top > 0 else 1.0,
                       aspect="auto", interpolation="nearest")
-    ax.set_title(panel_titles[index], fontsize=10)
+    ax.set_title(_wrapped(panel_titles[index], width, 10), fontsize=10)
     # Token labels on the outer panels only (the grid shares its axes): laying out every panel's
     # labels made one figure take seconds.
     row, column = divmod(index, grid_columns)
@@ -276,8 +277,14 @@ def _heatmaps(matrices: Sequence[np.ndarray], panel_titles: Sequence[str], row_l
     else:
       ax.set_yticks([])
   figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="weight")
-  figure.suptitle(title, fontsize=12)
+  figure.suptitle(_wrapped(title, figure.get_figwidth(), 12), fontsize=12)
   return figure
+
+
+def _wrapped(text: str, inches: float, points: float) -> str:
+  """`text` broken into lines that fit `inches` at `points` (an average glyph is ~0.6 em wide), so
+  a long title on a narrow figure wraps instead of being cut at the edges."""
+  return textwrap.fill(text, width=max(12, int(inches * 72 / (0.6 * points))))
 
 
 def plot_attention(weights: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str],
@@ -459,7 +466,8 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
   def rollout_map(name: str, layers, labels, what: str):
     path = os.path.join(directory, f"{prefix}_{name}_rollout.png")
     paths.append(plot_attention(rollout(layers), labels, labels, path,
-                                title=f"{prefix}: {what} rollout over {len(layers)} layers",
+                                title=f"{prefix}: {what} rollout over {len(layers)} "
+                                f"layer{'s' if len(layers) > 1 else ''}",
                                 row_name="output token (last layer)", col_name="input token"))
 
   if kind is not EncoderDecoder:

@@ -10,14 +10,15 @@ from flaxattn.nn.positions import (LearnedPositions, RelativePositionBias, alibi
                                    apply_rope, relative_position_bucket, sinusoidal)
 from flaxattn.nn.recurrent import GRU, LSTM, Recurrent, RecurrentAttentionEncoder, RecurrentCell
 from flaxattn.nn.sharding import constrain
+from flaxattn.nn.summaries import ModelSummary, ParamRow, summary
 from flaxattn.nn.transformer import (Decoder, Embedder, Encoder, TransformerBlock, TransformerStack,
                                      positions_from_mask)
 
 __all__ = [
     "AttentionPooling", "ContextCache", "Decoder", "GRU", "LSTM", "Recurrent", "RecurrentAttentionEncoder",
     "RecurrentCell", "Dense", "Embed", "Embedder", "Encoder", "KVCache", "LayerNorm",
-    "LearnedPositions", "MLP", "MultiHeadAttention", "RMSNorm", "RelativePositionBias",
+    "LearnedPositions", "MLP", "ModelSummary", "MultiHeadAttention", "ParamRow", "RMSNorm", "RelativePositionBias",
     "TransformerBlock", "TransformerConfig", "TransformerStack", "alibi_bias", "alibi_slopes",
     "apply_rope", "capture_attention_weights", "constrain", "mask_from_keras", "mask_from_torch", "mean_pool",
-    "positions_from_mask", "relative_position_bucket", "resow", "sinusoidal",
+    "positions_from_mask", "relative_position_bucket", "resow", "sinusoidal", "summary",
 ]

@@ -3,7 +3,7 @@ decoded from, or looked inside.
 
 The run is rebuilt from its config (`build_run`: the same tokenizer, cached in the workdir, and the
 same model), and only the parameters are read from the checkpoint (`load_params`), placed with the
-run's shardings. These back `flaxattn.main --mode=eval|decode|attend`.
+run's shardings. These back `flaxattn.main --mode=eval|decode|attend|summary`.
 """
 
 from __future__ import annotations
@@ -120,3 +120,14 @@ def attend(config, workdir: str, texts: list[str]) -> list[str]:
 
 
 __all__ = ["attend", "decode_lines", "evaluate_checkpoint", "restore"]
+
+
+def model_summary(config, workdir: str | None = None):
+  """The `flaxattn.nn.ModelSummary` of `config`'s model (`Run.summary`: built abstractly, nothing
+  initialised). The task is built to learn the vocabulary: in `workdir` (a learned tokenizer is
+  cached there) or, without one, in a temporary directory that is removed afterwards."""
+  if workdir is not None:
+    return build_run(config, workdir).summary()
+  import tempfile  # Only here.
+  with tempfile.TemporaryDirectory(prefix="flaxattn-summary-") as scratch:
+    return build_run(config, scratch).summary()

@@ -4,9 +4,11 @@
 checkpoint in `WORKDIR/checkpoints`), jits the steps once, and runs to `config.steps`. Metrics stay
 on the devices between log steps: the host waits for the devices only to log (every
 `config.log_every` steps), to evaluate, and to check the loss before a checkpoint. Each log line
-goes to `WORKDIR/metrics.jsonl`, TensorBoard (`WORKDIR/tensorboard`) and a progress bar (step, loss, tokens/s, ETA), with throughput over the interval (the first one includes
-compilation) and MFU: model FLOPs (`flops.train_flops_per_token`) per second over the devices'
-matmul rate measured at startup.
+goes to `WORKDIR/metrics.jsonl`, TensorBoard (`WORKDIR/tensorboard`) and a progress bar (step, loss,
+tokens/s, ETA), with throughput over the interval (the first one includes compilation): real
+(non-padding) input tokens per second, all input positions per second, and MFU: model FLOPs
+(`flops.train_flops`: matmuls on real tokens) per second over the devices' matmul rate measured at
+startup.
 
 SIGTERM (on any process) finishes the current step, saves it, and returns, with no evaluation or
 report; every process stops at the same step (`_Preemption`). A rerun of the same command resumes
@@ -33,9 +35,11 @@ from tensorboardX import SummaryWriter
 
 from flaxattn import parallel
 from flaxattn.config import config_changes, parse_checkpoint
+from flaxattn.files import write_atomically
 from flaxattn.train.checkpoint import Checkpointer, abstract_like
 from flaxattn.train.evaluate import prefixed
-from flaxattn.train.flops import measured_peak_flops, train_flops_per_token
+from flaxattn.train.flops import measured_peak_flops
+from flaxattn.train.metrics import is_metric
 from flaxattn.train.optim import make_optimizer, make_schedule
 from flaxattn.train.run import build_run, evaluate_during_training, write_final_report
 from flaxattn.train.step import init_train_state, jit_steps, make_train_step
@@ -105,9 +109,38 @@ def _claim_workdir(config, workdir: str, restart: bool) -> None:
           "give --restart to move that run to WORKDIR.old-N and start over")
 
 
+def _write_summary(run, workdir: str) -> None:
+  """The model summary (`Run.summary`): one line per module in the log, the full table (a row per
+  parameter) in `WORKDIR/summary.txt`. Process 0 only."""
+  if jax.process_index() != 0:
+    return
+  model_summary = run.summary()
+  write_atomically(os.path.join(workdir, "summary.txt"),
+                   lambda f: f.write(model_summary.table("param") + "\n"))
+  logging.info("model (full table in %s):\n%s", os.path.join(workdir, "summary.txt"),
+               model_summary)
+
+
 @jax.jit
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+# Per-step counts (`Run.batch_counts`, the loss weight `tokens`): summed into rates, not logged.
+_COUNTS = ("tokens", "model_flops", "real_tokens", "padded_tokens")
+
+
+def _rates(fetched: list[dict], elapsed: float, peak_flops: float) -> dict[str, float]:
+  """A log line's train metrics from the interval's step metrics: the last step's values, and
+  rates over the interval (`elapsed` seconds): `tokens_per_s` (real, non-padding input tokens),
+  `padded_tokens_per_s` (every input position), `steps_per_s`, and `mfu` (model FLOPs per second
+  over `peak_flops`)."""
+  total = lambda name: sum(float(m[name]) for m in fetched)
+  return {**{name: float(value) for name, value in fetched[-1].items() if name not in _COUNTS},
+          "tokens_per_s": total("real_tokens") / elapsed,
+          "padded_tokens_per_s": total("padded_tokens") / elapsed,
+          "steps_per_s": len(fetched) / elapsed,
+          "mfu": total("model_flops") / elapsed / peak_flops}
 
 
 def _write_metrics(path: str, record: dict, board: SummaryWriter | None) -> None:
@@ -115,7 +148,7 @@ def _write_metrics(path: str, record: dict, board: SummaryWriter | None) -> None
     with open(path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for name, value in record.items():
-      if name != "step":
+      if name != "step" and is_metric(name):  # Counters stay in the file only.
         board.add_scalar(name, value, record["step"])
     board.flush()
 
@@ -149,6 +182,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   os.makedirs(workdir, exist_ok=True)
   run = build_run(config, workdir)
   mesh, rules = run.mesh, run.rules
+  _write_summary(run, workdir)
 
   schedule = make_schedule(config.schedule.name, config.optimizer.learning_rate, steps=config.steps,
                            warmup_steps=config.schedule.warmup_steps,
@@ -158,14 +192,13 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
                       eps=opt.eps, momentum=opt.momentum, clip_norm=opt.clip_norm or None)
   graphdef, state, state_shardings = init_train_state(run.make_model, tx, config.seed, mesh, rules)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  flops_per_token = train_flops_per_token(run.model_config, num_params, run.seq_len)
   peak_flops = measured_peak_flops(mesh)
-  logging.info("%d parameters, %.3g train FLOPs per token, measured peak %.3g FLOP/s", num_params,
-               flops_per_token, peak_flops)
+  logging.info("%d parameters, measured peak %.3g FLOP/s", num_params, peak_flops)
   train_data = run.train_iterator()
   batch_shardings = run.batch_shardings
   train_step, eval_step = jit_steps(
-      make_train_step(graphdef, tx, run.loss_fn, schedule, grad_accum_steps=config.grad_accum_steps),
+      make_train_step(graphdef, tx, run.loss_fn, schedule, grad_accum_steps=config.grad_accum_steps,
+                      batch_counts=run.batch_counts),
       run.eval_step(graphdef), state_shardings, batch_shardings, mesh, rules)
   evaluator = run.evaluator(graphdef, eval_step)
 
@@ -218,19 +251,17 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
       if step % config.log_every == 0 or last or stopping or evaluating:
         fetched = jax.device_get(pending)
         elapsed = time.perf_counter() - interval_start
-        # Classification weighs examples, not tokens: each one is `seq_len` input tokens.
-        tokens_per_s = (sum(float(m["tokens"]) for m in fetched) * run.tokens_per_weight / elapsed)
-        record = {"step": step, **{name: float(value) for name, value in fetched[-1].items()},
-                  "tokens_per_s": tokens_per_s, "steps_per_s": len(fetched) / elapsed,
-                  "mfu": tokens_per_s * flops_per_token / peak_flops}
+        record = {"step": step, **_rates(fetched, elapsed, peak_flops)}
+        tokens_per_s = record["tokens_per_s"]
         if not math.isfinite(record["loss"]):
           checkpoints.wait()
           raise FloatingPointError(
               f"loss is {record['loss']} at step {step}; the last good checkpoint is step "
               f"{checkpoints.manager.latest_step()} in {workdir}/checkpoints")
         if evaluating:
-          record.update(prefixed(evaluate_during_training(run, evaluator, state.params, step=step,
-                                                          board=board), "eval"))
+          record.update(prefixed(evaluate_during_training(
+              run, evaluator, state.params, step=step, board=board, final=last),
+              "eval"))
         _write_metrics(metrics_path, record, board)
         progress.update(step - progress.n)
         progress.set_postfix(loss=f"{record['loss']:.4f}", tokens_per_s=f"{tokens_per_s:.0f}")
@@ -253,7 +284,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   elif step == config.steps:
     if not any(key.startswith("eval_") for key in record):  # Resumed at the end: evaluate now.
       record = {"step": step, **prefixed(
-          evaluate_during_training(run, evaluator, state.params, step=step), "eval")}
+          evaluate_during_training(run, evaluator, state.params, step=step, final=True), "eval")}
     params, used = state.params, step
     if report_checkpoint != "latest":
       used = checkpoints.select(report_checkpoint)

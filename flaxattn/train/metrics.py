@@ -12,6 +12,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Counts that evaluations log beside their metrics (how much was evaluated, not how well): kept in
+# metrics.jsonl, left out of TensorBoard, the learning curves and the report's metric table.
+COUNTERS = ("tokens", "examples", "decoded_examples", "truncated_sources")
+
+
+def is_metric(name: str) -> bool:
+  """Whether a logged `name` (`eval_accuracy`, `test_examples`, ...) is a metric rather than a
+  counter (`COUNTERS`, after the `eval_` / `test_` prefix)."""
+  return not any(name == f"{prefix}_{counter}" for prefix in ("eval", "test")
+                 for counter in COUNTERS)
+
 
 def _check_same_nonzero_length(first, second, first_name: str, second_name: str) -> None:
   if len(first) != len(second):

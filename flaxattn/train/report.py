@@ -1,11 +1,12 @@
 """A run's report: learning curves from `WORKDIR/metrics.jsonl`, `report.md` / `report.json`, and
 TensorBoard images.
 
-`plot_learning_curves` draws the training loss and every `eval_*` metric the loop logged against the
-step; `write_report` writes the final metrics, result tables, image links and notes as Markdown (and
-the metrics as JSON), atomically; `log_images` sends PNG files (learning curves, attention maps from
-`flaxattn.models.attention_maps`) to TensorBoard, and `figure_array` / `png_to_array` turn figures
-and PNG files into the uint8 `[height, width, 3]` images it sends.
+`plot_learning_curves` draws the training loss (smoothed) with the eval loss, and each evaluation
+metric (not the counters) against the step; `write_report` writes the final metrics, result tables,
+image links and notes as Markdown (and the metrics as JSON), atomically; `log_images` sends PNG
+files (learning curves, attention maps from `flaxattn.models.attention_maps`) to TensorBoard, and
+`figure_array` / `png_to_array` turn figures and PNG files into the uint8 `[height, width, 3]`
+images it sends.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from flaxattn.files import write_atomically
+from flaxattn.train.metrics import COUNTERS, is_metric  # noqa: F401 (part of this API)
 
 
 def read_metrics(metrics_jsonl_path: str) -> list[dict]:
@@ -55,12 +57,49 @@ def _series(records: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(steps, np.float64), np.asarray(values, np.float64)
 
 
+# Parts of the loss: `z_loss` is the z-loss term (0 unless `loss.z_loss`), `nll` the cross-entropy
+# (`loss` without label smoothing and z-loss; `perplexity` is its exponential).
+LOSS_PARTS = ("z_loss", "nll")
+
+
+def _smoothing(points: int) -> float:
+  """The moving average's weight for a series of `points`: 0 (none) up to 16 points, rising to 0.9
+  from 160 (a short curve is drawn as logged; a long, noisy one averages about 1 / (1 - weight)
+  points)."""
+  return float(np.clip(1.0 - 16.0 / max(points, 1), 0.0, 0.9))
+
+
+def smoothed(values: np.ndarray) -> np.ndarray:
+  """A debiased exponential moving average of `values` (as TensorBoard's smoothing), weighted by
+  `_smoothing(len(values))`: longer series are smoothed more."""
+  weight = _smoothing(len(values))
+  average, out = 0.0, np.empty(len(values))
+  for index, value in enumerate(values):
+    average = weight * average + (1.0 - weight) * value
+    out[index] = average / (1.0 - weight ** (index + 1)) if weight else value
+  return out
+
+
+def _plotted(records: list[dict], name: str) -> bool:
+  """Whether `name` gets its own panel: an eval metric, not the loss or a part of it, not a
+  counter, with a numeric value that is not always 0."""
+  if not name.startswith("eval_") or name == "eval_loss" or not is_metric(name):
+    return False
+  if name[len("eval_"):] in LOSS_PARTS:
+    return False
+  values = _series(records, name)[1]
+  return values.size > 0 and bool(np.any(values != 0))
+
+
 def plot_learning_curves(metrics_jsonl_path: str, png_path: str, *, log_loss: bool = False,
                          title: str | None = None) -> str:
-  """Plots the training loss and every `eval_*` metric of a run against the step, as PNG.
+  """Plots a run's loss and its evaluation metrics against the step, as PNG.
 
-  One panel for the loss (the training `loss` of every logged step, and `eval_loss` when logged),
-  then one panel per other `eval_*` metric, in the order they first appear.
+  The first panel holds the training `loss`, smoothed (`smoothed`; the raw values faint behind it),
+  and `eval_loss` on the same axes; then one panel per evaluation metric (`eval_accuracy`,
+  `eval_perplexity`, `eval_bleu`, ...) in the order they first appear, without counters
+  (`COUNTERS`), the loss's parts (`LOSS_PARTS`) or series that are always 0. Evaluated points are
+  marked, so a single evaluation still shows.
 
   Args:
     metrics_jsonl_path: the training loop's `WORKDIR/metrics.jsonl` (one JSON object per line with
@@ -79,30 +118,35 @@ def plot_learning_curves(metrics_jsonl_path: str, png_path: str, *, log_loss: bo
   names = []
   for record in records:
     names.extend(name for name in record if name.startswith("eval_") and name not in names)
-  # Metrics logged with non-numeric values only (none today) would make empty panels: skipped.
-  others = [name for name in names if name != "eval_loss" and _series(records, name)[0].size]
-  loss_curves = [name for name in ("loss", "eval_loss") if _series(records, name)[0].size]
-  if not loss_curves and not others:
+  others = [name for name in names if _plotted(records, name)]
+  has_loss = any(_series(records, name)[0].size for name in ("loss", "eval_loss"))
+  if not has_loss and not others:
     raise ValueError(f"{metrics_jsonl_path} holds no numeric 'loss' or 'eval_*' values to plot")
-  panels = ([loss_curves] if loss_curves else []) + [[name] for name in others]
+  panels = (["loss"] if has_loss else []) + others
   columns = min(3, len(panels))
   rows = math.ceil(len(panels) / columns)
   figure = Figure(figsize=(4.5 * columns, 3.4 * rows + 0.5), dpi=100, layout="constrained")
   FigureCanvasAgg(figure)
   axes = figure.subplots(rows, columns, squeeze=False)
-  for ax, curves in zip(axes.flat, panels):
-    for name in curves:
-      steps, values = _series(records, name)
-      # A lone evaluation would be invisible as a line: mark every evaluated point.
-      ax.plot(steps, values, marker="o" if name.startswith("eval_") else None, markersize=3,
-              label="train" if name == "loss" else name)
-    if curves is loss_curves:
-      ax.set_title("loss")
+  for ax, panel in zip(axes.flat, panels):
+    if panel == "loss":
+      steps, values = _series(records, "loss")
+      if steps.size:
+        line, = ax.plot(steps, values, alpha=0.25, linewidth=1)
+        ax.plot(steps, smoothed(values), color=line.get_color(),
+                label="train (smoothed)" if _smoothing(steps.size) else "train")
+      steps, values = _series(records, "eval_loss")
+      if steps.size:
+        ax.plot(steps, values, marker="o", markersize=4, label="eval")
       ax.legend(fontsize=8)
       if log_loss:
         ax.set_yscale("log")
     else:
-      ax.set_title(curves[0])
+      steps, values = _series(records, panel)
+      ax.plot(steps, values, marker="o", markersize=4)
+      if panel.endswith("perplexity") and values.min() > 0 and values.max() > 10 * values.min():
+        ax.set_yscale("log")  # From ~vocabulary size down to a few: linear hides the end.
+    ax.set_title(panel[len("eval_"):] if panel.startswith("eval_") else panel)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
   for ax in axes.flat[len(panels):]:

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import pathlib
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from flaxattn import parallel
+from flaxattn import nn, parallel
 from flaxattn.config import transformer_config
 from flaxattn.data import registry, tasks
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
+from flaxattn.train import flops
 from flaxattn.train.evaluate import Evaluator, prefixed
 from flaxattn.train.losses import LOSSES
 from flaxattn.train.step import make_eval_step
@@ -68,9 +71,33 @@ class Run:
                              process_index=index, process_count=count)
 
   @property
-  def tokens_per_weight(self) -> int:
-    """Input tokens per unit of loss weight: `seq_len` per example for classification, else 1."""
-    return self.seq_len if self.kind == "classification" else 1
+  def head(self) -> dict:
+    """The output head as `flaxattn.train.flops` takes it (`num_classes`, `pooling`)."""
+    if self.kind != "classification":
+      return {}
+    return {"num_classes": len(self.task.class_names), "pooling": self.config.model.pooling}
+
+  def summary(self) -> nn.ModelSummary:
+    """The model's parameters (built abstractly: nothing is initialised) under this run's rules and
+    mesh, with its forward FLOPs per token of a full-length sequence (`flaxattn.nn.summary`)."""
+    model = nnx.eval_shape(lambda: self.make_model(nnx.Rngs(0)))
+    lengths = self.task.lengths
+    if self.kind == "seq2seq":
+      per_token = flops.forward_flops_per_token(self.model_config, self.kind, lengths["source"],
+                                                target_len=lengths["target"])
+    else:
+      per_token = flops.forward_flops_per_token(self.model_config, self.kind, self.seq_len,
+                                                **self.head)
+    return nn.summary(model, rules=self.rules, mesh=self.mesh, flops_per_token=per_token)
+
+  def batch_counts(self, batch: dict) -> dict:
+    """What a training step on `batch` processes (float32 scalars, jittable): `model_flops` (matmuls
+    on real tokens, forward and backward: `flops.train_flops`), `real_tokens` (non-padding input
+    tokens, source and target for seq2seq) and `padded_tokens` (every input position)."""
+    inputs = ("source", "target_inputs") if self.kind == "seq2seq" else ("inputs",)
+    return {"model_flops": flops.train_flops(self.model_config, self.kind, batch, **self.head),
+            "real_tokens": flops.real_tokens(self.kind, batch),
+            "padded_tokens": jnp.asarray(sum(batch[name].size for name in inputs), jnp.float32)}
 
   @property
   def eval_batch_size(self) -> int:
@@ -110,23 +137,44 @@ class Run:
 
 
 def evaluate_during_training(run: Run, evaluator: Evaluator, params, *, step: int,
-                             board=None) -> dict[str, float]:
-  """The loop's evaluation at `step`: validation metrics (Markov: its eval batches), and attention
-  maps of one example (data sets with text) under `WORKDIR/attention/step_<step>` (to TensorBoard when `board`)."""
+                             board=None, final: bool = False) -> dict[str, float]:
+  """The loop's evaluation at `step`: validation metrics on `config.eval_batches` batches (`final`:
+  the whole split, unless the data set is endless), and attention maps of one example (data sets
+  with text) under `WORKDIR/attention/step_<step>` (to TensorBoard when `board`) at most
+  `_TRAINING_DRAWS` times a run (`_draws_at`). The `final` evaluation draws none: the final report
+  draws the same parameters' maps once, in `WORKDIR/attention/final`."""
   config = run.config
   split = run.task.validation_split
-  result = evaluator.evaluate(params, split, max_batches=config.eval_batches,
+  endless = registry.get(config.data.name).endless
+  result = evaluator.evaluate(params, split,
+                              max_batches=config.eval_batches if endless or not final else 0,
                               decode=config.eval.decode_every_eval,
                               max_decode_examples=config.eval.decode_examples).metrics
   # Process 0 draws (it has the board); the others join in gathering the parameters.
   drawing = board is not None or jax.process_index() > 0
-  if drawing and run.task.tokenizer is not None and config.report.attention_examples:
+  if (not final and _draws_at(config, step) and drawing and run.task.tokenizer is not None and
+      config.report.attention_examples):
     images = attention_images(run, evaluator.graphdef, params,
                               os.path.join(run.workdir, "attention", f"step_{step}"), examples=1)
     if board is not None:
       from flaxattn.train import report  # Deferred: matplotlib.
       report.log_images(board, images, step)
   return result
+
+
+# Attention maps drawn during training (the final report draws its own): a few show how attention
+# forms; each drawing of the main job's 6-layer, 12-head MiniLM took 14 s on 2 CPU cores.
+_TRAINING_DRAWS = 2
+
+
+def _draws_at(config, step: int) -> bool:
+  """Whether the evaluation at `step` draws attention maps: every k-th evaluation, k chosen so
+  that at most `_TRAINING_DRAWS` of those before the last one draw."""
+  if not config.eval_every or step % config.eval_every:
+    return False
+  evaluations = (config.steps - 1) // config.eval_every  # Those before the final one.
+  every = max(1, math.ceil(evaluations / _TRAINING_DRAWS))
+  return (step // config.eval_every) % every == 0
 
 
 # Longer inputs make unreadable heatmaps; the report draws the first validation examples below it.
@@ -260,8 +308,15 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
             num_classes=len(run.task.class_names), c_grid=c_grid)
         c_grid = (scores["C"],)  # Chosen on the training split alone: no second search.
         final.update({f"baseline_tfidf_{split}_{name}": float(v) for name, v in scores.items()})
-  metrics = {key: value for key, value in {**record, **final}.items()
-             if key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss"))}
+  # Metrics, not counters (`metrics.COUNTERS`), nor a z-loss term that is 0 (no `loss.z_loss`) or
+  # an nll equal to the loss (no label smoothing or z-loss).
+  everything = {**record, **final}
+  loss_of = lambda key: everything.get(key[:-len("nll")] + "loss", math.nan)
+  redundant = lambda key, value: (key.endswith("z_loss") and value == 0 or key.endswith("_nll")
+                                  and math.isclose(loss_of(key), value, rel_tol=1e-5))
+  metrics = {key: value for key, value in everything.items()
+             if (key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss")))
+             and report.is_metric(key) and not redundant(key, value)}
   report.write_report(workdir, title=f"{config.data.name} ({run.kind})", metrics=metrics,
                       tables=tables, images=images,
                       notes=notes)

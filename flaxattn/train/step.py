@@ -86,7 +86,8 @@ def _microbatches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Arra
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callable,
-                    schedule: optax.Schedule, *, grad_accum_steps: int = 1):
+                    schedule: optax.Schedule, *, grad_accum_steps: int = 1,
+                    batch_counts: Callable | None = None):
   """The pure step `train_step(state, batch) -> (state, metrics)`.
 
   The batch is split into `grad_accum_steps` microbatches run in a `lax.scan`; the loss and
@@ -98,9 +99,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
     tx: the optimizer.
     loss_fn: `loss_fn(model, batch, dropout_rng=key) -> sums` (see `flaxattn.train.losses`).
     schedule: for the `learning_rate` metric (the optimizer holds its own).
+    batch_counts: `batch -> {name: float32 scalar}` of the whole batch, added to the metrics (the
+      run's `model_flops`, `real_tokens`, `padded_tokens`: `flaxattn.train.run.Run.batch_counts`).
 
   Returns metrics (float32 scalars): `loss`, `nll`, `z_loss`, `accuracy` (per token), `tokens`
-  (total weight), `grad_norm` (before clipping), `learning_rate` (of this step).
+  (total weight), `grad_norm` (before clipping), `learning_rate` (of this step), and those of
+  `batch_counts`.
   """
   if grad_accum_steps < 1:
     raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -132,6 +136,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: Callabl
     metrics = metrics_from_sums(sums)
     metrics.update(grad_norm=optax.tree.norm(grads),
                    learning_rate=jnp.asarray(schedule(state.step), jnp.float32))
+    if batch_counts is not None:
+      metrics.update(batch_counts(batch))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
