@@ -26,12 +26,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from flaxattn import parallel
+from flaxattn.train import console
 from flaxattn.config import config_changes, parse_checkpoint
 from flaxattn.train.checkpoint import Checkpointer, abstract_like
 from flaxattn.train.evaluate import prefixed
@@ -142,6 +142,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   Returns the last logged metrics (a dict of floats, with `step`; after the final evaluation also
   `test_*` metrics when `config.eval.test`).
   """
+  started = time.monotonic()
   _claim_workdir(config, workdir, restart)
   report_checkpoint = parse_checkpoint(config.checkpoint)
   if isinstance(report_checkpoint, int) and report_checkpoint > config.steps:
@@ -162,6 +163,8 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   peak_flops = measured_peak_flops(mesh)
   logging.info("%d parameters, %.3g train FLOPs per token, measured peak %.3g FLOP/s", num_params,
                flops_per_token, peak_flops)
+  axes = " x ".join(f"{name} {size}" for name, size in mesh.shape.items() if size > 1)
+  console.say(f"model: {num_params:,} parameters; mesh {axes or 'of one device'}")
   train_data = run.train_iterator()
   batch_shardings = run.batch_shardings
   train_step, eval_step = jit_steps(
@@ -181,6 +184,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
     state, data_state = restored
     train_data.set_state(data_state)
     logging.info("resumed from step %d (data %s)", int(state.step), data_state)
+    console.say(f"resumed from the checkpoint of step {int(state.step)} in {workdir}")
   else:
     state = run.with_pretrained(state, state_shardings)
   step = int(state.step)
@@ -199,8 +203,10 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   record = {}
   pending = []  # This log interval's metrics, still on the devices.
   interval_start = time.perf_counter()
-  progress = tqdm.tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True,
-                       disable=jax.process_index() != 0)
+  console.say(f"training to step {config.steps} (compiling first)" if step < config.steps else
+              f"trained to step {step} already")
+  progress = console.progress(total=config.steps, desc="train", unit="step", leave=True)
+  progress.update(step)
   board = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   stopping = False
   with _Preemption(checkpoints.manager) as preemption, progress:
@@ -263,4 +269,8 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   checkpoints.close()
   if board is not None:
     board.close()
+  if step == config.steps and not stopping:
+    console.print_summary(record, title=f"{config.data.name} ({run.kind})", workdir=workdir,
+                          seconds=time.monotonic() - started,
+                          checkpoint=f"{config.checkpoint}, step {used}")
   return record

@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx
 
 from flaxattn import parallel
+from flaxattn.train import console
 from flaxattn.config import transformer_config
 from flaxattn.data import registry, tasks
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
@@ -170,6 +171,17 @@ def attention_images(run: Run, graphdef, params, directory: str, *, examples: in
   return images
 
 
+def _split_sizes(task) -> dict[str, int]:
+  """split -> examples in it, for the splits whose size is known (the Markov corpus is endless)."""
+  sizes = {}
+  for split in task.splits:
+    try:
+      sizes[split] = len(task.examples[split])
+    except (AttributeError, KeyError, TypeError):
+      pass
+  return sizes
+
+
 def build_run(config, workdir: str) -> Run:
   """Resolves `config` (validated) into a `Run`; learned tokenizers are trained here (or loaded from
   `WORKDIR/tokenizer`)."""
@@ -177,7 +189,12 @@ def build_run(config, workdir: str) -> Run:
   rules = parallel.make_rules(config.sharding.preset, config.sharding.overrides)
   kind = registry.task_kind(config)
   model_config = transformer_config(config.model)
+  console.say(f"preparing data: {config.data.name} ({kind})")
   task = registry.build_task(config, workdir)
+  sizes = _split_sizes(task)
+  if sizes:
+    console.say("data: " + ", ".join(f"{split} {size:,}" for split, size in sizes.items()) +
+                " examples")
   if config.model.pretrained:
     # The architecture is the checkpoint's; the config keeps only what does not change the
     # weights' meaning (dropout, the attention kernel, dtypes).
@@ -230,6 +247,7 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
     final, outputs = prefixed(test.metrics, "test"), test.outputs
   attention = {}
   if run.task.tokenizer is not None and config.report.attention_examples:  # On every process (a gather).
+    console.say(f"drawing the attention maps of {config.report.attention_examples} examples")
     attention = attention_images(run, evaluator.graphdef, params,
                                  os.path.join(workdir, "attention", "final"),
                                  examples=config.report.attention_examples)
@@ -248,11 +266,14 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
     if outputs:
       tables["Test outputs (first 10)"] = [
           {"source": s, "reference": r, "output": h} for s, r, h in outputs[:10]]
+    sizes = _split_sizes(run.task)
     for split, stats in run.task.stats.items():
-      notes.append(f"{split}: {stats.summary()}")
+      notes.append(f"{split}: {stats.summary(sizes.get(split))}")
     if config.report.baseline == "tfidf":
       from flaxattn.train.baselines import TFIDF_C_GRID, tfidf_logistic_regression
       raw, c_grid = run.task.raw, TFIDF_C_GRID
+      console.say(f"TF-IDF baseline: fitting on {len(raw['train']):,} training texts "
+                  f"({len(c_grid)} values of C, cross-validated), scoring validation and test")
       for split in ("validation", "test"):
         scores = tfidf_logistic_regression(
             [e["text"] for e in raw["train"]], [e["label"] for e in raw["train"]],
@@ -262,6 +283,7 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
         final.update({f"baseline_tfidf_{split}_{name}": float(v) for name, v in scores.items()})
   metrics = {key: value for key, value in {**record, **final}.items()
              if key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss"))}
+  console.say("writing the report")
   report.write_report(workdir, title=f"{config.data.name} ({run.kind})", metrics=metrics,
                       tables=tables, images=images,
                       notes=notes)
