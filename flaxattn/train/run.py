@@ -140,10 +140,12 @@ def _example_input(task: tasks.Task, example: dict):
 
 
 def attention_images(run: Run, graphdef, params, directory: str, *, examples: int,
-                     split: str = "validation", texts: list | None = None) -> dict[str, str]:
+                     split: str = "validation", texts: list | None = None,
+                     names: list[str] | None = None) -> dict[str, str]:
   """Attention heatmaps (per layer, rollout, cross-attention alignments) written under
   `directory` for `texts`, or else for the first `examples` examples of `split` short enough to
-  read as a heatmap (at most `_READABLE_TOKENS` tokens, within the model's lengths). Returns
+  read as a heatmap (at most `_READABLE_TOKENS` tokens, within the model's lengths); the files of
+  text `i` start with `names[i]` (default `example<i>`). Returns
   tag -> PNG path. Every process must call it (the parameters, sharded over all of them, are
   gathered to each host); process 0 draws, the others return {}."""
   from flaxattn.models.attention_maps import attention_report  # Deferred: matplotlib.
@@ -163,10 +165,11 @@ def attention_images(run: Run, graphdef, params, directory: str, *, examples: in
       if all(fits(part) for part in ((text,) if isinstance(text, str) else text)):
         texts.append(text)
   images = {}
-  for index, text in enumerate(texts):
-    paths = attention_report(model, task.tokenizer, text, directory, prefix=f"example{index}",
+  names = names or [f"example{index}" for index in range(len(texts))]
+  for name, text in zip(names, texts):
+    paths = attention_report(model, task.tokenizer, text, directory, prefix=name,
                              encode=None if task.kind == "seq2seq" else task.encode)
-    images.update({f"attention/example{index}/{os.path.splitext(os.path.basename(path))[0]}": path
+    images.update({f"attention/{name}/{os.path.splitext(os.path.basename(path))[0]}": path
                    for path in paths})
   return images
 
