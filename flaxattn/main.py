@@ -43,7 +43,6 @@ import textwrap
 from absl import app, flags
 from ml_collections import config_dict, config_flags
 
-from flaxattn.config import validate
 
 
 
@@ -274,8 +273,9 @@ def main(argv):
 
 
 def _main():
-  import jax  # Deferred, like the loop: --help stays fast.
+  import jax  # Deferred, like the loop: --help and bad flags fail fast.
 
+  from flaxattn.config import validate
   from flaxattn.train import console
   if _DISTRIBUTED.value or _COORDINATOR.value:
     from flaxattn.parallel import distributed
