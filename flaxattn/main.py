@@ -8,8 +8,11 @@ Modes (`--mode=`, or the first word of the console script: `flaxattn attend --wo
   decode  one input per line from `--input` (a file; default stdin) to `--output` (default stdout):
           translations (seq2seq, beam search), continuations (lm, `--max_new_tokens`, greedy or
           `--temperature` sampling), or predicted labels with probabilities (classification).
-  attend  attention maps of `--text` (repeatable; seq2seq: the source, the target is generated)
-          as labelled heatmaps, rollout and cross-attention alignments, in `DIR/attention/cli/`.
+  attend  the prediction (class and probabilities, greedy translation, or next tokens) and the
+          attention maps of `--text` (repeatable, not empty; seq2seq: the source, the target is
+          generated) as labelled heatmaps, rollout and cross-attention alignments, named after
+          the text in `DIR/attention/cli/` (or `--out=PREFIX`); prints the prediction and paths.
+`flaxattn --help` lists the modes and their flags (the `MODES` table below).
 Modes other than train read the run's config from `DIR/config.json` unless `--config` is given.
 `--checkpoint=latest|best|STEP` (`config.checkpoint`) picks the checkpoint that eval, decode and
 attend read and that the final report of train evaluates (the report names it and its step).
@@ -24,6 +27,11 @@ Multi-process (multi-host) runs start every process with the same command: on TP
 SLURM add `--distributed` (JAX finds the coordinator itself); elsewhere also give
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (`launch/local.py` does this for
 N processes on this machine).
+
+The console stays quiet: library logs at warnings unless `--verbosity=0` (INFO) or `1` (debug);
+phase lines, progress bars and the final summary come from `flaxattn.train.console` (process 0).
+A bad command line (unknown config key, missing file, a workdir that is a file, an empty --text,
+...) is one `error: ...` line on stderr and exit status 2, before anything is built.
 
 The config is validated (`flaxattn.config.validate`) before anything is built or compiled; the
 resolved config is written to `DIR/config.json`, metrics to `DIR/metrics.jsonl`, checkpoints to

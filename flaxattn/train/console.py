@@ -58,7 +58,7 @@ def _number(value: float | None) -> str:
     return "-"
   if not math.isfinite(value):
     return str(value)
-  return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+  return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
 
 
 def summary_lines(record: dict, *, title: str, workdir: str, seconds: float,
