@@ -47,10 +47,10 @@ def say(message: str) -> None:
 
 
 def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "batch",
-             leave: bool = False):
+             leave: bool = False, initial: int = 0):
   """A tqdm bar on stderr for a phase, cleared when done (`leave=False`); off on processes > 0."""
-  return tqdm.tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, dynamic_ncols=True,
-                   file=sys.stderr, disable=not printing())
+  return tqdm.tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, initial=initial,
+                   dynamic_ncols=True, file=sys.stderr, disable=not printing())
 
 
 def _number(value: float | None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import unicodedata
@@ -115,8 +116,9 @@ def _predict(run: Run, graphdef, params, eval_step, lines: list[str], *, max_new
   # Every process runs every line (replicated inputs: any number of processes) and reads the
   # gathered outputs.
   replicated = lambda value: parallel.replicated(value, run.mesh)
+  rows = _fewest_rows(run)  # Copies of the line: the model splits its batch over the mesh.
   for line in console.progress(lines, desc=f"decoding {len(lines)} inputs", unit="input"):
-    ids = np.asarray([task.encode(line)], np.int32)
+    ids = np.repeat(np.asarray([task.encode(line)], np.int32), rows, axis=0)
     with jax.set_mesh(run.mesh), nnx.logical_axis_rules(run.rules):
       if run.kind == "classification":
         probabilities = parallel.to_host(
@@ -135,6 +137,14 @@ def _predict(run: Run, graphdef, params, eval_step, lines: list[str], *, max_new
       new = new[:new.index(task.tokenizer.eos_id)]
     outputs.append(line + " " + task.tokenizer.decode(new))
   return outputs
+
+
+def _fewest_rows(run: Run) -> int:
+  """The fewest rows a batch may have: the product of the mesh axes that split its rows."""
+  spec = next(iter(run.batch_shardings.values())).spec
+  axes = spec[0] if len(spec) else None
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(run.mesh.shape[axis] for axis in axes)
 
 
 def file_stem(text: str, max_chars: int = 40) -> str:

@@ -205,8 +205,8 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   interval_start = time.perf_counter()
   console.say(f"training to step {config.steps} (compiling first)" if step < config.steps else
               f"trained to step {step} already")
-  progress = console.progress(total=config.steps, desc="train", unit="step", leave=True)
-  progress.update(step)
+  progress = console.progress(total=config.steps, desc="train", unit="step", leave=True,
+                              initial=step)
   board = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   stopping = False
   with _Preemption(checkpoints.manager) as preemption, progress:
