@@ -136,3 +136,18 @@ def test_two_process_run_prints_once_and_quietly(lm_tiny_two_processes):
   assert len(summaries) == 1 and summaries[0].startswith("[0] "), summaries
   assert f"{lm_tiny_two_processes}/report.md" in output
   assert not re.search(r"^\[1\] \[\d+:\d\d\] ", output, re.MULTILINE), output[-3000:]
+
+
+@pytest.mark.parametrize("flag, level", [(None, 30), ("--verbosity=0", 20), ("--verbosity=1", 10)])
+def test_library_logs_are_quiet_unless_asked(flag, level):
+  """Python's logging level under the command line's absl handler: WARNING by default (absl
+  alone would say INFO), INFO with --verbosity=0, DEBUG with 1."""
+  probe = ("import logging, sys; from flaxattn import main; "
+           "main.main = lambda argv: print(logging.getLogger('orbax').getEffectiveLevel(), "
+           "logging.getLogger('absl').getEffectiveLevel()); main.run()")
+  result = subprocess.run(
+      [sys.executable, "-c", probe, "--mode=eval", "--workdir=.", *([flag] if flag else [])],
+      capture_output=True, text=True, timeout=60, cwd=ROOT,
+      env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == [str(level), str(level)]
