@@ -88,7 +88,8 @@ _TEXT = flags.DEFINE_multi_string("text", [], "attend: input text (repeatable; n
 _OUT = flags.DEFINE_string("out", None, "attend: path prefix of the maps (PREFIX_self_layer0.png, "
                            "...; with several --text PREFIX-1_..., PREFIX-2_...); default "
                            "WORKDIR/attention/cli/<the text as a file name>.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32, "decode, attend (lm): tokens to generate.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 32,
+                                       "decode, attend (lm): tokens to generate.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "decode (lm): 0 = greedy, else sampling.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Which checkpoint eval/decode/attend read and the final report uses: "

@@ -6,7 +6,8 @@ on the devices between log steps: the host waits for the devices only to log (ev
 `config.log_every` steps), to evaluate, and to check the loss before a checkpoint. Each log line
 goes to `WORKDIR/metrics.jsonl`, TensorBoard (`WORKDIR/tensorboard`) and a progress bar (step, loss, tokens/s, ETA), with throughput over the interval (the first one includes
 compilation) and MFU: model FLOPs (`flops.train_flops_per_token`) per second over the devices'
-matmul rate measured at startup.
+matmul rate measured at startup. Each phase prints one line (`flaxattn.train.console`, process 0),
+and a finished run ends with the summary block (`console.summary_lines`) on stdout.
 
 SIGTERM (on any process) finishes the current step, saves it, and returns, with no evaluation or
 report; every process stops at the same step (`_Preemption`). A rerun of the same command resumes
