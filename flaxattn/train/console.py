@@ -28,8 +28,14 @@ def printing() -> bool:
 
 
 def elapsed() -> float:
-  """Seconds since the run started."""
+  """Seconds since the run started (`start_clock`, else the first import of this module)."""
   return time.monotonic() - _START
+
+
+def start_clock() -> None:
+  """Starts the clock of the phase lines and the summary's wall time (a run's start)."""
+  global _START
+  _START = time.monotonic()
 
 
 def clock(seconds: float) -> str:
@@ -81,7 +87,7 @@ def summary_lines(record: dict, *, title: str, workdir: str, seconds: float,
   rule = "=" * max(len(header), 60)
   step = f"step {int(record['step'])}" if "step" in record else ""
   lines = [rule, f"{title}: done in {clock(seconds)}" + (f", {step}" if step else "") +
-           (f" (test: checkpoint {checkpoint})" if checkpoint else "")]
+           (f"; reported: checkpoint {checkpoint}" if checkpoint else "")]
   if names:
     lines.append(header)
     lines += [f"  {name:<{width}}" + "".join(f"  {_number(record.get(prefix + name)):>12}"

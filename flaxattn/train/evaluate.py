@@ -131,7 +131,9 @@ class Evaluator:
       generation = self.generation(params, split, max_decode_examples)
       result.update(generation.metrics)
       decoded = generation.outputs
-    logging.info("evaluated %s in %.1f s", split, time.perf_counter() - start)
+    examples = f"{int(result['examples']):,} examples" if "examples" in result else (
+        f"{bar.n} batches")
+    console.say(f"evaluated {split}: {examples} in {time.perf_counter() - start:.1f} s")
     return Evaluation(result, decoded)
 
   def translate(self, params, sources: list[str], *, method: str = "beam"

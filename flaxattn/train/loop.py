@@ -143,7 +143,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   Returns the last logged metrics (a dict of floats, with `step`; after the final evaluation also
   `test_*` metrics when `config.eval.test`).
   """
-  started = time.monotonic()
+  console.start_clock()
   _claim_workdir(config, workdir, restart)
   report_checkpoint = parse_checkpoint(config.checkpoint)
   if isinstance(report_checkpoint, int) and report_checkpoint > config.steps:
@@ -272,6 +272,6 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
     board.close()
   if step == config.steps and not stopping:
     console.print_summary(record, title=f"{config.data.name} ({run.kind})", workdir=workdir,
-                          seconds=time.monotonic() - started,
+                          seconds=console.elapsed(),
                           checkpoint=f"{config.checkpoint}, step {used}")
   return record

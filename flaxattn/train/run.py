@@ -275,8 +275,8 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
     if config.report.baseline == "tfidf":
       from flaxattn.train.baselines import TFIDF_C_GRID, tfidf_logistic_regression
       raw, c_grid = run.task.raw, TFIDF_C_GRID
-      console.say(f"TF-IDF baseline: fitting on {len(raw['train']):,} training texts "
-                  f"({len(c_grid)} values of C, cross-validated), scoring validation and test")
+      console.say(f"TF-IDF baseline: {len(raw['train']):,} training texts, C of "
+                  f"{len(c_grid)} by cross-validation")
       for split in ("validation", "test"):
         scores = tfidf_logistic_regression(
             [e["text"] for e in raw["train"]], [e["label"] for e in raw["train"]],
