@@ -282,10 +282,8 @@ def main(argv):
 
 
 def _main():
-  import jax  # Deferred, like the loop: --help and bad flags fail fast.
-
+  # Deferred, like the loop (jax): --help and bad flags fail fast.
   from flaxattn.config import validate
-  from flaxattn.train import console
   if _DISTRIBUTED.value or _COORDINATOR.value:
     from flaxattn.parallel import distributed
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -300,16 +298,26 @@ def _main():
   except ValueError as error:
     raise UserError(str(error)) from None
   if _MODE.value == "train":
-    from flaxattn.train.loop import train_and_evaluate
-    train_and_evaluate(config, _WORKDIR.value, restart=_RESTART.value)
+    from flaxattn.train.loop import RunRefused, train_and_evaluate
+    try:
+      train_and_evaluate(config, _WORKDIR.value, restart=_RESTART.value)
+    except RunRefused as error:
+      raise UserError(str(error)) from None
     return
   from flaxattn.train import inference
+  try:
+    _use_checkpoint(config, inference)
+  except inference.BadRequest as error:
+    raise UserError(str(error)) from None
+
+
+def _use_checkpoint(config, inference) -> None:
+  """The eval, decode and attend modes."""
+  import jax
+  from flaxattn.train import console
   if _MODE.value == "eval":
     splits = [_SPLIT.value] if _SPLIT.value else None
-    try:
-      results = inference.evaluate_checkpoint(config, _WORKDIR.value, splits)
-    except inference.UnknownSplit as error:
-      raise UserError(str(error)) from None
+    results = inference.evaluate_checkpoint(config, _WORKDIR.value, splits)
     for split, metrics in results.items():
       if jax.process_index() == 0:  # Every process computes the metrics; one prints them.
         print(json.dumps({"split": split, **metrics}, sort_keys=True))

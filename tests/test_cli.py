@@ -151,3 +151,12 @@ def test_library_logs_are_quiet_unless_asked(flag, level):
       env={**os.environ, "PYTHONPATH": str(ROOT)})
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == [str(level), str(level)]
+
+
+def test_workdir_of_another_run_is_refused_in_one_line(tmp_path):
+  from flaxattn.config import base_config
+  (tmp_path / "config.json").write_text(base_config().to_json())  # A run of another config.
+  before = sorted(os.listdir(tmp_path))
+  assert_one_error_line(flaxattn("--config=experiments/lm_tiny.py", f"--workdir={tmp_path}"),
+                        f"--workdir={tmp_path} holds a run with another config", "--restart")
+  assert sorted(os.listdir(tmp_path)) == before

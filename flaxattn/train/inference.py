@@ -29,15 +29,23 @@ from flaxattn.train.checkpoint import checkpoint_step, load_params
 from flaxattn.train.run import Run, attention_images, build_run
 
 
-class UnknownSplit(ValueError):
-  """A split the run's data set does not have (raised before the checkpoint is read)."""
+class BadRequest(ValueError):
+  """What was asked of the run cannot be done (no such checkpoint or split, a mode the data set
+  has no use for); raised before the checkpoint is read. The command line prints it as one line."""
+
+
+class UnknownSplit(BadRequest):
+  """A split the run's data set does not have."""
 
 
 def restore(config, workdir: str, check: Callable[[Run], None] | None = None
             ) -> tuple[Run, object, object, object]:
   """`(run, graphdef, params, eval_step)` of checkpoint `config.checkpoint` in `workdir`;
   `check(run)` runs after the run is built, before the checkpoint is read."""
-  step = checkpoint_step(config, workdir)  # A missing one fails first, before anything is built.
+  try:  # A missing checkpoint fails first, before anything is built.
+    step = checkpoint_step(config, workdir)
+  except ValueError as error:
+    raise BadRequest(str(error)) from None
   logging.info("checkpoint %s: step %d", config.checkpoint, step)
   run = build_run(config, workdir)
   if check is not None:
@@ -96,12 +104,18 @@ def evaluate_checkpoint(config, workdir: str, splits: list[str] | None = None) -
   return results
 
 
+def _needs_tokenizer(mode: str) -> Callable[[Run], None]:
+  """A `restore` check: `mode` reads text, which a data set without a tokenizer has none of."""
+  def check(run: Run) -> None:
+    if run.task.tokenizer is None:
+      raise BadRequest(f"{mode} needs a data set with a tokenizer; {run.config.data.name} has none")
+  return check
+
+
 def decode_lines(config, workdir: str, lines: list[str], *, max_new_tokens: int = 32,
                  temperature: float = 0.0, seed: int = 0) -> list[str]:
   """One output line per input line: a translation, a continuation, or `label<TAB>probabilities`."""
-  run, graphdef, params, eval_step = restore(config, workdir)
-  if run.task.tokenizer is None:
-    raise ValueError("decode needs a data set with a tokenizer; the Markov corpus has none")
+  run, graphdef, params, eval_step = restore(config, workdir, _needs_tokenizer("decode"))
   return _predict(run, graphdef, params, eval_step, lines, max_new_tokens=max_new_tokens,
                   temperature=temperature, seed=seed)
 
@@ -197,9 +211,7 @@ def attend(config, workdir: str, texts: list[str], *, out: str | None = None,
   empty = [text for text in texts if not text.strip()]
   if not texts or empty:
     raise ValueError(f"attend needs non-empty texts, got {texts!r}")
-  run, graphdef, params, eval_step = restore(config, workdir)
-  if run.task.tokenizer is None:
-    raise ValueError("attend needs a data set with a tokenizer; the Markov corpus has none")
+  run, graphdef, params, eval_step = restore(config, workdir, _needs_tokenizer("attend"))
   if out is None:
     directory, names = os.path.join(workdir, "attention", "cli"), [file_stem(t) for t in texts]
   else:
@@ -215,5 +227,5 @@ def attend(config, workdir: str, texts: list[str], *, out: str | None = None,
           for text, output, name in zip(texts, predictions, names)]
 
 
-__all__ = ["Attended", "UnknownSplit", "attend", "decode_lines", "evaluate_checkpoint",
+__all__ = ["Attended", "BadRequest", "UnknownSplit", "attend", "decode_lines", "evaluate_checkpoint",
            "file_stem", "restore"]

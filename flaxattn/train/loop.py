@@ -42,6 +42,10 @@ from flaxattn.train.run import build_run, evaluate_during_training, write_final_
 from flaxattn.train.step import init_train_state, jit_steps, make_train_step
 
 
+class RunRefused(ValueError):
+  """The workdir or config.checkpoint does not fit this run; raised before anything is written."""
+
+
 class _Preemption:
   """SIGTERM (a preemption notice) as a stop at one step that every process agrees on.
 
@@ -100,7 +104,7 @@ def _claim_workdir(config, workdir: str, restart: bool) -> None:
     with open(saved) as f:
       changes = config_changes(json.load(f), config)
     if changes:
-      raise ValueError(
+      raise RunRefused(
           f"--workdir={workdir} holds a run with another config ({'; '.join(changes)}; old -> "
           "new); nothing was changed. Resume it with its config, train in a new --workdir, or "
           "give --restart to move that run to WORKDIR.old-N and start over")
@@ -147,7 +151,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   _claim_workdir(config, workdir, restart)
   report_checkpoint = parse_checkpoint(config.checkpoint)
   if isinstance(report_checkpoint, int) and report_checkpoint > config.steps:
-    raise ValueError(f"config.checkpoint={config.checkpoint!r} is past config.steps={config.steps}")
+    raise RunRefused(f"config.checkpoint={config.checkpoint!r} is past config.steps={config.steps}")
   os.makedirs(workdir, exist_ok=True)
   run = build_run(config, workdir)
   mesh, rules = run.mesh, run.rules
@@ -192,7 +196,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   if (isinstance(report_checkpoint, int) and report_checkpoint not in checkpoints.steps() and
       (report_checkpoint <= step or report_checkpoint % config.checkpoint_every and
        report_checkpoint != config.steps)):
-    raise ValueError(f"config.checkpoint={config.checkpoint!r}: no such checkpoint in {workdir} "
+    raise RunRefused(f"config.checkpoint={config.checkpoint!r}: no such checkpoint in {workdir} "
                      f"(available steps: {checkpoints.steps()}) and this run will not save one "
                      f"(every {config.checkpoint_every} steps and at step {config.steps})")
   if jax.process_index() == 0:
