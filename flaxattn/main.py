@@ -197,8 +197,11 @@ def _diagnose(argv: list[str], error: Exception) -> str:
   if spec is not None:
     try:
       config = _load_experiment(spec)  # A missing file raises its own UserError.
-    except (ValueError, TypeError, KeyError) as load_error:  # A bad variant or option.
-      return f"--config={spec}: {str(load_error).strip().splitlines()[0]}"
+    except UserError:
+      raise
+    except Exception as load_error:  # pylint: disable=broad-except  # A bad variant, a bug in it.
+      lines = str(load_error).strip().splitlines() or [type(load_error).__name__]
+      return f"--config={spec}: {lines[0]}"
     for arg in overrides:
       _check_override(config, arg)
   elif overrides:
