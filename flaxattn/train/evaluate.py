@@ -87,11 +87,9 @@ class Evaluator:
 
   def _batch_count(self, split: str, max_batches: int = 0) -> int | None:
     """Batches in an evaluation of `split` (None where the split's size is unknown)."""
-    try:
-      count = math.ceil(len(self.task.examples[split]) / self.batch_size)
-    except (AttributeError, KeyError, TypeError):
-      return max_batches or None
-    return min(count, max_batches) if max_batches else count
+    size = self.task.size(split) if hasattr(self.task, "size") else None  # (Duck-typed tasks.)
+    count = math.ceil(size / self.batch_size) if size is not None else None
+    return min(count or max_batches, max_batches) if max_batches else count
 
   def evaluate(self, params, split: str, *, max_batches: int = 0, decode: bool = False,
                max_decode_examples: int = 0) -> Evaluation:

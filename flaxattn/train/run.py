@@ -20,10 +20,10 @@ from absl import logging
 from flax import nnx
 
 from flaxattn import parallel
-from flaxattn.train import console
 from flaxattn.config import transformer_config
 from flaxattn.data import registry, tasks
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
+from flaxattn.train import console
 from flaxattn.train.evaluate import Evaluator, prefixed
 from flaxattn.train.losses import LOSSES
 from flaxattn.train.step import make_eval_step
@@ -176,13 +176,7 @@ def attention_images(run: Run, graphdef, params, directory: str, *, examples: in
 
 def _split_sizes(task) -> dict[str, int]:
   """split -> examples in it, for the splits whose size is known (the Markov corpus is endless)."""
-  sizes = {}
-  for split in task.splits:
-    try:
-      sizes[split] = len(task.examples[split])
-    except (AttributeError, KeyError, TypeError):
-      pass
-  return sizes
+  return {split: task.size(split) for split in task.splits if task.size(split) is not None}
 
 
 def build_run(config, workdir: str) -> Run:
