@@ -52,9 +52,18 @@ def say(message: str) -> None:
     sys.stderr.flush()
 
 
+def _terminal() -> bool:
+  return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
 def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "batch",
              leave: bool = False, initial: int = 0):
-  """A tqdm bar on stderr for a phase, cleared when done (`leave=False`); off on processes > 0."""
+  """A tqdm bar on stderr for a phase, cleared when done (`leave=False`); off on processes > 0.
+  Where stderr is no terminal (a log file, a pipe), a phase's bar is one line saying it started."""
+  if not leave and not _terminal():
+    plural = "batches" if unit == "batch" else f"{unit}s"
+    say(f"{desc} ({total:,} {plural})" if total else desc)
+    return tqdm.tqdm(iterable, total=total, disable=True)
   return tqdm.tqdm(iterable, desc=desc, total=total, unit=unit, leave=leave, initial=initial,
                    dynamic_ncols=True, file=sys.stderr, disable=not printing())
 

@@ -130,7 +130,7 @@ class Evaluator:
       result.update(generation.metrics)
       decoded = generation.outputs
     examples = f"{int(result['examples']):,} examples" if "examples" in result else (
-        f"{bar.n} batches")
+        f"{len(sums)} batches")
     console.say(f"evaluated {split}: {examples} in {time.perf_counter() - start:.1f} s")
     return Evaluation(result, decoded)
 
