@@ -1,11 +1,14 @@
 """Every experiment's ':smoke' variant end to end on its real corpus: train, evaluate (validation
 and test), checkpoint, report; then the eval / decode / attend modes on the trained runs."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -38,6 +41,7 @@ def experiment_config(name: str, variant: str = "smoke"):
 
 
 _RUNS = {}
+_PRINTED = {}  # name -> what its training printed on stdout (the summary).
 
 
 def trained(name: str, tmp_path_factory):
@@ -45,7 +49,10 @@ def trained(name: str, tmp_path_factory):
   if name not in _RUNS:
     from flaxattn.train.loop import train_and_evaluate
     workdir = str(tmp_path_factory.mktemp(name))
-    _RUNS[name] = workdir, train_and_evaluate(experiment_config(name), workdir)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+      _RUNS[name] = workdir, train_and_evaluate(experiment_config(name), workdir)
+    _PRINTED[name] = printed.getvalue()
   return _RUNS[name]
 
 
@@ -73,6 +80,23 @@ def test_smoke_variant_trains_evaluates_and_reports(name, tmp_path_factory):
   with open(os.path.join(workdir, "report.json")) as f:
     saved = json.load(f)
   assert saved[EXPECTED[name][0]] == pytest.approx(record[EXPECTED[name][0]])
+  # The run ends with the summary: metrics beside the baseline, the report and TensorBoard.
+  printed = _PRINTED[name].splitlines()
+  assert len(printed) < 20 and printed[0].startswith("===") and printed[-1].startswith("===")
+  assert "done in " in printed[1] and f"step {int(record['step'])}" in printed[1]
+  assert f"{workdir}/report.md" in _PRINTED[name]
+  assert f"--logdir {workdir}/tensorboard" in _PRINTED[name]
+  rows = {line.split()[0]: line.split()[1:] for line in printed[3:-3]}
+  first = EXPECTED[name][0]
+  column = printed[2].split().index("test" if first.startswith("test_") else "validation")
+  shown = float(rows[first.split("_", 1)[1]][column])  # 4 decimals (1 from 1000 on).
+  assert shown == pytest.approx(record[first], abs=6e-5, rel=1e-4)
+  if name == "sentiment_tweets":
+    assert printed[2].split()[-2:] == ["TFIDF", "test"]
+    assert float(rows["accuracy"][-1]) == pytest.approx(
+        record["baseline_tfidf_test_accuracy"], abs=6e-5)
+    notes = (pathlib.Path(workdir) / "report.md").read_text()
+    assert re.search(r"train: [\d,]+ of 29,738 examples seen", notes), notes[-1500:]
 
 
 @pytest.mark.slow
@@ -86,6 +110,57 @@ def test_eval_mode_reproduces_the_final_metrics(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_eval_mode_rejects_an_unknown_split_before_reading_the_checkpoint(tmp_path_factory,
+                                                                          monkeypatch):
+  from flaxattn.train import inference
+  workdir, _ = trained("sentiment_tweets", tmp_path_factory)
+  monkeypatch.setattr(inference, "load_params", lambda *args: pytest.fail("checkpoint read"))
+  with pytest.raises(inference.UnknownSplit, match="--split=tset: tweets has no such split; its "
+                     "splits are train, validation, test"):
+    inference.evaluate_checkpoint(experiment_config("sentiment_tweets"), workdir, ["tset"])
+  monkeypatch.undo()
+  result = subprocess.run(
+      [sys.executable, "-m", "flaxattn.main", "--mode=eval", f"--workdir={workdir}",
+       "--split=tset"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith("error: --split=tset: tweets has no")
+
+
+@pytest.mark.slow
+def test_attend_names_files_after_the_text_and_prints_the_prediction(tmp_path_factory, tmp_path):
+  from flaxattn.train import inference
+  workdir, _ = trained("sentiment_tweets", tmp_path_factory)
+  config = experiment_config("sentiment_tweets")
+  first, second = (inference.attend(config, workdir, [text])[0]
+                   for text in ("The flight was late, again!", "great crew"))
+  for result, stem in ((first, "the-flight-was-late-again"), (second, "great-crew")):
+    assert result.paths and all(os.path.basename(path).startswith(stem + "_")
+                                for path in result.paths), result.paths
+    assert all(os.path.isfile(path) for path in result.paths)
+    label, rest = result.prediction.split(" ", 1)
+    probabilities = dict(part.split("=") for part in rest.split("; ")[1].rstrip(")").split())
+    assert label in ("negative", "neutral", "positive") and set(probabilities) == {
+        "negative", "neutral", "positive"}
+    assert sum(map(float, probabilities.values())) == pytest.approx(1, abs=2e-3)
+    assert max(probabilities, key=lambda name: float(probabilities[name])) == label
+  assert all(os.path.isfile(path) for path in first.paths)  # The second call left them alone.
+  # The console script: --out names the files; the prediction and the paths are printed, quietly.
+  result = subprocess.run(
+      [sys.executable, "-c", "import sys; from flaxattn.main import run; sys.argv[0] = 'flaxattn';"
+       " run()", "attend", f"--workdir={workdir}", "--text=great crew",
+       f"--out={tmp_path}/maps/crew"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert not re.search(r"^I\d{4} ", result.stderr, re.MULTILINE), result.stderr[-3000:]
+  lines = result.stdout.splitlines()
+  assert lines[0] == "text:       great crew" and lines[1] == f"prediction: {second.prediction}"
+  assert lines[2:] == [f"{tmp_path}/maps/crew_{os.path.basename(path).split('_', 1)[1]}"
+                       for path in second.paths]
+  assert all(os.path.isfile(path) for path in lines[2:])
+
+
+@pytest.mark.slow
 def test_decode_and_attend_modes(tmp_path_factory):
   from flaxattn.train import inference
   workdir, _ = trained("translate_bible", tmp_path_factory)
@@ -93,8 +168,11 @@ def test_decode_and_attend_modes(tmp_path_factory):
   outputs = inference.decode_lines(config, workdir, ["In the beginning God created the heaven.",
                                                      "And God said, Let there be light."])
   assert len(outputs) == 2 and all(isinstance(line, str) for line in outputs)
-  paths = inference.attend(config, workdir, ["And God saw the light."])
+  attended = inference.attend(config, workdir, ["And God saw the light."])[0]
+  paths = attended.paths
   assert any("align" in os.path.basename(path) or "cross" in path for path in paths), paths
+  assert all(os.path.basename(path).startswith("and-god-saw-the-light_") for path in paths)
+  assert attended.prediction.endswith("(greedy translation)")
   # The console script's `attend` word reads the run's own config.json.
   result = subprocess.run(
       [sys.executable, "-c", "import sys; from flaxattn.main import run; sys.argv[0] = 'flaxattn';"
@@ -103,3 +181,5 @@ def test_decode_and_attend_modes(tmp_path_factory):
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 0, result.stderr[-2000:]
   assert any(line.endswith(".png") for line in result.stdout.splitlines()), result.stdout
+  assert result.stdout.splitlines()[1].startswith("prediction: ")
+  assert not re.search(r"^I\d{4} ", result.stderr, re.MULTILINE), result.stderr[-3000:]

@@ -116,8 +116,9 @@ def read_tweet_csv(path: str) -> tuple[tuple[tuple[str, int], ...], dict]:
       continue
     examples.append((first_text[key], label))
   if ties:
-    logger.warning("%s: %d tweets left out: their copies carry different labels in equal numbers, "
-                   "e.g. %r", path, len(ties), ties[:3])
+    example = ties[0] if len(ties[0]) <= 60 else ties[0][:57] + "..."
+    logger.warning("%s: %d tweets left out: their copies carry different labels in equal "
+                   "numbers, e.g. %r", os.path.basename(path), len(ties), example)
   stats = {
       "rows": len(rows) - 1,
       "rows_not_utf8": sum(not_utf8[1:]),

@@ -59,9 +59,12 @@ class LengthStats:
   dropped: int = 0
   tokens_lost: int = 0
 
-  def summary(self) -> str:
+  def summary(self, split_size: int | None = None) -> str:
+    """One line: the counts, and, given the split's size, how much of the split was seen."""
     share = lambda count: f"{100.0 * count / self.examples:.2f}%" if self.examples else "0%"
-    return (f"{self.examples} examples: {self.truncated} truncated ({share(self.truncated)}), "
+    seen = (f"{self.examples:,} of {split_size:,} examples seen" if split_size is not None else
+            f"{self.examples:,} examples")
+    return (f"{seen}: {self.truncated} truncated ({share(self.truncated)}), "
             f"{self.dropped} dropped ({share(self.dropped)}), {self.tokens_lost} tokens lost")
 
 

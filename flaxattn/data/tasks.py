@@ -70,6 +70,10 @@ class Task:
     """The split evaluated during training."""
     return "validation"
 
+  def size(self, split: str) -> int | None:
+    """Examples in `split` (None: endless, generated as read)."""
+    return len(self.examples[split])
+
   def dataset(self, split: str, *, batch_size: int, train: bool, seed: int = 0,
               process_index: int = 0, process_count: int = 1):
     """A grain dataset of batches of `split` (`batch_size` rows per process): shuffled and repeated
@@ -263,6 +267,9 @@ class MarkovTask(Task):
   @property
   def validation_split(self) -> str:
     return "eval"
+
+  def size(self, split: str) -> int | None:
+    return None
 
   def dataset(self, split: str, *, batch_size: int, train: bool, seed: int = 0,
               process_index: int = 0, process_count: int = 1) -> MarkovData:

@@ -9,6 +9,7 @@ devices, and the files are written while training goes on.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 import jax
@@ -28,6 +29,22 @@ def _shapes_by_path(tree) -> dict[str, tuple]:
   """{'params/layers/0/kernel': (shape, dtype name)} of the arrays (or their metadata) in `tree`."""
   return {path_name(path): (tuple(leaf.shape), np.dtype(leaf.dtype).name)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class _ExpectedOrbaxWarnings(std_logging.Filter):
+  """Drops Orbax's warnings about what flaxattn does on purpose: opening a run's checkpoints
+  read-only (eval, decode, attend) and reading the parameters item of a step alone."""
+
+  EXPECTED = ("CheckpointManagerOptions.read_only=True", "Given directory is read only",
+              "Metadata file does not exist")
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.levelno == std_logging.WARNING and
+                record.getMessage().startswith(self.EXPECTED))
+
+
+if not any(isinstance(f, _ExpectedOrbaxWarnings) for f in std_logging.getLogger("absl").filters):
+  std_logging.getLogger("absl").addFilter(_ExpectedOrbaxWarnings())  # Orbax logs through absl.
 
 
 class Checkpointer:

@@ -14,6 +14,7 @@ the eval step beside the loss sums: one forward pass a batch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from flax import nnx
 
 from flaxattn import parallel
 from flaxattn.models.decoding import generate
+from flaxattn.train import console
 from flaxattn.train import metrics as task_metrics
 from flaxattn.train.step import metrics_from_sums
 
@@ -83,6 +85,12 @@ class Evaluator:
         return
       yield parallel.global_batch(batch, self.batch_shardings)
 
+  def _batch_count(self, split: str, max_batches: int = 0) -> int | None:
+    """Batches in an evaluation of `split` (None where the split's size is unknown)."""
+    size = self.task.size(split) if hasattr(self.task, "size") else None  # (Duck-typed tasks.)
+    count = math.ceil(size / self.batch_size) if size is not None else None
+    return min(count or max_batches, max_batches) if max_batches else count
+
   def evaluate(self, params, split: str, *, max_batches: int = 0, decode: bool = False,
                max_decode_examples: int = 0) -> Evaluation:
     """Metrics of `params` on `split`, from one forward pass per batch.
@@ -93,7 +101,9 @@ class Evaluator:
     """
     start = time.perf_counter()
     sums, outputs = [], []
-    for batch in self.batches(split, max_batches):
+    bar = console.progress(self.batches(split, max_batches), desc=f"evaluating {split}",
+                           total=self._batch_count(split, max_batches))
+    for batch in bar:
       # One eval program in flight at a time: with many queued on simulated CPU devices under
       # load, XLA's all-reduce rendezvous was seen to time out (7 of 8 device threads arrived) and
       # abort the process. Waiting costs little here: a batch's compute dwarfs its dispatch.
@@ -113,12 +123,15 @@ class Evaluator:
                     accuracy=task_metrics.accuracy(predicted, actual),
                     macro_f1=task_metrics.macro_f1(predicted, actual,
                                                    len(self.task.class_names)))
+    bar.close()
     decoded = ()
     if decode and self.kind == "seq2seq":
       generation = self.generation(params, split, max_decode_examples)
       result.update(generation.metrics)
       decoded = generation.outputs
-    logging.info("evaluated %s in %.1f s", split, time.perf_counter() - start)
+    examples = f"{int(result['examples']):,} examples" if "examples" in result else (
+        f"{len(sums)} batches")
+    console.say(f"evaluated {split}: {examples} in {time.perf_counter() - start:.1f} s")
     return Evaluation(result, decoded)
 
   def translate(self, params, sources: list[str], *, method: str = "beam"
@@ -131,7 +144,9 @@ class Evaluator:
     limit = self.task.lengths["source"] - len(eos)
     max_new_tokens = self.max_decode_len or self.task.lengths.get("target", 0)
     outputs, truncated = [], 0
-    for begin in range(0, len(sources), self.batch_size):
+    what = f"beam search ({self.beam_size} beams)" if method == "beam" else "greedy decoding"
+    for begin in console.progress(range(0, len(sources), self.batch_size),
+                                  desc=f"{what}, {len(sources)} inputs"):
       chunk = sources[begin:begin + self.batch_size]
       encoded = [tokenizer.encode(text) for text in chunk]
       truncated += sum(len(ids) > limit for ids in encoded)

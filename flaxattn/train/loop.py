@@ -8,7 +8,8 @@ goes to `WORKDIR/metrics.jsonl`, TensorBoard (`WORKDIR/tensorboard`) and a progr
 tokens/s, ETA), with throughput over the interval (the first one includes compilation): real
 (non-padding) input tokens per second, all input positions per second, and MFU: model FLOPs
 (`flops.train_flops`: matmuls on real tokens) per second over the devices' matmul rate measured at
-startup.
+startup. Each phase prints one line (`flaxattn.train.console`, process 0), and a finished run
+ends with the summary block (`console.summary_lines`) on stdout.
 
 SIGTERM (on any process) finishes the current step, saves it, and returns, with no evaluation or
 report; every process stops at the same step (`_Preemption`). A rerun of the same command resumes
@@ -28,12 +29,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 from flaxattn import parallel
+from flaxattn.train import console
 from flaxattn.config import config_changes, parse_checkpoint
 from flaxattn.files import write_atomically
 from flaxattn.train.checkpoint import Checkpointer, abstract_like
@@ -43,6 +44,10 @@ from flaxattn.train.metrics import is_metric
 from flaxattn.train.optim import make_optimizer, make_schedule
 from flaxattn.train.run import build_run, evaluate_during_training, write_final_report
 from flaxattn.train.step import init_train_state, jit_steps, make_train_step
+
+
+class RunRefused(ValueError):
+  """The workdir or config.checkpoint does not fit this run; raised before anything is written."""
 
 
 class _Preemption:
@@ -103,7 +108,7 @@ def _claim_workdir(config, workdir: str, restart: bool) -> None:
     with open(saved) as f:
       changes = config_changes(json.load(f), config)
     if changes:
-      raise ValueError(
+      raise RunRefused(
           f"--workdir={workdir} holds a run with another config ({'; '.join(changes)}; old -> "
           "new); nothing was changed. Resume it with its config, train in a new --workdir, or "
           "give --restart to move that run to WORKDIR.old-N and start over")
@@ -175,10 +180,11 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   Returns the last logged metrics (a dict of floats, with `step`; after the final evaluation also
   `test_*` metrics when `config.eval.test`).
   """
+  console.start_clock()
   _claim_workdir(config, workdir, restart)
   report_checkpoint = parse_checkpoint(config.checkpoint)
   if isinstance(report_checkpoint, int) and report_checkpoint > config.steps:
-    raise ValueError(f"config.checkpoint={config.checkpoint!r} is past config.steps={config.steps}")
+    raise RunRefused(f"config.checkpoint={config.checkpoint!r} is past config.steps={config.steps}")
   os.makedirs(workdir, exist_ok=True)
   run = build_run(config, workdir)
   mesh, rules = run.mesh, run.rules
@@ -194,6 +200,8 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   peak_flops = measured_peak_flops(mesh)
   logging.info("%d parameters, measured peak %.3g FLOP/s", num_params, peak_flops)
+  axes = " x ".join(f"{name} {size}" for name, size in mesh.shape.items() if size > 1)
+  console.say(f"model: {num_params:,} parameters; mesh {axes or 'of one device'}")
   train_data = run.train_iterator()
   batch_shardings = run.batch_shardings
   train_step, eval_step = jit_steps(
@@ -214,13 +222,14 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
     state, data_state = restored
     train_data.set_state(data_state)
     logging.info("resumed from step %d (data %s)", int(state.step), data_state)
+    console.say(f"resumed from the checkpoint of step {int(state.step)} in {workdir}")
   else:
     state = run.with_pretrained(state, state_shardings)
   step = int(state.step)
   if (isinstance(report_checkpoint, int) and report_checkpoint not in checkpoints.steps() and
       (report_checkpoint <= step or report_checkpoint % config.checkpoint_every and
        report_checkpoint != config.steps)):
-    raise ValueError(f"config.checkpoint={config.checkpoint!r}: no such checkpoint in {workdir} "
+    raise RunRefused(f"config.checkpoint={config.checkpoint!r}: no such checkpoint in {workdir} "
                      f"(available steps: {checkpoints.steps()}) and this run will not save one "
                      f"(every {config.checkpoint_every} steps and at step {config.steps})")
   if jax.process_index() == 0:
@@ -232,8 +241,10 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   record = {}
   pending = []  # This log interval's metrics, still on the devices.
   interval_start = time.perf_counter()
-  progress = tqdm.tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True,
-                       disable=jax.process_index() != 0)
+  console.say(f"training to step {config.steps} (compiling first)" if step < config.steps else
+              f"trained to step {step} already")
+  progress = console.progress(total=config.steps, desc="train", unit="step", leave=True,
+                              initial=step)
   board = SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
   stopping = False
   with _Preemption(checkpoints.manager) as preemption, progress:
@@ -294,4 +305,8 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   checkpoints.close()
   if board is not None:
     board.close()
+  if step == config.steps and not stopping:
+    console.print_summary(record, title=f"{config.data.name} ({run.kind})", workdir=workdir,
+                          seconds=console.elapsed(),
+                          checkpoint=f"{config.checkpoint}, step {used}")
   return record

@@ -25,7 +25,7 @@ from flaxattn import nn, parallel
 from flaxattn.config import transformer_config
 from flaxattn.data import registry, tasks
 from flaxattn.models import DecoderLM, EncoderClassifier, EncoderDecoder
-from flaxattn.train import flops
+from flaxattn.train import console, flops
 from flaxattn.train.evaluate import Evaluator, prefixed
 from flaxattn.train.losses import LOSSES
 from flaxattn.train.step import make_eval_step
@@ -187,10 +187,12 @@ def _example_input(task: tasks.Task, example: dict):
 
 
 def attention_images(run: Run, graphdef, params, directory: str, *, examples: int,
-                     split: str = "validation", texts: list | None = None) -> dict[str, str]:
+                     split: str = "validation", texts: list | None = None,
+                     names: list[str] | None = None) -> dict[str, str]:
   """Attention heatmaps (per layer, rollout, cross-attention alignments) written under
   `directory` for `texts`, or else for the first `examples` examples of `split` short enough to
-  read as a heatmap (at most `_READABLE_TOKENS` tokens, within the model's lengths). Returns
+  read as a heatmap (at most `_READABLE_TOKENS` tokens, within the model's lengths); the files of
+  text `i` start with `names[i]` (default `example<i>`). Returns
   tag -> PNG path. Every process must call it (the parameters, sharded over all of them, are
   gathered to each host); process 0 draws, the others return {}."""
   from flaxattn.models.attention_maps import attention_report  # Deferred: matplotlib.
@@ -210,12 +212,18 @@ def attention_images(run: Run, graphdef, params, directory: str, *, examples: in
       if all(fits(part) for part in ((text,) if isinstance(text, str) else text)):
         texts.append(text)
   images = {}
-  for index, text in enumerate(texts):
-    paths = attention_report(model, task.tokenizer, text, directory, prefix=f"example{index}",
+  names = names or [f"example{index}" for index in range(len(texts))]
+  for name, text in zip(names, texts):
+    paths = attention_report(model, task.tokenizer, text, directory, prefix=name,
                              encode=None if task.kind == "seq2seq" else task.encode)
-    images.update({f"attention/example{index}/{os.path.splitext(os.path.basename(path))[0]}": path
+    images.update({f"attention/{name}/{os.path.splitext(os.path.basename(path))[0]}": path
                    for path in paths})
   return images
+
+
+def _split_sizes(task) -> dict[str, int]:
+  """split -> examples in it, for the splits whose size is known (the Markov corpus is endless)."""
+  return {split: task.size(split) for split in task.splits if task.size(split) is not None}
 
 
 def build_run(config, workdir: str) -> Run:
@@ -225,7 +233,12 @@ def build_run(config, workdir: str) -> Run:
   rules = parallel.make_rules(config.sharding.preset, config.sharding.overrides)
   kind = registry.task_kind(config)
   model_config = transformer_config(config.model)
+  console.say(f"preparing data: {config.data.name} ({kind})")
   task = registry.build_task(config, workdir)
+  sizes = _split_sizes(task)
+  if sizes:
+    console.say("data: " + ", ".join(f"{split} {size:,}" for split, size in sizes.items()) +
+                " examples")
   if config.model.pretrained:
     # The architecture is the checkpoint's; the config keeps only what does not change the
     # weights' meaning (dropout, the attention kernel, dtypes).
@@ -278,6 +291,7 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
     final, outputs = prefixed(test.metrics, "test"), test.outputs
   attention = {}
   if run.task.tokenizer is not None and config.report.attention_examples:  # On every process (a gather).
+    console.say(f"drawing the attention maps of {config.report.attention_examples} examples")
     attention = attention_images(run, evaluator.graphdef, params,
                                  os.path.join(workdir, "attention", "final"),
                                  examples=config.report.attention_examples)
@@ -296,11 +310,14 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
     if outputs:
       tables["Test outputs (first 10)"] = [
           {"source": s, "reference": r, "output": h} for s, r, h in outputs[:10]]
+    sizes = _split_sizes(run.task)
     for split, stats in run.task.stats.items():
-      notes.append(f"{split}: {stats.summary()}")
+      notes.append(f"{split}: {stats.summary(sizes.get(split))}")
     if config.report.baseline == "tfidf":
       from flaxattn.train.baselines import TFIDF_C_GRID, tfidf_logistic_regression
       raw, c_grid = run.task.raw, TFIDF_C_GRID
+      console.say(f"TF-IDF baseline: {len(raw['train']):,} training texts, C of "
+                  f"{len(c_grid)} by cross-validation")
       for split in ("validation", "test"):
         scores = tfidf_logistic_regression(
             [e["text"] for e in raw["train"]], [e["label"] for e in raw["train"]],
@@ -317,6 +334,7 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
   metrics = {key: value for key, value in everything.items()
              if (key == "step" or key.startswith(("eval_", "test_", "baseline_", "loss")))
              and report.is_metric(key) and not redundant(key, value)}
+  console.say("writing the report")
   report.write_report(workdir, title=f"{config.data.name} ({run.kind})", metrics=metrics,
                       tables=tables, images=images,
                       notes=notes)
