@@ -115,15 +115,27 @@ def _claim_workdir(config, workdir: str, restart: bool) -> None:
 
 
 def _write_summary(run, workdir: str) -> None:
-  """The model summary (`Run.summary`): one line per module in the log, the full table (a row per
-  parameter) in `WORKDIR/summary.txt`. Process 0 only."""
+  """The model summary (`Run.summary`): on the console a line per top-level module (the first two
+  parts of the parameter paths), the full table (a row per parameter) in `WORKDIR/summary.txt`.
+  Process 0 only."""
   if jax.process_index() != 0:
     return
   model_summary = run.summary()
-  write_atomically(os.path.join(workdir, "summary.txt"),
-                   lambda f: f.write(model_summary.table("param") + "\n"))
-  logging.info("model (full table in %s):\n%s", os.path.join(workdir, "summary.txt"),
-               model_summary)
+  path = os.path.join(workdir, "summary.txt")
+  write_atomically(path, lambda f: f.write(model_summary.table("param") + "\n"))
+  groups: dict[str, list[int]] = {}
+  for row in model_summary.rows:
+    totals = groups.setdefault("/".join(row.path.split("/")[:2]), [0, 0])
+    totals[0], totals[1] = totals[0] + row.count, totals[1] + row.bytes
+  flops = model_summary.flops_per_token
+  console.say(f"model: {model_summary.total_params:,} parameters "
+              f"({model_summary.total_bytes / 2**20:.1f} MiB)"
+              + (f", {flops / 1e6:.3g} MFLOP per token forward" if flops else "")
+              + f"; full table in {path}")
+  width = max(map(len, groups))
+  for name, (count, size) in groups.items():
+    console.say(f"  {name:<{width}}  {count:>12,}  {size / 2**20:8.2f} MiB")
+  logging.info("model:\n%s", model_summary)
 
 
 @jax.jit
@@ -201,7 +213,7 @@ def train_and_evaluate(config, workdir: str, *, restart: bool = False) -> dict:
   peak_flops = measured_peak_flops(mesh)
   logging.info("%d parameters, measured peak %.3g FLOP/s", num_params, peak_flops)
   axes = " x ".join(f"{name} {size}" for name, size in mesh.shape.items() if size > 1)
-  console.say(f"model: {num_params:,} parameters; mesh {axes or 'of one device'}")
+  console.say(f"mesh: {axes or 'one device'}; measured peak {peak_flops:.3g} FLOP/s")
   train_data = run.train_iterator()
   batch_shardings = run.batch_shardings
   train_step, eval_step = jit_steps(
