@@ -210,7 +210,7 @@ def test_float64_matches_numpy(case):
 
 
 @pytest.mark.slow
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(SWEEP_SHAPES, ("float32", "bfloat16", "float16")))
 def test_matches_numpy_sweep(case):
   _check_all(case)
