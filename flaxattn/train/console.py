@@ -15,11 +15,13 @@ import time
 import jax
 import tqdm
 
+from flaxattn.train.metrics import COUNTERS
+
 _START = time.monotonic()  # The clock of the phase lines: from the first import (the run's start).
 
-# What the summary leaves out: counters, not metrics.
-_COUNTERS = frozenset({"examples", "tokens", "weight", "decoded_examples", "truncated_sources",
-                       "z_loss", "C"})
+# What the summary leaves out: the evaluations' counters (`metrics.COUNTERS`), the loss weight, the
+# z-loss term and the baseline's regularisation strength: how much, not how well.
+_COUNTERS = frozenset(COUNTERS) | {"weight", "z_loss", "C"}
 
 
 def printing() -> bool:
@@ -91,6 +93,10 @@ def summary_lines(record: dict, *, title: str, workdir: str, seconds: float,
   for _, prefix in columns[:2]:
     names += [key[len(prefix):] for key in record if key.startswith(prefix)
               and key[len(prefix):] not in _COUNTERS and key[len(prefix):] not in names]
+  # An nll equal to the loss (no label smoothing, no z-loss) is the same number twice.
+  names = [name for name in names if not (name == "nll" and all(
+      math.isclose(record.get(prefix + "nll", 0.0), record.get(prefix + "loss", math.nan),
+                   rel_tol=1e-6) for _, prefix in columns[:2] if prefix + "nll" in record))]
   width = max([len(name) for name in names] + [10])
   header = f"  {'':<{width}}" + "".join(f"  {name:>12}" for name, _ in columns)
   rule = "=" * max(len(header), 60)
