@@ -126,7 +126,7 @@ def test_rows_and_statistics_match_oracle(name, q_len, kv_len):
 
 def test_traced_rows_and_mask_from_blockwise_lse():
   """A `Mask` (causal + lengths: padded queries see nothing) with blockwise's lse `[b, q, h]`,
-  +inf on the padded rows; rows passed as a traced array; statistics with the default block sizes."""
+  +inf on the padded rows; rows passed as a traced array; statistics with the default tiles."""
   q, k = _inputs()
   lengths = np.array([30, 37], np.int32)
   mask = Mask(causal=True, q_lengths=jnp.asarray(lengths), kv_lengths=jnp.asarray(lengths))
@@ -174,7 +174,7 @@ def _largest_intermediate(jaxpr) -> tuple[int, int]:
       largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = sub.jaxpr if isinstance(sub, jax_core.ClosedJaxpr) else sub
+        sub = getattr(sub, "jaxpr", sub)  # A ClosedJaxpr holds its Jaxpr.
         if isinstance(sub, jax_core.Jaxpr):
           size, count = _largest_intermediate(sub)
           largest, nested = max(largest, size), nested + count + 1

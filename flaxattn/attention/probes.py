@@ -2,28 +2,28 @@
 
 A fast kernel (`flex_attention(..., return_lse=True)`, `blockwise.forward_with_lse`) never forms the
 `[q_len, kv_len]` weights, but its log-sum-exp fixes them: the weight of key `j` for query `i` is
-`p_ij = exp(s_ij - lse_i)`, with `s_ij` the (scaled, score-modded) logit, and 0 where the key is masked.
-From the same query, key, mods and lse:
+`p_ij = exp(s_ij - lse_i)`, `s_ij` the scaled logit after the score_mod, and 0 where the key is
+masked. From the same query, key, mods and lse:
 
-- `attention_rows` recomputes the weights of a few chosen query rows, `[batch, heads, rows, kv_len]`,
-  in O(rows x kv_len) memory.
+- `attention_rows` recomputes the weights of a few chosen query rows, `[batch, heads, rows,
+  kv_len]`, in O(rows x kv_len) memory.
 - `attention_statistics` streams over key tiles (the tiling and block skipping of `flex_attention`)
   and returns per-query entropy, mass on the first `sink_keys` keys, the largest weight and the
   top-k keys, never holding more than one `[query tile, key tile]` block.
 
 Mods are evaluated exactly as inside `flex_attention` (its `_hoist` and `_evaluate`), so the weights
-match the kernel's softmax to float32 rounding. A `Mask` (`flaxattn.attention.Mask`) may be passed as
-`mask=` instead of a mask_mod: it is converted to the equivalent mask_mod (`mask_to_mask_mod`).
+match the kernel's softmax to float32 rounding. A `Mask` (`flaxattn.attention.Mask`) may be passed
+as `mask=` instead of a mask_mod: it is converted to the same mask_mod (`mask_to_mask_mod`).
 
 The lse is taken in flex_attention's layout `[batch, heads, q_len]`; `blockwise.forward_with_lse`
-returns `[batch, q_len, heads]`: pass `jnp.swapaxes(lse, 1, 2)`. Any non-finite lse (flex gives -inf,
+returns `[batch, q_len, heads]`: pass `jnp.swapaxes(lse, 1, 2)`. A non-finite lse (flex gives -inf,
 blockwise +inf) marks a query that sees no key: all its weights are 0.
 
 Entropy. With `p_j = exp(s_j - lse)` over the visible keys, `log p_j = s_j - lse`, so
 `H = -sum_j p_j log p_j = -sum_j p_j (s_j - lse) = lse * sum_j p_j - sum_j p_j s_j = lse - sum_j p_j
 s_j` (as `sum_j p_j = 1`). It is accumulated per tile as `-sum_j p_j (s_j - lse)`, which avoids the
-cancellation of the last form when `lse` is large; masked keys (p = 0) add nothing. A query that sees
-no key has entropy 0 by definition (and sink mass, max weight, total weight 0).
+cancellation of the last form when `lse` is large; masked keys (p = 0) add nothing. A query that
+sees no key has entropy 0 by definition (and sink mass, max weight, total weight 0).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def _inputs(query, key, lse, scale, mask_mod, mask):
   batch, q_len, heads, head_dim = query.shape
   if lse.shape != (batch, heads, q_len):
     raise ValueError(f"lse must have shape [batch, heads, q_len] = {[batch, heads, q_len]} (as "
-                     f"flex_attention returns it; swap axes 1 and 2 of blockwise's), got {lse.shape}")
+                     f"flex_attention returns it; swap axes 1 and 2 of blockwise's), "
+                     f"got {lse.shape}")
   if mask is not None:
     if mask_mod is not None:
       raise ValueError("pass mask_mod or mask, not both: combine them with and_masks(mask_mod, "
@@ -102,11 +103,12 @@ def _inputs(query, key, lse, scale, mask_mod, mask):
 
 def _rows_index(rows, q_len: int):
   """`rows` as an int32 `[rows]` array; static rows are range-checked, traced ones clipped."""
-  if isinstance(rows, jax.core.Tracer):
+  try:
+    index = np.asarray(rows)
+  except jax.errors.TracerArrayConversionError:
     if rows.ndim != 1 or not jnp.issubdtype(rows.dtype, jnp.integer):
       raise ValueError(f"rows must be a 1-d integer array, got {rows.dtype}{list(rows.shape)}")
     return jnp.clip(rows.astype(jnp.int32), 0, q_len - 1)
-  index = np.asarray(rows)
   if index.ndim != 1 or index.size == 0 or not np.issubdtype(index.dtype, np.integer) or (
       index.min() < 0 or index.max() >= q_len):
     raise ValueError(f"rows must be a non-empty 1-d sequence of query indices in [0, {q_len}), "
@@ -123,8 +125,8 @@ def attention_rows(query, key, lse, rows, *, score_mod=None, mask_mod=None, mask
   Args:
     query: `[batch, q_len, heads, head_dim]`; key: `[batch, kv_len, kv_heads, head_dim]`, `heads %
       kv_heads == 0` (as `flex_attention`).
-    lse: `[batch, heads, q_len]`, the log-sum-exp `flex_attention(..., return_lse=True)` returned for
-      the same inputs and mods (non-finite: the row sees no key).
+    lse: `[batch, heads, q_len]`, the log-sum-exp `flex_attention(..., return_lse=True)` returned
+      for the same inputs and mods (non-finite: the row sees no key).
     rows: query indices, a static sequence (checked to lie in `[0, q_len)`) or a traced int array
       (clipped into range).
     score_mod, mask_mod, scale: as given to `flex_attention`.
@@ -193,15 +195,18 @@ def attention_statistics(query, key, lse, *, score_mod=None, mask_mod=None, mask
   """Per-query statistics of the attention distribution, streamed over key tiles from the lse.
 
   Runs the tiling of `flex_attention` (a `lax.map` over query tiles, loops over each one's non-empty
-  key tiles from the block mask), so memory is O(tile^2 + q_len * top_k): no `[q_len, kv_len]` array.
+  key tiles from the block mask), so memory is O(tile^2 + q_len * top_k), no `[q_len, kv_len]`
+  array (building the block mask, when none is given, evaluates the mask a chunk of tiles at a
+  time: see `create_block_mask`).
 
   Args:
     query, key, lse, score_mod, mask_mod, mask, scale: as `attention_rows`.
-    block_mask: from `create_block_mask` for these sizes (its empty tiles are skipped, its tiles used);
-      None builds one from the mask (with `block_size`).
+    block_mask: from `create_block_mask` for these sizes (its empty tiles are skipped, its tile
+      sizes used); None builds one from the mask (with `block_size`).
     top_k: also return the `top_k` largest weights per query and their key indices (0: none).
     sink_keys: `sink_mass` is the weight on keys `0 .. sink_keys - 1` (the attention sink).
-    block_size: `(block_q, block_kv)` or one int, when no `block_mask` is given (default: blockwise's).
+    block_size: `(block_q, block_kv)` or one int, when no `block_mask` is given (default:
+      blockwise's).
 
   Returns:
     A dict of float32 `[batch, heads, q_len]`: `entropy` (nats), `sink_mass`, `max_weight`,
@@ -256,7 +261,8 @@ def attention_statistics(query, key, lse, *, score_mod=None, mask_mod=None, mask
     carry = jax.lax.fori_loop(0, full_counts[q_block], visit(full_tiles, False), carry)
     return jax.lax.fori_loop(0, partial_counts[q_block], visit(partial_tiles, True), carry)
 
-  sums, top = jax.lax.map(lambda xs: query_block(*xs), (jnp.arange(plan.q_blocks), q, lse_t[..., 0]))
+  sums, top = jax.lax.map(lambda xs: query_block(*xs),
+                          (jnp.arange(plan.q_blocks), q, lse_t[..., 0]))
   per_query = lambda x: jnp.moveaxis(blockwise._untile_rows(x, plan, heads), 1, 2)
   out = {name: per_query(x[..., None])[..., 0] for name, x in zip(STATISTICS, sums)}
   if top_k:
