@@ -242,24 +242,16 @@ def attention_statistics(query, key, lse, *, score_mod=None, mask_mod=None, mask
   q = blockwise._tile_rows((query * scale).astype(query.dtype), plan=plan)
   k = blockwise._kv_blocks(key, plan, plan.kv_blocks * plan.block_kv - kv_len)
   lse_t = blockwise._tile_rows(jnp.swapaxes(lse, 1, 2)[..., None], plan=plan, pad_value=jnp.inf)
-  schedule = flex._schedule(block_mask.kinds, 0, plan)
-  _, full_counts, full_tiles, partial_counts, partial_tiles = schedule
+  schedule = flex._schedule(block_mask.kinds, 0, plan)  # Batch rows share one pass (tile union).
   zero = blockwise._varying_zero(q, k, lse_t, score[1], masking[1])
 
   def query_block(q_block, q_i, lse_i):
-    def visit(tiles, masked):
-      def step(i, carry):
-        kv_block = tiles[q_block, i]
-        s = flex._raw_logits(q_i, blockwise._kv_tile(k, kv_block, plan), transposed=False)
-        s, _ = flex._tile_scores(mods, s, score[1], masking[1], 0, q_block, kv_block,
-                                 masked=masked, transposed=False)
-        kv_pos = kv_block * plan.block_kv + jnp.arange(plan.block_kv)
-        return _statistics_step(carry, s, lse_i, kv_pos, sink_keys)
-      return step
+    def fold(carry, s, kv_block):
+      kv_pos = kv_block * plan.block_kv + jnp.arange(plan.block_kv)
+      return _statistics_step(carry, s, lse_i, kv_pos, sink_keys)
 
-    carry = _statistics_init(q_i.shape[:-1], top_k, zero)
-    carry = jax.lax.fori_loop(0, full_counts[q_block], visit(full_tiles, False), carry)
-    return jax.lax.fori_loop(0, partial_counts[q_block], visit(partial_tiles, True), carry)
+    return flex._visit_tiles(mods, schedule, q_block, q_i, k, score[1], masking[1], fold,
+                             _statistics_init(q_i.shape[:-1], top_k, zero))
 
   sums, top = jax.lax.map(lambda xs: query_block(*xs),
                           (jnp.arange(plan.q_blocks), q, lse_t[..., 0]))
