@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from jax.extend import core as jax_core
 
-from flaxattn.attention import Mask, and_masks, attention_rows, attention_statistics, flex_attention
+from flaxattn.attention import (Mask, and_masks, attention_rows, attention_statistics,
+                                create_block_mask, flex_attention)
 from flaxattn.attention import blockwise, flex
 
 BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 2, 37, 4, 2, 8, 16
@@ -103,8 +104,12 @@ def test_rows_and_statistics_match_oracle(name, q_len, kv_len):
   def run(q, k):
     _, lse = flex_attention(q, k, k, score_mod, mask_mod, return_lse=True)
     weights = attention_rows(q, k, lse, rows, score_mod=score_mod, mask_mod=mask_mod)
-    stats = attention_statistics(q, k, lse, score_mod=score_mod, mask_mod=mask_mod, top_k=TOP_K,
-                                 sink_keys=SINK_KEYS, block_size=BLOCK)
+    if name == "documents":  # A per-row block mask; the mask_mod comes from it.
+      tiles = dict(block_mask=create_block_mask(mask_mod, BATCH, None, q_len, kv_len, BLOCK))
+    else:
+      tiles = dict(mask_mod=mask_mod, block_size=BLOCK)
+    stats = attention_statistics(q, k, lse, score_mod=score_mod, top_k=TOP_K, sink_keys=SINK_KEYS,
+                                 **tiles)
     return weights, stats
 
   weights, stats = run(q, k)
@@ -125,12 +130,15 @@ def test_rows_and_statistics_match_oracle(name, q_len, kv_len):
 
 
 def test_traced_rows_and_mask_from_blockwise_lse():
-  """A `Mask` (causal + lengths: padded queries see nothing) with blockwise's lse `[b, q, h]`,
-  +inf on the padded rows; rows passed as a traced array; statistics with the default tiles."""
+  """A `Mask` (causal, a window, documents, lengths: padded queries see nothing) with blockwise's
+  lse `[b, q, h]`, +inf on the padded rows; rows passed as a traced array; default tiles."""
   q, k = _inputs()
   lengths = np.array([30, 37], np.int32)
-  mask = Mask(causal=True, q_lengths=jnp.asarray(lengths), kv_lengths=jnp.asarray(lengths))
-  p, seen = _oracle(q, k, None, lambda b, h, i, j: (j <= i) & (i < lengths[b]) & (j < lengths[b]))
+  mask = Mask(causal=True, window=(15, 0), q_segment_ids=jnp.asarray(DOC_IDS),
+              q_lengths=jnp.asarray(lengths), kv_lengths=jnp.asarray(lengths))
+  docs = DOC_IDS[:, None, :, None] == DOC_IDS[:, None, None, :]
+  p, seen = _oracle(q, k, None, lambda b, h, i, j: (j <= i) & (j >= i - 15) & docs
+                    & (i < lengths[b]) & (j < lengths[b]))
 
   @jax.jit
   def run(q, k, rows):

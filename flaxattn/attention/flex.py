@@ -239,9 +239,11 @@ def create_block_mask(mask_mod, batch, heads, q_len, kv_len, block_size=None) ->
 
   Args:
     mask_mod: `(batch, head, q_idx, kv_idx) -> bool` on int32 scalars.
-    batch, heads: sizes to evaluate over, or None to evaluate at index 0 and broadcast (for a mask
-      that does not depend on them). `heads` counts query heads.
-    q_len, kv_len: the lengths of the attention call.
+    batch: the batch size to evaluate over, or None to evaluate at index 0 and broadcast (for a
+      mask that does not depend on the batch row).
+    heads: the query heads to evaluate over, or None (as `batch`, for a mask the same in all heads).
+    q_len: the query length of the attention call.
+    kv_len: its key length.
     block_size: `(block_q, block_kv)`, one int for both, or None for the platform's blockwise default;
       clipped to the lengths.
 

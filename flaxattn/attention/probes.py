@@ -123,14 +123,16 @@ def attention_rows(query, key, lse, rows, *, score_mod=None, mask_mod=None, mask
   """The attention weights of chosen query rows, recomputed exactly from the log-sum-exp.
 
   Args:
-    query: `[batch, q_len, heads, head_dim]`; key: `[batch, kv_len, kv_heads, head_dim]`, `heads %
-      kv_heads == 0` (as `flex_attention`).
+    query: `[batch, q_len, heads, head_dim]`, as given to `flex_attention`.
+    key: `[batch, kv_len, kv_heads, head_dim]`, `heads % kv_heads == 0`.
     lse: `[batch, heads, q_len]`, the log-sum-exp `flex_attention(..., return_lse=True)` returned
       for the same inputs and mods (non-finite: the row sees no key).
     rows: query indices, a static sequence (checked to lie in `[0, q_len)`) or a traced int array
       (clipped into range).
-    score_mod, mask_mod, scale: as given to `flex_attention`.
+    score_mod: as given to `flex_attention`.
+    mask_mod: as given to `flex_attention`.
     mask: a `Mask` instead of `mask_mod` (as given to `dot_product_attention`).
+    scale: as given to `flex_attention` (default `head_dim ** -0.5`).
 
   Returns:
     `[batch, heads, len(rows), kv_len]` float32: `exp(score - lse)` where the key is visible, 0
@@ -200,7 +202,13 @@ def attention_statistics(query, key, lse, *, score_mod=None, mask_mod=None, mask
   time: see `create_block_mask`).
 
   Args:
-    query, key, lse, score_mod, mask_mod, mask, scale: as `attention_rows`.
+    query: `[batch, q_len, heads, head_dim]`, as `attention_rows`.
+    key: `[batch, kv_len, kv_heads, head_dim]`.
+    lse: `[batch, heads, q_len]`, as `attention_rows`.
+    score_mod: as given to `flex_attention`.
+    mask_mod: as given to `flex_attention`; None: `block_mask.mask_mod` if a block mask is given.
+    mask: a `Mask` instead of `mask_mod`.
+    scale: as given to `flex_attention`.
     block_mask: from `create_block_mask` for these sizes (its empty tiles are skipped, its tile
       sizes used); None builds one from the mask (with `block_size`).
     top_k: also return the `top_k` largest weights per query and their key indices (0: none).
