@@ -39,7 +39,7 @@ from flaxattn.attention.mask import Mask
 
 Array = Any
 
-STATISTICS = ("entropy", "sink_mass", "max_weight", "total_weight")
+_STREAMED = ("entropy", "max_weight", "total_weight")  # Folded over the key tiles.
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,47 +139,55 @@ def attention_rows(query, key, lse, rows, *, score_mod=None, mask_mod=None, mask
     elsewhere and on rows without keys. Memory O(batch * heads * rows * kv_len).
   """
   query, key, lse, scale, mask_mod = _inputs(query, key, lse, scale, mask_mod, mask)
+  index = _rows_index(rows, query.shape[1])
+  return _weights(query, key, lse, index, key.shape[1], score_mod, mask_mod, scale)
+
+
+def _weights(query, key, lse, q_index, kv_count: int, score_mod, mask_mod, scale: float):
+  """`[batch, heads, rows, kv_count]` float32 weights of the query rows `q_index` (`[rows]` int32,
+  or None for all) on the first `kv_count` keys; `lse` +inf on rows without keys (`_inputs`)."""
   batch, q_len, heads, _ = query.shape
-  kv_len, kv_heads = key.shape[1], key.shape[2]
-  group = heads // kv_heads
-  index = _rows_index(rows, q_len)
-  count = index.shape[0]
-  q = (jnp.take(query, index, axis=1) * scale).astype(query.dtype)  # As the kernel scales it.
-  q = q.reshape(batch, count, kv_heads, group, -1)
+  kv_heads = key.shape[2]
+  if q_index is None:
+    q_index = jnp.arange(q_len)
+  else:
+    query, lse = jnp.take(query, q_index, axis=1), jnp.take(lse, q_index, axis=2)
+  key = key[:, :kv_count]
+  count = q_index.shape[0]
+  q = (query * scale).astype(query.dtype)  # As the kernel scales it.
+  q = q.reshape(batch, count, kv_heads, heads // kv_heads, -1)
   s = jnp.einsum("brkgd,bskd->bkgrs", q, key, preferred_element_type=jnp.float32)
-  s = s.reshape(batch, heads, count, kv_len)
-  indices = (jnp.arange(batch), jnp.broadcast_to(jnp.arange(heads)[:, None], (heads, count)), index,
-             jnp.arange(kv_len))
+  s = s.reshape(batch, heads, count, kv_count)
+  indices = (jnp.arange(batch), jnp.broadcast_to(jnp.arange(heads)[:, None], (heads, count)),
+             q_index, jnp.arange(kv_count))
   if score_mod is not None:
     fn, consts = flex._hoist("score_mod", score_mod)
     s = flex._evaluate(fn, consts, s, *indices).astype(jnp.float32)
   if mask_mod is not None:
     fn, consts = flex._hoist("mask_mod", mask_mod)
     s = jnp.where(flex._evaluate(fn, consts, None, *indices), s, -jnp.inf)
-  return jnp.exp(s - jnp.take(lse, index, axis=2)[..., None])
+  return jnp.exp(s - lse[..., None])
 
 
 # ------------------------------------------------------------------------------------------------
 # Streaming statistics.
 
 def _statistics_init(shape, top_k: int, zero):
-  """Carry of one query tile (`shape` = `[batch, kv_heads, rows]`): entropy, sink mass, max weight,
-  total weight, and the running top-k `(weights, keys)` (weight -1 and key -1: no key yet)."""
-  sums = tuple(jnp.zeros(shape) + zero for _ in STATISTICS)
+  """Carry of one query tile (`shape` = `[batch, kv_heads, rows]`): entropy, max weight, total
+  weight, and the running top-k `(weights, keys)` (weight -1 and key -1: no key yet)."""
+  sums = tuple(jnp.zeros(shape) + zero for _ in _STREAMED)
   if not top_k:
     return sums, ()
   return sums, (jnp.full(shape + (top_k,), -1.0) + zero, jnp.full(shape + (top_k,), -1, jnp.int32))
 
 
-def _statistics_step(carry, s, lse_i, kv_pos, sink_keys: int):
+def _statistics_step(carry, s, lse_i, kv_pos):
   """Folds a tile's scores `s` `[batch, kv_heads, rows, block_kv]` (-inf where hidden) in."""
-  (entropy, sink, largest, total), top = carry
-  p = jnp.exp(s - lse_i[..., None])
-  seen = p > 0.0
-  log_p = jnp.where(seen, s - lse_i[..., None], 0.0)
-  entropy = entropy - jnp.sum(p * log_p, axis=-1)
-  sink = sink + jnp.sum(jnp.where(kv_pos < sink_keys, p, 0.0), axis=-1)
-  largest = jnp.maximum(largest, jnp.max(p, axis=-1))
+  (entropy, largest, total), top = carry
+  log_p = s - lse_i[..., None]
+  p = jnp.exp(log_p)
+  entropy = entropy - jnp.sum(jnp.where(p > 0.0, p * log_p, 0.0), axis=-1)
+  largest = jnp.maximum(largest, jnp.exp(jnp.max(log_p, axis=-1)))  # One exp per row, not per key.
   total = total + jnp.sum(p, axis=-1)
   if top:
     weights, keys = top
@@ -188,7 +196,7 @@ def _statistics_step(carry, s, lse_i, kv_pos, sink_keys: int):
     weights, chosen = jax.lax.top_k(candidates, weights.shape[-1])
     keys = jnp.take_along_axis(jnp.concatenate([keys, tile_keys], axis=-1), chosen, axis=-1)
     top = (weights, keys)
-  return (entropy, sink, largest, total), top
+  return (entropy, largest, total), top
 
 
 def attention_statistics(query, key, lse, *, score_mod=None, mask_mod=None, mask=None,
@@ -256,7 +264,7 @@ def attention_statistics(query, key, lse, *, score_mod=None, mask_mod=None, mask
   def query_block(q_block, q_i, lse_i):
     def fold(carry, s, kv_block):
       kv_pos = kv_block * plan.block_kv + jnp.arange(plan.block_kv)
-      return _statistics_step(carry, s, lse_i, kv_pos, sink_keys)
+      return _statistics_step(carry, s, lse_i, kv_pos)
 
     return flex._visit_tiles(mods, schedule, q_block, q_i, k, score[1], masking[1], fold,
                              _statistics_init(q_i.shape[:-1], top_k, zero))
@@ -264,7 +272,10 @@ def attention_statistics(query, key, lse, *, score_mod=None, mask_mod=None, mask
   sums, top = jax.lax.map(lambda xs: query_block(*xs),
                           (jnp.arange(plan.q_blocks), q, lse_t[..., 0]))
   per_query = lambda x: jnp.moveaxis(blockwise._untile_rows(x, plan, heads), 1, 2)
-  out = {name: per_query(x[..., None])[..., 0] for name, x in zip(STATISTICS, sums)}
+  out = {name: per_query(x[..., None])[..., 0] for name, x in zip(_STREAMED, sums)}
+  # The sink keys' weights for every query, [batch, heads, q_len, sink_keys]: O(q_len) memory.
+  sinks = _weights(query, key, lse, None, min(sink_keys, kv_len), score_mod, mask_mod, scale)
+  out["sink_mass"] = sinks.sum(-1)
   if top_k:
     weights, keys = top
     out["top_k_weights"] = per_query(jnp.maximum(weights, 0.0))
