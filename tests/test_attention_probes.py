@@ -3,12 +3,12 @@
 The lse comes from the kernel (`flex_attention(..., return_lse=True)`, once from
 `blockwise.forward_with_lse`), as a user would get it; the oracle recomputes everything densely in
 float64 from the same query/key with NumPy index grids: softmax weights, entropy `-sum p log p`,
-sink mass, max weight and the top-k keys by `np.argsort`. Cases: causal, documents (captured ids,
-once through a per-row block mask), ALiBi, an empty row, a window over 21 queries x 45 keys, a `Mask`
-(causal, window, documents, lengths) with blockwise's lse, a `Mask` aligned at the end. Shapes: batch
-2, 4 query heads over 2 key heads (GQA), head_dim 8, 37 positions in tiles of 16 (a ragged last
-tile). Random normal inputs, so weights have no ties. Memory: the traced program at 4k is walked for
-any `q_len * kv_len` intermediate. Runs in ~17 s on 2 shared cores (one compile per test).
+sink mass, max weight and the top-k keys by `np.argsort`. Cases: causal, documents (captured
+ids, once through a per-row block mask), ALiBi, an empty row, a window over 21 queries x 45 keys, a
+`Mask` (causal, window, documents, lengths) with blockwise's lse, a `Mask` aligned at the end.
+Shapes: batch 2, 4 query heads over 2 key heads (GQA), head_dim 8, 37 positions in tiles of 16 (a
+ragged last tile). Random normal inputs, so weights have no ties. Memory: the traced program at 4k
+is walked for any `q_len * kv_len` intermediate. ~17 s on 2 shared cores (one compile per test).
 
 Tolerances: weights and statistics are float32 recomputations of O(1) values from a float32 lse:
 2e-5 absolute + 1e-5 relative (entropy 1e-4, it sums ~37 terms of p log p).
