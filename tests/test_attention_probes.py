@@ -162,11 +162,12 @@ def test_traced_rows_and_mask_from_blockwise_lse():
 
 
 def test_mask_aligns_queries_at_the_end():
-  """`Mask(causal=True)` with 21 queries over 45 keys: query i sits at position i + 24 (as Mask
-  and blockwise align them), through the mask_mod the probes build from it."""
+  """`Mask(causal=True, array=...)` with 21 queries over 45 keys: query i sits at position i + 24
+  (as Mask and blockwise align them), through the mask_mod the probes build from it."""
   q, k = _inputs(21, 45)
-  mask = Mask(causal=True)
-  p, _ = _oracle(q, k, None, lambda b, h, i, j: j <= i + 24)
+  array = np.random.default_rng(1).random((HEADS, 21, 45)) < 0.7  # Broadcast over the batch.
+  mask = Mask(causal=True, array=jnp.asarray(array))
+  p, _ = _oracle(q, k, None, lambda b, h, i, j: (j <= i + 24) & array[None])
   _, lse = blockwise.forward_with_lse(q, k, k, mask=mask, scale=HEAD_DIM ** -0.5)
   weights = attention_rows(q, k, jnp.swapaxes(lse, 1, 2), (0, 20), mask=mask)
   np.testing.assert_allclose(weights, p[:, :, [0, 20]], **TOL)
