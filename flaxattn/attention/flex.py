@@ -239,9 +239,11 @@ def create_block_mask(mask_mod, batch, heads, q_len, kv_len, block_size=None) ->
 
   Args:
     mask_mod: `(batch, head, q_idx, kv_idx) -> bool` on int32 scalars.
-    batch, heads: sizes to evaluate over, or None to evaluate at index 0 and broadcast (for a mask
-      that does not depend on them). `heads` counts query heads.
-    q_len, kv_len: the lengths of the attention call.
+    batch: the batch size to evaluate over, or None to evaluate at index 0 and broadcast (for a
+      mask that does not depend on the batch row).
+    heads: the query heads to evaluate over, or None (as `batch`, for a mask the same in all heads).
+    q_len: the query length of the attention call.
+    kv_len: its key length.
     block_size: `(block_q, block_kv)`, one int for both, or None for the platform's blockwise default;
       clipped to the lengths.
 
@@ -358,26 +360,37 @@ def _raw_logits(q_i, k_j, *, transposed: bool):
   return jnp.einsum("bhrd,bhkd->bhrk", q_i, k_j, preferred_element_type=jnp.float32)
 
 
+def _visit_tiles(mods: _Mods, schedule, q_block, q_i, k, score_consts, mask_consts, fold, carry):
+  """Folds the non-empty key tiles of query tile `q_block` into `carry` (the full ones first):
+  `carry = fold(carry, scores, kv_block)` with `scores` `[batch, kv_heads, rows, block_kv]` float32,
+  the scaled logits after the score_mod, -inf where hidden. Shared by the forward and the probes."""
+  plan = mods.plan
+  batch_start, full_counts, full_tiles, partial_counts, partial_tiles = schedule
+
+  def visit(tiles, masked):
+    def step(i, carry):
+      kv_block = tiles[q_block, i]
+      s = _raw_logits(q_i, blockwise._kv_tile(k, kv_block, plan), transposed=False)
+      s, _ = _tile_scores(mods, s, score_consts, mask_consts, batch_start, q_block, kv_block,
+                          masked=masked, transposed=False)
+      return fold(carry, s, kv_block)
+    return step
+
+  carry = jax.lax.fori_loop(0, full_counts[q_block], visit(full_tiles, False), carry)
+  return jax.lax.fori_loop(0, partial_counts[q_block], visit(partial_tiles, True), carry)
+
+
 def _forward(mods: _Mods, q, k, v, score_consts, mask_consts, schedule):
   """Output `[q_blocks, batch, kv_heads, rows, value_dim]` float32 and log-sum-exp `[..., rows]`
   (+inf for a row that sees no key, whose output is 0), as `blockwise._forward`."""
   plan = mods.plan
-  batch_start, full_counts, full_tiles, partial_counts, partial_tiles = schedule
+
+  def fold(carry, s, kv_block):
+    return blockwise.softmax_step(carry, s, blockwise._kv_tile(v, kv_block, plan))
 
   def query_block(q_block, q_i):
-
-    def visit(tiles, masked):
-      def step(i, carry):
-        kv_block = tiles[q_block, i]
-        s = _raw_logits(q_i, blockwise._kv_tile(k, kv_block, plan), transposed=False)
-        s, _ = _tile_scores(mods, s, score_consts, mask_consts, batch_start, q_block, kv_block,
-                            masked=masked, transposed=False)
-        return blockwise.softmax_step(carry, s, blockwise._kv_tile(v, kv_block, plan))
-      return step
-
-    carry = blockwise.softmax_init(q_i, v, zero)
-    carry = jax.lax.fori_loop(0, full_counts[q_block], visit(full_tiles, False), carry)
-    carry = jax.lax.fori_loop(0, partial_counts[q_block], visit(partial_tiles, True), carry)
+    carry = _visit_tiles(mods, schedule, q_block, q_i, k, score_consts, mask_consts, fold,
+                         blockwise.softmax_init(q_i, v, zero))
     return blockwise.softmax_finish(carry)
 
   zero = blockwise._varying_zero(q, k, v, score_consts, mask_consts)
