@@ -116,7 +116,7 @@ def _claim_workdir(config, workdir: str, restart: bool) -> None:
 
 def _write_summary(run, workdir: str) -> None:
   """The model summary (`Run.summary`): on the console a line per top-level module (the first two
-  parts of the parameter paths), the full table (a row per parameter) in `WORKDIR/summary.txt`.
+  parts of the modules' paths), the full table (a row per parameter) in `WORKDIR/summary.txt`.
   Process 0 only."""
   if jax.process_index() != 0:
     return
@@ -125,7 +125,8 @@ def _write_summary(run, workdir: str) -> None:
   write_atomically(path, lambda f: f.write(model_summary.table("param") + "\n"))
   groups: dict[str, list[int]] = {}
   for row in model_summary.rows:
-    totals = groups.setdefault("/".join(row.path.split("/")[:2]), [0, 0])
+    module = row.path.split("/")[:-1] or [row.path]  # Its module's path, at most two parts.
+    totals = groups.setdefault("/".join(module[:2]), [0, 0])
     totals[0], totals[1] = totals[0] + row.count, totals[1] + row.bytes
   flops = model_summary.flops_per_token
   console.say(f"model: {model_summary.total_params:,} parameters "
