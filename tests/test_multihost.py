@@ -139,7 +139,7 @@ def train_both(tmp_path_factory, module, variant, overrides):
 
 def assert_same_report(multi, single):
   got, want = report_test_metrics(multi), report_test_metrics(single)
-  assert set(got) == set(want) and len(got) > 3
+  assert set(got) == set(want) and len(got) >= 3
   for key in want:
     # Cross-process all-reduces add in another order: float32 rounding only (relative for
     # perplexity, the exponential of the loss).
@@ -180,7 +180,7 @@ def test_classification_two_processes_match_one(listops_runs):
 def test_seq2seq_two_processes_match_one(reverse_runs):
   multi, single = reverse_runs
   assert_same_report(multi, single)
-  assert report_test_metrics(multi)["test_decoded_examples"] == 16
+  assert "- test: 16 of 16 examples seen" in (single / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -312,7 +312,10 @@ def write_final_report(run: Run, evaluator: Evaluator, params, workdir: str, rec
           {"source": s, "reference": r, "output": h} for s, r, h in outputs[:10]]
     sizes = _split_sizes(run.task)
     for split, stats in run.task.stats.items():
-      notes.append(f"{split}: {stats.summary(sizes.get(split))}")
+      # Each process counts the rows it prepared: with several, the note says whose count it is.
+      whose = (f" (process {jax.process_index()} of {jax.process_count()}: its rows)"
+               if jax.process_count() > 1 else "")
+      notes.append(f"{split}: {stats.summary(sizes.get(split))}{whose}")
     if config.report.baseline == "tfidf":
       from flaxattn.train.baselines import TFIDF_C_GRID, tfidf_logistic_regression
       raw, c_grid = run.task.raw, TFIDF_C_GRID
