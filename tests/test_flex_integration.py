@@ -7,6 +7,8 @@ rtol 1e-5. Sinks have no dense path; they are checked against a float64 NumPy so
 extra logit per head, and their gradient against central differences of that oracle.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,8 @@ import pytest
 from flax import nnx
 
 from flaxattn.attention import Mask
-from flaxattn.nn import (Decoder, MultiHeadAttention, TransformerConfig, capture_attention_weights)
+from flaxattn.nn import (Decoder, MultiHeadAttention, PositionBias, TransformerConfig,
+                         capture_attention_weights)
 from attention_support import largest_intermediate
 
 BATCH, LENGTH, D_MODEL, HEADS, KV_HEADS = 2, 11, 16, 4, 2
@@ -186,3 +189,29 @@ def test_flex_path_has_no_quadratic_intermediate(positions, sinks):
   largest, nested = largest_intermediate(traced(config))
   assert nested > 0 and largest < n * n, (largest, n * n)
   assert largest_intermediate(traced(dense_config))[0] >= n * n  # The walk sees the dense bias.
+
+
+def test_layer_across_tiles_matches_dense_bias():
+  # 300 queries cross the CPU blockwise tile of 256 rows: tile offsets map to the right positions.
+  n, table = 300, jax.random.normal(jax.random.key(6), (8, HEADS))
+  relative = PositionBias(table=table, kind="relative", bidirectional=False, num_buckets=8,
+                          max_distance=64)
+  x = jax.random.normal(jax.random.key(7), (1, n, D_MODEL))
+  positions = jnp.arange(n, dtype=jnp.int32)[None] + 5  # Not starting at 0: positions, not indices.
+
+  def run(attention_impl):
+    module = MultiHeadAttention(HEADS, D_MODEL, kv_heads=KV_HEADS, positions="alibi", softcap=4.0,
+                                window=100, attention_impl=attention_impl, rngs=nnx.Rngs(0))
+
+    def loss(x, table):
+      bias = dataclasses.replace(relative, table=table)
+      out, _ = module(x, mask=Mask(causal=True), positions=positions, position_bias=bias)
+      return jnp.sum(out * jnp.cos(jnp.arange(D_MODEL))), out
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, table)
+
+  (_, flex_out), flex_grads = run(None)
+  (_, dense_out), dense_grads = run("reference")
+  np.testing.assert_allclose(flex_out, dense_out, **TOL)
+  for got, want in zip(flex_grads, dense_grads):
+    np.testing.assert_allclose(got, want, **TOL)
