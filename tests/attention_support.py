@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import numpy as np
+from jax.extend import core as jax_core
 
 from flaxattn.attention import describe_implementations
 
@@ -163,3 +164,19 @@ def numpy_attention(query, key, value, *, visible, bias=None, scale=None, softca
   result.update(query=d_query, key=per_kv_head(d_key), value=per_kv_head(d_value))
   result["bias"] = None if bias is None else _sum_to_shape(d_logits, np.shape(bias))
   return result
+
+
+def largest_intermediate(jaxpr) -> tuple[int, int]:
+  """`(largest outvar size, sub-jaxprs visited)` over `jaxpr` and every jaxpr nested in its eqns
+  (a memory check on the traced program, without running or timing it)."""
+  largest, nested = 0, 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # A ClosedJaxpr holds its Jaxpr.
+        if isinstance(sub, jax_core.Jaxpr):
+          size, count = largest_intermediate(sub)
+          largest, nested = max(largest, size), nested + count + 1
+  return largest, nested

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jax_core
 
 from flaxattn.attention import (Mask, and_masks, attention_rows, attention_statistics,
                                 create_block_mask, flex_attention)
 from flaxattn.attention import blockwise, flex
+from attention_support import largest_intermediate
 
 BATCH, LENGTH, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 2, 37, 4, 2, 8, 16
 TOL = dict(atol=2e-5, rtol=1e-5)
@@ -189,21 +189,6 @@ def test_bad_arguments_raise():
 # ------------------------------------------------------------------------------------------------
 # Memory: no intermediate of q_len * kv_len elements, checked on the traced program (no timing).
 
-def _largest_intermediate(jaxpr) -> tuple[int, int]:
-  """`(largest outvar size, sub-jaxprs visited)` over `jaxpr` and every jaxpr nested in its eqns."""
-  largest, nested = 0, 0
-  for eqn in jaxpr.eqns:
-    for var in eqn.outvars:
-      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)  # A ClosedJaxpr holds its Jaxpr.
-        if isinstance(sub, jax_core.Jaxpr):
-          size, count = _largest_intermediate(sub)
-          largest, nested = max(largest, size), nested + count + 1
-  return largest, nested
-
-
 def test_no_quadratic_intermediate_at_4k():
   n = 4096
   q = jax.ShapeDtypeStruct((1, n, 2, 4), jnp.float32)
@@ -227,8 +212,8 @@ def test_no_quadratic_intermediate_at_4k():
     return flex_attention(q, k, k, mods(ids)[0], implementation="reference")
 
   # The largest is create_block_mask's step over a chunk of tiles (bounded by _MASK_CHUNK elements).
-  largest, nested = _largest_intermediate(jax.make_jaxpr(stats)(q, k, lse, ids).jaxpr)
+  largest, nested = largest_intermediate(jax.make_jaxpr(stats)(q, k, lse, ids).jaxpr)
   assert nested > 0 and 0 < largest <= flex._MASK_CHUNK < n * n, (largest, nested)
-  largest, _ = _largest_intermediate(jax.make_jaxpr(rows)(q, k, lse, ids).jaxpr)
+  largest, _ = largest_intermediate(jax.make_jaxpr(rows)(q, k, lse, ids).jaxpr)
   assert largest <= 16 * n, largest  # [batch, heads, 3 rows, kv_len] and the inputs.
-  assert _largest_intermediate(jax.make_jaxpr(dense)(q, k, lse, ids).jaxpr)[0] >= n * n
+  assert largest_intermediate(jax.make_jaxpr(dense)(q, k, lse, ids).jaxpr)[0] >= n * n

@@ -43,19 +43,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import flaxattn.attention
-from flaxattn.attention import Mask, dot_product_attention, linear
+from flaxattn.attention import Mask, and_masks, dot_product_attention, flex_attention, linear
 from flaxattn.attention.linear import RecurrentState
 from flaxattn.attention.mask import as_mask
 from flaxattn.attention.placement import activation_layout
+from flaxattn.attention.probes import attention_rows, mask_to_mask_mod
 from flaxattn.nn.layers import Dense, RMSNorm
-from flaxattn.nn.positions import alibi_bias, apply_rope
-from flaxattn.nn.sharding import active_spec, constrain
+from flaxattn.nn.positions import PositionBias, apply_rope, capped
+from flaxattn.nn.sharding import active_spec, constrain, param
 
 ATTENTION_POSITIONS = ("none", "rope", "alibi")
 ATTENTION_KINDS = ("softmax", "linear", "performer")
+# `attention_impl` values under which position biases and sinks run as flex_attention mods.
+FLEX_IMPLEMENTATIONS = (None, "blockwise")
 
 
 @jax.tree_util.register_dataclass
@@ -119,6 +123,18 @@ class KVCache:
     if window is not None:
       visible &= slot > query - window
     return visible[:, None]
+
+  def mask_mod(self, q_positions: jax.Array, window: int | None = None):
+    """`visible` as a `flex_attention` mask_mod `(batch, head, q_idx, kv_idx) -> bool` that
+    captures the slot and query positions (O(length), no `[q_len, max_length]` array)."""
+    slots = self.positions
+
+    def mask_mod(b, h, q_idx, kv_idx):
+      slot, query = slots[b, kv_idx], q_positions[b, q_idx]
+      seen = (slot >= 0) & (slot <= query)
+      return seen if window is None else seen & (slot > query - window)
+
+    return mask_mod
 
   def next_positions(self) -> jax.Array:
     """int32 `[batch]`: the position the next real token of each row takes (tokens seen so far)."""
@@ -210,7 +226,7 @@ def check_attention_knobs(owner: str, *, width: tuple[str, int], num_heads: int,
                           positions: str, attention_dropout_rate: float, softcap: float | None,
                           attention_impl: str | None, attention_kind: str, window: int | None,
                           performer_features: int, performer_seed: int,
-                          linear_chunk_size: int) -> None:
+                          linear_chunk_size: int, attention_sinks: bool = False) -> None:
   """The rules of the attention knobs, for `MultiHeadAttention` and `TransformerConfig` alike.
 
   `owner` prefixes the knob names in the messages ('TransformerConfig.' or ''); `width` is the
@@ -255,8 +271,16 @@ def check_attention_knobs(owner: str, *, width: tuple[str, int], num_heads: int,
                      f"{attention_kind!r}")
   if isinstance(performer_seed, bool) or not isinstance(performer_seed, int):
     raise ValueError(f"{owner}performer_seed must be an int, got {performer_seed!r}")
+  if not isinstance(attention_sinks, bool):
+    raise ValueError(f"{owner}attention_sinks must be a bool, got {attention_sinks!r}")
+  if attention_sinks and (attention_impl not in FLEX_IMPLEMENTATIONS or attention_dropout_rate > 0):
+    raise ValueError(
+        f"{owner}attention_sinks=True runs through flex_attention: it needs attention_impl in "
+        f"{FLEX_IMPLEMENTATIONS} and attention_dropout_rate 0, got attention_impl="
+        f"{attention_impl!r}, attention_dropout_rate={attention_dropout_rate!r}")
   if attention_kind != "softmax":
     clashes = {"window": (window, window is not None),
+               "attention_sinks": (attention_sinks, attention_sinks),
                "positions": (positions, positions in ("alibi", "relative")),
                "softcap": (softcap, softcap is not None),
                "attention_dropout_rate": (attention_dropout_rate, attention_dropout_rate > 0),
@@ -308,7 +332,21 @@ class MultiHeadAttention(nnx.Module):
     performer_redraw: 'performer': calls with `deterministic=False` and a `dropout_rng` draw fresh
       features from that key (a new draw every training step); nothing is stored in the module.
     linear_chunk_size: chunk length of the causal kernelized scan.
+    attention_sinks: a learned sink logit per head (`sinks [heads]`, zeros at init): a virtual key
+      every query sees with logit `sinks[h]` and value 0 (gpt-oss, StreamingLLM), so a head may
+      attend to "nothing". Runs through `flex_attention` (see "Flex path" below).
     dtype: compute dtype; param_dtype: parameter dtype.
+
+  Flex path. ALiBi, a T5 `PositionBias` and sinks run as `flex_attention` mods, in O(length)
+  memory, when the call goes to the blockwise kernel: `attention_impl='blockwise'`, or None where
+  blockwise is the dispatcher's first choice (CPU) -- and always with sinks. The bias becomes a
+  score_mod (capped first with `softcap`, as `dot_product_attention` does), the mask (and, with a
+  `KVCache`, the cache's slot positions) a mask_mod. Sinks rescale the output by the log-sum-exp:
+  with `Z = exp(lse)` over the real keys, `softmax` over keys plus the sink gives `out * Z / (Z +
+  exp(s_h)) = out * sigmoid(lse - s_h)`, exact and differentiable in `s_h`. Other calls (a named
+  implementation such as 'xla' or 'reference', an extra `bias=` array, attention dropout) take the
+  dense path: the bias materialised `[batch, heads, q_len, kv_len]` and `dot_product_attention`.
+  Sown weights on the flex path are recomputed from the lse (`attention_rows`, every row).
   """
 
   def __init__(self, num_heads: int, in_features: int, *, kv_heads: int | None = None,
@@ -321,6 +359,7 @@ class MultiHeadAttention(nnx.Module):
                attention_kind: str = "softmax", window: int | None = None,
                performer_features: int = 128, performer_seed: int = 0,
                performer_redraw: bool = True, linear_chunk_size: int = 64,
+               attention_sinks: bool = False,
                dtype: Any = jnp.float32, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
     if positions not in ATTENTION_POSITIONS:
       raise ValueError(f"positions must be one of {ATTENTION_POSITIONS}, got {positions!r}")
@@ -330,7 +369,7 @@ class MultiHeadAttention(nnx.Module):
         attention_dropout_rate=attention_dropout_rate, softcap=softcap,
         attention_impl=attention_impl, attention_kind=attention_kind, window=window,
         performer_features=performer_features, performer_seed=performer_seed,
-        linear_chunk_size=linear_chunk_size)
+        linear_chunk_size=linear_chunk_size, attention_sinks=attention_sinks)
     kv_heads = num_heads if kv_heads is None else kv_heads
     head_dim = in_features // num_heads if head_dim is None else head_dim
     self.attention_kind, self.window, self.linear_chunk_size = attention_kind, window, linear_chunk_size
@@ -362,6 +401,8 @@ class MultiHeadAttention(nnx.Module):
     norm = dict(eps=norm_eps, axis_name="head_dim", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query_norm = RMSNorm(head_dim, **norm) if qk_norm else None
     self.key_norm = RMSNorm(head_dim, **norm) if qk_norm else None
+    self.sinks = (param(rngs, nnx.initializers.zeros, (num_heads,), ("heads",), param_dtype)
+                  if attention_sinks else None)
 
   @classmethod
   def from_keras_args(cls, num_heads: int, key_dim: int, *, in_features: int,
@@ -486,7 +527,8 @@ class MultiHeadAttention(nnx.Module):
   def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: Mask | None = None,
                bias: jax.Array | None = None, positions: jax.Array | None = None,
                cache: KVCache | ContextCache | RecurrentState | None = None,
-               deterministic: bool = True, dropout_rng: jax.Array | None = None):
+               deterministic: bool = True, dropout_rng: jax.Array | None = None,
+               position_bias: PositionBias | None = None):
     """Attends from `x` to `context` (or to `x` itself).
 
     Args:
@@ -503,6 +545,9 @@ class MultiHeadAttention(nnx.Module):
         only its shape is checked against the cache: its values are not read again). Or, for the
         kernelized kinds, a `RecurrentState`.
       deterministic: False enables attention dropout (needs `dropout_rng`).
+      position_bias: a `PositionBias` of query and key positions (the stack's shared T5 table),
+        self-attention only; added to ALiBi's when both are on. Applied as a score_mod on the flex
+        path, else materialised.
 
     Returns:
       `(out, cache)`: `out [batch, q_len, out_features]` and the updated cache (None without one).
@@ -511,6 +556,13 @@ class MultiHeadAttention(nnx.Module):
     """
     positions = self._check_call(x, context, mask, bias, positions, cache, deterministic,
                                  dropout_rng)
+    cross = context is not None or isinstance(cache, ContextCache)
+    if position_bias is not None and (self.attention_kind != "softmax" or cross):
+      raise ValueError("position_bias is for softmax self-attention, got it with "
+                       f"attention_kind={self.attention_kind!r}, cross-attention={cross}")
+    if self.sinks is not None and bias is not None:
+      raise ValueError(f"attention_sinks run through flex_attention, which takes no bias= array; "
+                       f"got one of shape {jnp.shape(bias)}: express it as a PositionBias")
     query = constrain(self.query(x), ("batch", "length", "heads", "head_dim"))
     if self.query_norm is not None:
       query = self.query_norm(query)
@@ -527,34 +579,86 @@ class MultiHeadAttention(nnx.Module):
       return self._kernelized(query, key, value, mask=as_mask(mask), positions=positions,
                               cache=cache, deterministic=deterministic, dropout_rng=dropout_rng)
 
-    kv_positions, attention_impl = positions, self.attention_impl
+    kv_positions, attention_impl, mask_mod = positions, self.attention_impl, None
+    biases = [b for b in (PositionBias.alibi(self.num_heads) if self.positions == "alibi" else None,
+                          position_bias) if b is not None]
+    use_dropout = not deterministic and self.attention_dropout_rate > 0.0
+    flex = self._flex_path(bool(biases), bias is not None or use_dropout)
     if isinstance(cache, KVCache):
       cache = cache.update(key, value, positions)
       key, value = cache.key.astype(self.dtype), cache.value.astype(self.dtype)
       kv_positions = cache.positions
-      # kv_lengths = the slots written so far: kernels that skip key blocks (blockwise, cuDNN,
-      # tokamax) then cost what the tokens cost, not what the cache could hold.
-      mask = Mask(array=cache.visible(positions, self.window),
-                  kv_lengths=jnp.full((x.shape[0],), cache.index, jnp.int32))
+      if flex:
+        mask_mod = cache.mask_mod(positions, self.window)
+      else:
+        # kv_lengths = the slots written so far: kernels that skip key blocks (blockwise, cuDNN,
+        # tokamax) then cost what the tokens cost, not what the cache could hold.
+        mask = Mask(array=cache.visible(positions, self.window),
+                    kv_lengths=jnp.full((x.shape[0],), cache.index, jnp.int32))
       attention_impl = _single_device(attention_impl)
     elif self.window is not None and context is None and not isinstance(cache, ContextCache):
       mask = _with_window(as_mask(mask), self.window)
-    if self.positions == "alibi":
-      alibi = alibi_bias(self.num_heads, positions, kv_positions)
-      bias = alibi if bias is None else bias + alibi
-    use_dropout = not deterministic and self.attention_dropout_rate > 0.0
-    # Fused kernels run per device (`flaxattn.attention.placement`); on Auto mesh axes the arrays'
-    # types carry no sharding, so they are told the layout the rules give the queries.
-    with activation_layout(active_spec(("batch", "length", "heads", "head_dim"))):
-      result = dot_product_attention(
-          query, key, value, mask=mask, bias=bias, softcap=self.softcap,
-          dropout_rate=self.attention_dropout_rate if use_dropout else 0.0,
-          dropout_rng=dropout_rng if use_dropout else None,
-          implementation=attention_impl, return_weights=self.sow_weights)
+    if flex:
+      result, weights = self._flex(query, key, value, as_mask(mask), mask_mod, biases, positions,
+                                   kv_positions)
+    else:
+      for position_term in biases:
+        dense = position_term.dense(positions, kv_positions)
+        bias = dense if bias is None else bias + dense
+      # Fused kernels run per device (`flaxattn.attention.placement`); on Auto mesh axes the arrays'
+      # types carry no sharding, so they are told the layout the rules give the queries.
+      with activation_layout(active_spec(("batch", "length", "heads", "head_dim"))):
+        result = dot_product_attention(
+            query, key, value, mask=mask, bias=bias, softcap=self.softcap,
+            dropout_rate=self.attention_dropout_rate if use_dropout else 0.0,
+            dropout_rng=dropout_rng if use_dropout else None,
+            implementation=attention_impl, return_weights=self.sow_weights)
+      result, weights = result if self.sow_weights else (result, None)
     if self.sow_weights:
-      result, weights = result
       self.sow(nnx.Intermediate, "attention_weights", weights)
     return constrain(self.out(result), ("batch", "length", "embed")), cache
+
+  def _flex_path(self, position_biased: bool, dense_only: bool) -> bool:
+    """Whether this call runs through `flex_attention` (see "Flex path" in the class doc)."""
+    if self.sinks is not None:
+      return True  # The knob checks and `__call__` rule out what flex cannot run.
+    if not position_biased or dense_only or self.attention_impl not in FLEX_IMPLEMENTATIONS:
+      return False
+    return self.attention_impl == "blockwise" or (
+        flaxattn.attention.implementations(jax.default_backend())[0] == "blockwise")
+
+  def _flex(self, query, key, value, mask, mask_mod, biases, positions, kv_positions):
+    """`(out [batch, q_len, heads, value_dim], weights or None)` through `flex_attention`, with the
+    position biases (and softcap) as one score_mod and `mask`/`mask_mod` as one mask_mod."""
+    q_len, kv_len = query.shape[1], key.shape[1]
+    mods = [b.score_mod(positions, kv_positions) for b in biases]
+    softcap = self.softcap
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+      score = capped(score, softcap)
+      for mod in mods:  # Each adds its bias to the (capped) score.
+        score = mod(score, b, h, q_idx, kv_idx)
+      return score
+
+    masks = [m for m in (mask_mod, None if mask is None or not mask.kinds else
+                         mask_to_mask_mod(mask, q_len, kv_len)) if m is not None]
+    if mask is not None:
+      mask.validate(query.shape[0], self.num_heads, q_len, kv_len)
+    mask_mod = None if not masks else masks[0] if len(masks) == 1 else and_masks(*masks)
+    score_mod = score_mod if (mods or softcap is not None) else None
+    impl = "blockwise" if self.attention_impl is None else self.attention_impl
+    out, lse = flex_attention(query, key, value, score_mod=score_mod, mask_mod=mask_mod,
+                              implementation=impl, return_lse=True)
+    if self.sinks is not None:
+      # Softmax over the keys and the sink: lse' = logaddexp(lse, s_h), out' = out * exp(lse - lse').
+      total = jnp.logaddexp(lse, self.sinks[...].astype(jnp.float32)[None, :, None])
+      out = (out * jnp.exp(lse - total).transpose(0, 2, 1)[..., None]).astype(out.dtype)
+      lse = total
+    weights = None
+    if self.sow_weights:
+      weights = attention_rows(query, key, lse, np.arange(q_len), score_mod=score_mod,
+                               mask_mod=mask_mod)
+    return out, weights
 
   def _feature_map(self, deterministic: bool, dropout_rng: jax.Array | None):
     """`x [..., head_dim] -> log phi(x) [..., num_features]` for this call."""

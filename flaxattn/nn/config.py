@@ -115,6 +115,8 @@ class TransformerConfig:
   qk_norm: bool = False
   # Soft-cap the attention logits at this value (`c * tanh(logits / c)`, Gemma 2); None = off.
   softcap: float | None = None
+  # A learned sink logit per head in self-attention (gpt-oss, StreamingLLM), through flex_attention.
+  attention_sinks: bool = False
   # Output logits use the input embedding table (`Embed.attend`) instead of a separate
   # `[embed, vocab]` kernel.
   tie_embeddings: bool = True
@@ -140,7 +142,7 @@ class TransformerConfig:
         softcap=self.softcap, attention_impl=self.attention_impl,
         attention_kind=self.attention_kind, window=self.window,
         performer_features=self.performer_features, performer_seed=self.performer_seed,
-        linear_chunk_size=self.linear_chunk_size)
+        linear_chunk_size=self.linear_chunk_size, attention_sinks=self.attention_sinks)
     for name in ("vocab_size", "d_model", "mlp_dim", "num_layers", "max_length", "relative_buckets",
                  "relative_max_distance", "num_decoder_layers"):
       value = getattr(self, name)

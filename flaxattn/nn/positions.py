@@ -2,10 +2,15 @@
 
 Everything takes integer `positions` `[batch, length]` (not an implied `arange`), so one code path
 serves padded batches and incremental decoding with a KV cache, where each row has its own positions.
+
+The logit biases (ALiBi, T5 buckets) travel as a `PositionBias` value: the attention layer either
+materialises it (`dense`, `[batch, heads, q_len, kv_len]`, for kernels that take a bias array) or
+turns it into a `flex_attention` score_mod (`score_mod`, evaluated per tile: O(length) memory).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -111,8 +116,7 @@ def alibi_bias(num_heads: int, q_positions: jax.Array, kv_positions: jax.Array) 
   On the keys a causal query sees this is Press et al.'s `slope * (kv_pos - q_pos)`; the absolute value
   extends it symmetrically to bidirectional attention.
   """
-  distance = jnp.abs(q_positions[:, :, None] - kv_positions[:, None, :]).astype(jnp.float32)
-  return -jnp.asarray(alibi_slopes(num_heads))[None, :, None, None] * distance[:, None]
+  return PositionBias.alibi(num_heads).dense(q_positions, kv_positions)
 
 
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool, num_buckets: int,
@@ -139,6 +143,62 @@ def relative_position_bucket(relative_position: jax.Array, *, bidirectional: boo
   return bucket + jnp.where(distance < max_exact, distance, large)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PositionBias:
+  """A logit bias that is a function of query and key positions, kept as its ingredients.
+
+  Attributes:
+    kind: 'alibi' (`-slope_h * |q_pos - kv_pos|`) or 'relative' (T5: `table[bucket(kv_pos - q_pos),
+      h]`).
+    table: float32 'alibi': the slopes `[heads]`; 'relative': the learned `[num_buckets, heads]`
+      table (traced, so its gradient flows through either form).
+    bidirectional, num_buckets, max_distance: T5 bucketing (`relative_position_bucket`).
+  """
+
+  table: jax.Array
+  kind: str = dataclasses.field(metadata=dict(static=True), default="alibi")
+  bidirectional: bool = dataclasses.field(metadata=dict(static=True), default=True)
+  num_buckets: int = dataclasses.field(metadata=dict(static=True), default=32)
+  max_distance: int = dataclasses.field(metadata=dict(static=True), default=128)
+
+  @classmethod
+  def alibi(cls, num_heads: int) -> "PositionBias":
+    return cls(table=jnp.asarray(alibi_slopes(num_heads)), kind="alibi")
+
+  def _bucket(self, relative):
+    return relative_position_bucket(relative, bidirectional=self.bidirectional,
+                                    num_buckets=self.num_buckets, max_distance=self.max_distance)
+
+  def dense(self, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
+    """Positions `[batch, q_len]`, `[batch, kv_len]` -> float32 bias `[batch, heads, q_len, kv_len]`."""
+    if self.kind == "alibi":
+      distance = jnp.abs(q_positions[:, :, None] - kv_positions[:, None, :]).astype(jnp.float32)
+      return -self.table[None, :, None, None] * distance[:, None]
+    buckets = self._bucket(kv_positions[:, None, :] - q_positions[:, :, None])
+    bias = jnp.take(self.table.astype(jnp.float32), buckets, axis=0)  # [b, q, kv, heads]
+    return jnp.transpose(bias, (0, 3, 1, 2))
+
+  def score_mod(self, q_positions: jax.Array, kv_positions: jax.Array):
+    """The same bias as a `flex_attention` score_mod `(score, batch, head, q_idx, kv_idx)`: the
+    indices map to positions through the captured `q_positions` `[batch, q_len]` and `kv_positions`
+    `[batch, kv_len]`, so queries decoded at an offset against a cache take their own positions."""
+    table = self.table.astype(jnp.float32)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+      q_pos, kv_pos = q_positions[b, q_idx], kv_positions[b, kv_idx]
+      if self.kind == "alibi":
+        return score - table[h] * jnp.abs(q_pos - kv_pos).astype(jnp.float32)
+      return score + table[self._bucket(kv_pos - q_pos), h]
+
+    return score_mod
+
+
+def capped(score: jax.Array, softcap: float | None) -> jax.Array:
+  """`softcap * tanh(score / softcap)`, or `score` when `softcap` is None."""
+  return score if softcap is None else softcap * jnp.tanh(score / softcap)
+
+
 class RelativePositionBias(nnx.Module):
   """T5 relative position bias: a learned `[num_buckets, heads]` table indexed by offset bucket."""
 
@@ -148,10 +208,12 @@ class RelativePositionBias(nnx.Module):
     self.embedding = param(rngs, nnx.initializers.normal(stddev=1.0), (num_buckets, num_heads),
                            (None, "heads"), param_dtype)
 
+  def as_bias(self) -> PositionBias:
+    """The table and its bucketing as a `PositionBias` (a plain pytree, passed to every layer)."""
+    return PositionBias(table=self.embedding[...], kind="relative",
+                        bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                        max_distance=self.max_distance)
+
   def __call__(self, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
     """Positions `[batch, q_len]`, `[batch, kv_len]` -> float32 bias `[batch, heads, q_len, kv_len]`."""
-    relative = kv_positions[:, None, :] - q_positions[:, :, None]
-    buckets = relative_position_bucket(relative, bidirectional=self.bidirectional,
-                                       num_buckets=self.num_buckets, max_distance=self.max_distance)
-    bias = jnp.take(self.embedding[...].astype(jnp.float32), buckets, axis=0)  # [b, q, kv, heads]
-    return jnp.transpose(bias, (0, 3, 1, 2))
+    return self.as_bias().dense(q_positions, kv_positions)

@@ -24,7 +24,7 @@ from flaxattn.nn.attention import ContextCache, KVCache, MultiHeadAttention
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.intermediates import resow
 from flaxattn.nn.layers import MLP, Embed, dropout, make_norm
-from flaxattn.nn.positions import LearnedPositions, RelativePositionBias, sinusoidal
+from flaxattn.nn.positions import LearnedPositions, PositionBias, RelativePositionBias, sinusoidal
 from flaxattn.nn.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -127,7 +127,7 @@ class TransformerBlock(nnx.Module):
         attention_kind=config.attention_kind, window=config.window,
         performer_features=config.performer_features, performer_seed=config.performer_seed,
         performer_redraw=config.performer_redraw, linear_chunk_size=config.linear_chunk_size,
-        **attention)
+        attention_sinks=config.attention_sinks, **attention)
     self.cross_norm = norm() if cross_attention else None
     self.cross_attention = (MultiHeadAttention(config.num_heads, config.d_model, **attention)
                             if cross_attention else None)
@@ -139,19 +139,20 @@ class TransformerBlock(nnx.Module):
                bias: jax.Array | None = None, context: jax.Array | None = None,
                context_mask: Mask | None = None, cache: KVCache | None = None,
                context_cache: ContextCache | None = None, deterministic: bool = True,
-               dropout_rng: jax.Array | None = None):
+               dropout_rng: jax.Array | None = None, position_bias: PositionBias | None = None):
     """One block on `x` `[batch, length, d_model]`.
 
     `cache` is the self-attention `KVCache` (or `RecurrentState`); `context_cache` a filled
     `ContextCache` of the cross-attention keys/values (then `context` is not projected again and
-    may be None). Returns `(x, cache)`: the new self-attention cache, None without one.
+    may be None); `position_bias` the stack's T5 bias for self-attention. Returns `(x, cache)`:
+    the new self-attention cache, None without one.
     """
     if self.cross_attention is not None and context is None and context_cache is None:
       raise ValueError("this block has cross-attention: context (or context_cache) must be given")
     keys = jax.random.split(dropout_rng, 5) if dropout_rng is not None else [None] * 5
     h, cache = self.attention(self._in(self.attention_norm, x), mask=mask, bias=bias,
                               positions=positions, cache=cache, deterministic=deterministic,
-                              dropout_rng=keys[0])
+                              dropout_rng=keys[0], position_bias=position_bias)
     x = self._residual(self.attention_norm, x, h, keys[1], deterministic)
     if self.cross_attention is not None:
       h, _ = self.cross_attention(self._in(self.cross_norm, x), context, mask=context_mask,
@@ -269,21 +270,18 @@ class TransformerStack(nnx.Module):
     if cache is not None and self.has_cross_attention:
       context_caches = self._context_caches(cache.context, context)
     cache = None if cache is None else cache.self_attention
-    if self.relative_bias is None:
-      bias = None
-    elif cache is None:
-      bias = self.relative_bias(positions, positions)
-    else:
-      bias = self.relative_bias(positions, self._first_layer(cache).positions_after(positions))
+    # The table as a value; each layer materialises it or applies it as a score_mod (its keys'
+    # positions, with a cache, are the cache's slots).
+    position_bias = None if self.relative_bias is None else self.relative_bias.as_bias()
 
     def run_block(graphdef, x, layer_state, layer_cache, layer_context_cache, rng):
       # A pure function of the block's state (for scan and remat): what the block sows comes back
       # as a value, `sown`, for `resow`.
       block = nnx.merge(graphdef, layer_state)
       (x, layer_cache), sown = nnx.capture(block, nnx.Intermediate)(
-          x, positions=positions, mask=mask, bias=bias, context=context, context_mask=context_mask,
+          x, positions=positions, mask=mask, context=context, context_mask=context_mask,
           cache=layer_cache, context_cache=layer_context_cache, deterministic=deterministic,
-          dropout_rng=rng)
+          dropout_rng=rng, position_bias=position_bias)
       return x, layer_cache, sown
 
     if config.remat != "none":
