@@ -1,6 +1,6 @@
 """flex_attention on a causal + document mask, side by side with the other ways to run that mask.
 
-  python benchmarks/flex.py --lengths 4096 8192 [--repeats 3] [--no-torch]
+  python benchmarks/flex.py --lengths 4096 8192 [--cases documents alibi] [--repeats 3] [--no-torch]
 
 Batch 1, `--heads` heads, head_dim `--head-dim`, float32, documents of mixed lengths (uniform in
 [`--doc-min`, `--doc-max`], mean 2k by default) packed into each sequence. Rows, for forward and
@@ -17,8 +17,14 @@ forward+backward (gradient of `sum(out * cotangent)` w.r.t. query, key, value):
 - `torch flex` (forward only; torch has no CPU backward): `torch.compile(flex_attention)` with the
   same mask_mod, its block mask built outside.
 
+Case `alibi` (`--cases alibi`): causal attention with the ALiBi bias `slope_h * (kv_idx - q_idx)`
+(slopes captured, differentiated in fwd+bwd): `flex` as a score_mod, `blockwise dense bias` and `xla`
+with the bias as a dense `[1, heads, T, T]` float32 array (only up to `--dense-bias-max-length`:
+2 GiB at 8k), and `torch flex` with the same score_mod.
+
 Medians of `--repeats` interleaved runs after a warm-up; wall and process CPU time. Timings on a
-shared machine are noisy: compare rows of one run only.
+shared machine are noisy: compare rows of one run only. `--peak alibi` runs only flex ALiBi
+fwd+bwd once at each length (for `/usr/bin/time -v` peak memory).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxattn.attention import Mask, create_block_mask, dot_product_attention, flex_attention
+from flaxattn.nn import alibi_slopes
 
 
 def document_ids(length: int, low: int, high: int, seed: int = 0) -> np.ndarray:
@@ -67,6 +74,54 @@ def _jax_calls(length: int, docs: np.ndarray):
 
   return {"flex": flex, "blockwise dense mask": blockwise_dense,
           "blockwise segment ids": blockwise_segments, "xla": xla}
+
+
+def _alibi_mod(slopes):
+  return lambda score, b, h, q_idx, kv_idx: score + slopes[h] * (kv_idx - q_idx).astype(score.dtype)
+
+
+def _causal(b, h, q_idx, kv_idx):
+  return kv_idx <= q_idx
+
+
+def _alibi_calls(length: int, dense_bias_max_length: int):
+  """name -> attend(query, key, value, slopes, unused) for the JAX rows of the ALiBi case."""
+
+  def flex(q, k, v, slopes, unused):
+    return flex_attention(q, k, v, score_mod=_alibi_mod(slopes), mask_mod=_causal)
+
+  def dense_bias(slopes):
+    position = jnp.arange(length)
+    return (slopes[:, None, None] * (position[None, :] - position[:, None])[None])[None]
+
+  def blockwise_dense(q, k, v, slopes, unused):
+    return dot_product_attention(q, k, v, bias=dense_bias(slopes), mask=Mask(causal=True),
+                                 implementation="blockwise")
+
+  def xla(q, k, v, slopes, unused):
+    return dot_product_attention(q, k, v, bias=dense_bias(slopes), mask=Mask(causal=True),
+                                 implementation="xla")
+
+  calls = {"flex": flex}
+  if length <= dense_bias_max_length:
+    calls.update({"blockwise dense bias": blockwise_dense, "xla": xla})
+  return calls
+
+
+def _torch_alibi_runner(inputs, slopes: np.ndarray, threads: int):
+  import torch  # Optional peer.
+  from torch.nn.attention import flex_attention as torch_flex
+
+  torch.set_num_threads(threads)
+  query, key, value = (torch.from_numpy(np.asarray(x).transpose(0, 2, 1, 3).copy())
+                       for x in inputs[:3])
+  torch_slopes = torch.from_numpy(slopes)
+  length = query.shape[2]
+  block_mask = torch_flex.create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx,
+                                            1, None, length, length, device="cpu")
+  compiled = torch.compile(torch_flex.flex_attention)
+  score_mod = lambda score, b, h, q_idx, kv_idx: score + torch_slopes[h] * (kv_idx - q_idx)
+  return lambda: compiled(query, key, value, score_mod=score_mod, block_mask=block_mask)
 
 
 def _runner(attend, inputs, docs, dense, backward: bool):
@@ -125,9 +180,34 @@ def _medians(runs: dict, repeats: int) -> dict:
   return {name: tuple(statistics.median(x) for x in pair) for name, pair in times.items()}
 
 
+def _case_runs(case: str, length: int, inputs, args, backward: bool) -> dict:
+  """name -> zero-argument timed call for one (case, length, mode)."""
+  if case == "documents":
+    docs = document_ids(length, args.doc_min, args.doc_max)
+    position, ids = np.arange(length), docs[0]
+    dense = jnp.asarray((position[None, :] <= position[:, None]) & (ids[:, None] == ids[None, :]))
+    runs = {name: _runner(attend, inputs, docs, dense, backward)
+            for name, attend in _jax_calls(length, docs).items()
+            if not (name == "xla" and length > (args.xla_max_length if backward
+                                                else args.xla_forward_max_length))}
+    runs["flex (mask given)"] = _flex_mask_given_runner(inputs, docs, backward)
+    if not backward and not args.no_torch:
+      runs["torch flex"] = _torch_runner(inputs, docs, args.threads)
+    return runs
+  slopes = np.asarray(alibi_slopes(args.heads), np.float32)
+  runs = {name: _runner(attend, inputs, jnp.asarray(slopes), None, backward)
+          for name, attend in _alibi_calls(length, args.dense_bias_max_length).items()
+          if not (name == "xla" and length > (args.xla_max_length if backward
+                                              else args.xla_forward_max_length))}
+  if not backward and not args.no_torch:
+    runs["torch flex"] = _torch_alibi_runner(inputs, slopes, args.threads)
+  return runs
+
+
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+  parser.add_argument("--cases", nargs="+", choices=("documents", "alibi"), default=["documents"])
   parser.add_argument("--heads", type=int, default=8)
   parser.add_argument("--head-dim", type=int, default=64)
   parser.add_argument("--doc-min", type=int, default=512)
@@ -136,34 +216,46 @@ def main(argv=None) -> dict:
   parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
   parser.add_argument("--xla-max-length", type=int, default=4096,
                       help="xla forward+backward only up to this length (dense scores: 11.5 GiB at 8k)")
+  parser.add_argument("--xla-forward-max-length", type=int, default=8192,
+                      help="xla forward only up to this length (scores: 2 GiB at 8k, 8 GiB at 16k)")
+  parser.add_argument("--dense-bias-max-length", type=int, default=8192,
+                      help="dense [1, heads, T, T] bias rows only up to this length (2 GiB at 8k)")
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--peak", choices=("alibi",),
+                      help="only flex ALiBi fwd+bwd, once per length (peak memory under time -v)")
   args = parser.parse_args(argv)
 
   results = {}
-  print(f"{'length':>7} {'mode':>9} {'implementation':>24} {'wall ms':>9} {'cpu ms':>9} "
+  if args.peak:
+    for length in args.lengths:
+      inputs = _inputs(length, args)
+      slopes = jnp.asarray(alibi_slopes(args.heads), jnp.float32)
+      run = _runner(_alibi_calls(length, 0)["flex"], inputs, slopes, None, backward=True)
+      wall, cpu = time.perf_counter(), time.process_time()
+      run()
+      print(f"{length:7d} flex ALiBi fwd+bwd (with compile): wall {time.perf_counter() - wall:.1f} s, "
+            f"cpu {time.process_time() - cpu:.1f} s", flush=True)
+    return results
+  print(f"{'case':>9} {'length':>7} {'mode':>9} {'implementation':>24} {'wall ms':>9} {'cpu ms':>9} "
         f"{'x flex':>7}")
-  for length in args.lengths:
-    rng = np.random.default_rng(0)
-    shape = (1, length, args.heads, args.head_dim)
-    inputs = tuple(jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for _ in range(4))
-    docs = document_ids(length, args.doc_min, args.doc_max)
-    position, ids = np.arange(length), docs[0]
-    dense = jnp.asarray((position[None, :] <= position[:, None]) & (ids[:, None] == ids[None, :]))
-    for backward in (False, True):
-      mode = "fwd+bwd" if backward else "fwd"
-      runs = {name: _runner(attend, inputs, docs, dense, backward)
-              for name, attend in _jax_calls(length, docs).items()
-              if not (name == "xla" and backward and length > args.xla_max_length)}
-      runs["flex (mask given)"] = _flex_mask_given_runner(inputs, docs, backward)
-      if not backward and not args.no_torch:
-        runs["torch flex"] = _torch_runner(inputs, docs, args.threads)
-      seconds = _medians(runs, args.repeats)
-      for name, (wall, cpu) in seconds.items():
-        ratio = wall / seconds["flex"][0]
-        print(f"{length:7d} {mode:>9} {name:>24} {wall * 1e3:9.1f} {cpu * 1e3:9.1f} {ratio:7.2f}",
-              flush=True)
-        results[(length, mode, name)] = (wall, cpu)
+  for case in args.cases:
+    for length in args.lengths:
+      inputs = _inputs(length, args)
+      for backward in (False, True):
+        mode = "fwd+bwd" if backward else "fwd"
+        seconds = _medians(_case_runs(case, length, inputs, args, backward), args.repeats)
+        for name, (wall, cpu) in seconds.items():
+          ratio = cpu / seconds["flex"][1]
+          print(f"{case:>9} {length:7d} {mode:>9} {name:>24} {wall * 1e3:9.1f} {cpu * 1e3:9.1f} "
+                f"{ratio:7.2f}", flush=True)
+          results[(case, length, mode, name)] = (wall, cpu)
   return results
+
+
+def _inputs(length: int, args):
+  rng = np.random.default_rng(0)
+  shape = (1, length, args.heads, args.head_dim)
+  return tuple(jnp.asarray(rng.standard_normal(shape, dtype=np.float32)) for _ in range(4))
 
 
 if __name__ == "__main__":
