@@ -168,7 +168,9 @@ class Mask:
     """This mask as a `flex_attention` mask_mod `(batch, head, q_idx, kv_idx) -> bool` (int32
     scalars), query `q_idx` at position `q_idx + offset` (pass `kv_len - q_len` for the alignment of
     `tile`; 0 is flex's convention, indices compared as they are). It captures the mask's arrays."""
-    array = None if self.array is None else jnp.asarray(self.array)
+    as_jax = lambda x: None if x is None else jnp.asarray(x)  # NumPy arrays take no traced index.
+    q_ids, kv_ids, q_lengths, kv_lengths, array = map(as_jax, (
+        self.q_segment_ids, self.kv_segment_ids, self.q_lengths, self.kv_lengths, self.array))
     if array is not None:
       array = array.reshape((1,) * (4 - array.ndim) + array.shape)
 
@@ -183,12 +185,12 @@ class Mask:
           seen &= kv >= pos - left
         if right is not None:
           seen &= kv <= pos + right
-      if self.q_lengths is not None:
-        seen &= q < self.q_lengths[b]
-      if self.kv_lengths is not None:
-        seen &= kv < self.kv_lengths[b]
-      if self.q_segment_ids is not None:
-        seen &= self.q_segment_ids[b, q] == self.kv_segment_ids[b, kv]
+      if q_lengths is not None:
+        seen &= q < q_lengths[b]
+      if kv_lengths is not None:
+        seen &= kv < kv_lengths[b]
+      if q_ids is not None:
+        seen &= q_ids[b, q] == kv_ids[b, kv]
       if array is not None:
         index = [i if size > 1 else 0 for i, size in zip((b, h, q, kv), array.shape)]
         seen &= array[tuple(index)]
