@@ -375,7 +375,8 @@ def create_block_mask(mask_mod, batch, heads, q_len, kv_len, block_size=None) ->
     return jnp.where(all_visible, FULL, jnp.where(any_visible, PARTIAL, EMPTY)).astype(jnp.int8)
 
   chunk = max(1, _MASK_CHUNK // (batch * heads * block_q * block_kv))
-  kinds = jax.lax.map(classify, jnp.arange(q_blocks * kv_blocks), batch_size=chunk)
+  with jax.named_scope("create_block_mask"):  # Names the classification in jaxprs and profiles.
+    kinds = jax.lax.map(classify, jnp.arange(q_blocks * kv_blocks), batch_size=chunk)
   kinds = kinds.reshape(q_blocks, kv_blocks, *kinds.shape[1:]).transpose(2, 3, 0, 1)
   return BlockMask(kinds=kinds, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
                    mask_mod=mask_mod)
