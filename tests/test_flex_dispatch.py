@@ -206,3 +206,45 @@ def test_routed_call_gives_the_flex_numbers(inputs, params, recorded):
   routed = jax.jit(lambda q, k, v: attend(q, k, v))(q, k, v)  # A new function: a new trace.
   assert chosen == ["splash"]
   np.testing.assert_allclose(np.asarray(routed), np.asarray(tiled), **FWD_TOL)
+
+
+# ------------------------------------------------------------------------------------------------
+# One block mask per stack.
+
+def _classifying(jaxpr, times=1) -> int:
+  """Equations of `create_block_mask`'s classification (its named scope) a traced program runs,
+  each counted as often as the scans around it repeat it."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if "create_block_mask" in str(eqn.source_info.name_stack):
+      count += times
+      continue
+    inner = times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          count += _classifying(sub, inner)
+  return count
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_stack_classifies_its_block_mask_once(monkeypatch, scan_layers):
+  """A 4-layer ALiBi decoder on the flex path: one classification per forward, not one per layer
+  (the per-layer count is what the layers do without the stack's block mask)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from flaxattn.nn import Decoder, MultiHeadAttention, TransformerConfig  # pylint: disable=import-outside-toplevel
+
+  config = TransformerConfig(vocab_size=13, d_model=16, num_heads=4, kv_heads=2, mlp_dim=32,
+                             num_layers=4, positions="alibi", scan_layers=scan_layers)
+  model = Decoder(config, rngs=nnx.Rngs(0))
+  x = jnp.zeros((BATCH, LENGTH, 16))
+  positions = jnp.broadcast_to(jnp.arange(LENGTH, dtype=jnp.int32), (BATCH, LENGTH))
+  mask = Mask(causal=True, q_segment_ids=jnp.asarray(_case_params(np.random.default_rng(1))[
+      "documents"]))
+  # A new function per trace: make_jaxpr caches traces by function.
+  traced = lambda: jax.make_jaxpr(lambda x: model(x, positions=positions, mask=mask)[0])(x).jaxpr
+  shared = _classifying(traced())
+  monkeypatch.setattr(MultiHeadAttention, "shared_block_mask", lambda *args, **kwargs: None)
+  per_layer = _classifying(traced())
+  assert shared > 0 and per_layer == 4 * shared, (shared, per_layer)
