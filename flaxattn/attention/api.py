@@ -136,10 +136,12 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
     implementation: a name from `implementations()`, or None to pick the fastest that supports the call
       on this platform. A named implementation that cannot run the call raises `ValueError`.
     return_weights: also return the weights `[batch, heads, q_len, kv_len]` (float32, before dropout).
-    score_mod, mask_mod, block_mask: `flex_attention`'s mods (see there; indices as flex counts them,
-      from 0 for queries and keys alike). The score_mod applies after `softcap` and before `bias`;
-      the mask_mod is combined with `mask` by logical and. Only implementations that declare `mods`
-      run them (blockwise, tiled; reference, dense); the others decline the call.
+    score_mod: `flex_attention`'s `(score, batch, head, q_idx, kv_idx) -> score` (indices as flex
+      counts them, from 0 for queries and keys alike), applied after `softcap`, before `bias`.
+      Only implementations that declare `mods` run mods (blockwise, tiled; reference, dense); the
+      others decline the call.
+    mask_mod: `flex_attention`'s `(batch, head, q_idx, kv_idx) -> bool`, and-ed with `mask`.
+    block_mask: from `create_block_mask` (of `mask_mod`, which it supplies when `mask_mod` is None).
 
   Returns:
     `[batch, q_len, heads, value_dim]` in the query dtype (and the weights if asked). A query that sees
