@@ -69,8 +69,8 @@ def describe_implementations() -> list[dict]:
   """Each registered implementation's declaration: a dict with its `name` and what it supports.
 
   Keys: `name`, `masks` (mask kinds), `bias`, `softcap`, `dropout`, `weights` (bools), `dtypes`,
-  `platforms`, `memory`, `notes`, `sequence_sharded` (needs the sequence split over a mesh axis) and
-  `equal_lengths` (needs q_len == kv_len).
+  `platforms`, `memory`, `notes`, `sequence_sharded` (needs the sequence split over a mesh axis),
+  `equal_lengths` (needs q_len == kv_len) and `mods` (runs score_mod/mask_mod/block_mask).
   """
   return [impl.describe() for impl in _REGISTRY.values()]
 

@@ -77,7 +77,8 @@ class Implementation:
   """One attention implementation: its function and the features it supports.
 
   `fn(query, key, value, *, mask, bias, scale, softcap, dropout_rate, dropout_rng, return_weights)`
-  receives validated arguments: `mask` a `Mask` or None, `bias` rank 4 or None, `scale` a float.
+  receives validated arguments: `mask` a `Mask` or None, `bias` rank 4 or None, `scale` a float;
+  one that declares `mods` also gets `mods=` (a `flex.FlexMods`) when the call has mods.
 
   `sequence_sharded`: the implementation spreads the sequence over the one mesh axis that the
   call's layout (`flaxattn.attention.activation_layout`, set by `flaxattn.nn` from the logical rule
