@@ -25,6 +25,13 @@ gathered list and a `lax.switch` per tile over every key tile were within noise 
 list never touches an empty tile at all.
 
 Fully masked rows. A query that sees no key gets output 0, log-sum-exp -inf and zero gradients.
+
+The dispatcher. `dot_product_attention(score_mod=, mask_mod=, block_mask=)` runs the same kernel
+(`FlexMods`, for the implementations that declare `mods`), with its `Mask` and-ed in and its
+softcap and bias folded into the score_mod. The other way round, mods that a `Mask` also states
+(`StructuredMask`: `causal_mask`, `sliding_window`, `document_mask`, `padding_mask`, and_masks of
+them; `soft_cap`) go from `flex_attention` to `dot_product_attention` when its choice is a fused
+accelerator kernel (`api.fused_choice`); on CPU blockwise is that choice, and flex tiles them here.
 """
 
 from __future__ import annotations
