@@ -347,7 +347,9 @@ class MultiHeadAttention(nnx.Module):
   exp(s_h)) = out * sigmoid(lse - s_h)`, exact and differentiable in `s_h`. Other calls (a named
   implementation such as 'xla' or 'reference', an extra `bias=` array, attention dropout) take the
   dense path: the bias materialised `[batch, heads, q_len, kv_len]` and `dot_product_attention`.
-  Sown weights on the flex path are recomputed from the lse (`attention_rows`, every row).
+  Sown weights on the flex path are recomputed from the lse (`attention_rows`, every row). A stack
+  classifies the tiles of its layers' shared mask once per forward (`shared_block_mask`) and passes
+  the block mask to each layer (`block_mask=`).
   """
 
   def __init__(self, num_heads: int, in_features: int, *, kv_heads: int | None = None,
