@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxattn.attention import (blockwise, cudnn, reference, ring, splash, tokamax_attention,
-                                xla)
+from flaxattn.attention import (blockwise, cudnn, flex, reference, ring, splash,
+                                tokamax_attention, xla)
 from flaxattn.attention.mask import Mask, as_mask
 from flaxattn.attention.placement import axes_of, call_layout
-from flaxattn.attention.spec import Call, Implementation
+from flaxattn.attention.spec import Call, Implementation, check_operands, is_number
 
 _REGISTRY: dict[str, Implementation] = {}
 
@@ -69,8 +69,8 @@ def describe_implementations() -> list[dict]:
   """Each registered implementation's declaration: a dict with its `name` and what it supports.
 
   Keys: `name`, `masks` (mask kinds), `bias`, `softcap`, `dropout`, `weights` (bools), `dtypes`,
-  `platforms`, `memory`, `notes`, `sequence_sharded` (needs the sequence split over a mesh axis) and
-  `equal_lengths` (needs q_len == kv_len).
+  `platforms`, `memory`, `notes`, `sequence_sharded` (needs the sequence split over a mesh axis),
+  `equal_lengths` (needs q_len == kv_len) and `mods` (runs score_mod/mask_mod/block_mask).
   """
   return [impl.describe() for impl in _REGISTRY.values()]
 
@@ -89,34 +89,11 @@ def _dtype_name(dtype) -> str:
   return jnp.dtype(dtype).name
 
 
-def _is_number(x) -> bool:
-  # bool is an int subclass, and np.isscalar accepts strings: neither is a meaningful scale.
-  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-
-def _validate(query, key, value, bias, mask: Mask | None, scale, softcap, dropout_rate, dropout_rng):
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    if np.ndim(x) != 4:
-      raise ValueError(
-          f"{name} must have rank 4 [batch, length, heads, dim], got shape {tuple(np.shape(x))}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
-  if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(
-        f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-  batch, q_len, heads, head_dim = query.shape
-  kv_batch, kv_len, kv_heads, key_dim = key.shape
-  if kv_batch != batch or value.shape[0] != batch:
-    raise ValueError(f"batch sizes differ: query {query.shape}, key {key.shape}, value {value.shape}")
-  if key_dim != head_dim:
-    raise ValueError(f"query and key head_dim differ: query {query.shape}, key {key.shape}")
-  if value.shape[1:3] != (kv_len, kv_heads):
-    raise ValueError(
-        f"key and value must share [kv_len, kv_heads]: key {key.shape}, value {value.shape}")
-  if heads % kv_heads:
-    raise ValueError(
-        f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}): "
-        f"query {query.shape}, key {key.shape}")
+def _validate(query, key, value, bias, mask: Mask | None, scale, softcap, dropout_rate, dropout_rng,
+              block_mask=None):
+  check_operands(query, key, value)
+  batch, q_len, heads, _ = query.shape
+  kv_len = key.shape[1]
   if bias is not None:
     if not jnp.issubdtype(bias.dtype, jnp.floating):
       raise ValueError(f"bias must be floating point, got dtype {bias.dtype}")
@@ -127,11 +104,13 @@ def _validate(query, key, value, bias, mask: Mask | None, scale, softcap, dropou
           f"bias of shape {shape} does not broadcast to [batch, heads, q_len, kv_len] = {target}")
   if mask is not None:
     mask.validate(batch, heads, q_len, kv_len)
-  if scale is not None and not _is_number(scale):
+  if block_mask is not None:
+    flex._check_block_mask(block_mask, batch, heads, q_len, kv_len)
+  if scale is not None and not is_number(scale):
     raise ValueError(f"scale must be a Python number, got {scale!r}")
-  if softcap is not None and not (_is_number(softcap) and softcap > 0):
+  if softcap is not None and not (is_number(softcap) and softcap > 0):
     raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-  if not (_is_number(dropout_rate) and 0.0 <= dropout_rate < 1.0):
+  if not (is_number(dropout_rate) and 0.0 <= dropout_rate < 1.0):
     raise ValueError(f"dropout_rate must be a number in [0, 1), got {dropout_rate!r}")
   if dropout_rate > 0.0 and dropout_rng is None:
     raise ValueError(f"dropout_rate={dropout_rate} needs a dropout_rng")
@@ -139,7 +118,7 @@ def _validate(query, key, value, bias, mask: Mask | None, scale, softcap, dropou
 
 def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None, softcap=None,
                           dropout_rate=0.0, dropout_rng=None, implementation=None,
-                          return_weights=False):
+                          return_weights=False, score_mod=None, mask_mod=None, block_mask=None):
   """Scaled dot-product attention over interchangeable implementations.
 
   Args:
@@ -151,11 +130,18 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
       array broadcastable to `[batch, heads, q_len, kv_len]`, or None.
     bias: added to the logits; broadcastable to `[batch, heads, q_len, kv_len]`. Differentiable.
     scale: logit scale; default `head_dim ** -0.5`.
-    softcap: if set, logits become `softcap * tanh(logits / softcap)` (before bias and mask).
+    softcap: if set, logits become `softcap * tanh(logits / softcap)` (before score_mod, bias and
+      mask).
     dropout_rate: dropout on the attention weights (needs `dropout_rng`).
     implementation: a name from `implementations()`, or None to pick the fastest that supports the call
       on this platform. A named implementation that cannot run the call raises `ValueError`.
     return_weights: also return the weights `[batch, heads, q_len, kv_len]` (float32, before dropout).
+    score_mod: `flex_attention`'s `(score, batch, head, q_idx, kv_idx) -> score` (indices as flex
+      counts them, from 0 for queries and keys alike), applied after `softcap`, before `bias`.
+      Only implementations that declare `mods` run mods (blockwise, tiled; reference, dense); the
+      others decline the call.
+    mask_mod: `flex_attention`'s `(batch, head, q_idx, kv_idx) -> bool`, and-ed with `mask`.
+    block_mask: from `create_block_mask` (of `mask_mod`, which it supplies when `mask_mod` is None).
 
   Returns:
     `[batch, q_len, heads, value_dim]` in the query dtype (and the weights if asked). A query that sees
@@ -165,18 +151,30 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
   mask = as_mask(mask)
   if bias is not None:
     bias = jnp.asarray(bias)
-  _validate(query, key, value, bias, mask, scale, softcap, dropout_rate, dropout_rng)
+  _validate(query, key, value, bias, mask, scale, softcap, dropout_rate, dropout_rng, block_mask)
   if bias is not None:
     bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
   if mask is not None and not mask.kinds:
     mask = None
+  mods = None
+  if (score_mod, mask_mod, block_mask) != (None, None, None):
+    mods = flex.FlexMods(score_mod=score_mod, mask_mod=mask_mod, block_mask=block_mask)
   scale = float(query.shape[-1] ** -0.5 if scale is None else scale)
-  call = Call(
+  impl = _select(implementation, _call(query, key, value, mask, bias is not None,
+                                       softcap is not None, dropout_rate > 0.0,
+                                       bool(return_weights), mods is not None))
+  return impl.fn(query, key, value, mask=mask, bias=bias, scale=scale,
+                 softcap=None if softcap is None else float(softcap),
+                 dropout_rate=float(dropout_rate), dropout_rng=dropout_rng,
+                 return_weights=bool(return_weights), **({} if mods is None else {"mods": mods}))
+
+
+def _call(query, key, value, mask: Mask | None, bias: bool, softcap: bool, dropout: bool,
+          weights: bool, mods: bool) -> Call:
+  """The features of a validated call, for `_select`."""
+  return Call(
       masks=frozenset() if mask is None else mask.kinds,
-      bias=bias is not None,
-      softcap=softcap is not None,
-      dropout=dropout_rate > 0.0,
-      weights=bool(return_weights),
+      bias=bias, softcap=softcap, dropout=dropout, weights=weights, mods=mods,
       dtype=_dtype_name(query.dtype),
       platform=_platform(),
       q_len=query.shape[1],
@@ -188,11 +186,18 @@ def dot_product_attention(query, key, value, *, mask=None, bias=None, scale=None
       mesh_axes=_mesh_axes(),
       sequence_axes=axes_of(call_layout(query)[1]),
   )
-  impl = _select(implementation, call)
-  return impl.fn(query, key, value, mask=mask, bias=bias, scale=scale,
-                 softcap=None if softcap is None else float(softcap),
-                 dropout_rate=float(dropout_rate), dropout_rng=dropout_rng,
-                 return_weights=bool(return_weights))
+
+
+def fused_choice(query, key, value, *, mask: Mask | None, softcap: float | None) -> str | None:
+  """The implementation auto-selection gives this mask/softcap call when it is a fused O(length)
+  kernel that runs no mods itself (cuDNN, splash, tokamax), else None (blockwise, which runs
+  `flex_attention`'s tiles itself, or a dense one). `flex_attention` hands such calls to it."""
+  call = _call(query, key, value, mask, False, softcap is not None, False, False, False)
+  try:
+    impl = _select(None, call)
+  except ValueError:
+    return None
+  return impl.name if impl.memory == "O(length)" and not impl.mods else None
 
 
 def _select(implementation: str | None, call: Call) -> Implementation:

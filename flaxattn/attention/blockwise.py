@@ -66,7 +66,7 @@ class _Plan:
 
 def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softcap, dropout_rate: float,
               dropout_rng, return_weights: bool, block_q: int | None = None,
-              block_kv: int | None = None):
+              block_kv: int | None = None, mods=None):
   """Exact attention in O(length) memory, forward and backward.
 
   Args:
@@ -79,11 +79,19 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
     block_q: query positions per block (default: `DEFAULT_BLOCKS` of the platform); GQA tiles hold
       `block_q * heads // kv_heads` rows.
     block_kv: key positions per block (default: `DEFAULT_BLOCKS`).
+    mods: a `flex.FlexMods` (the call's score_mod/mask_mod/block_mask) or None: it then runs on
+      `flex_attention`'s tiles (these block sizes unless its block mask has its own).
 
   Returns:
     `[batch, q_len, heads, value_dim]` in the query dtype; float32 accumulation inside.
   """
   del dropout_rate, dropout_rng, return_weights  # Unsupported: the dispatcher rejects them first.
+  if mods is not None:
+    default_q, default_kv = DEFAULT_BLOCKS.get(jax.default_backend(), DEFAULT_BLOCKS["cpu"])
+    _check_block("block_q", block_q)
+    _check_block("block_kv", block_kv)
+    return mods.run(query, key, value, mask=mask, bias=bias, scale=scale, softcap=softcap,
+                    dense=False, block_size=(block_q or default_q, block_kv or default_kv))
   batch, q_len, heads, _ = query.shape
   if q_len == 0 or key.shape[1] == 0:  # Nothing to attend: a query that sees no key gets zeros.
     return jnp.zeros((batch, q_len, heads, value.shape[-1]), query.dtype)
@@ -500,5 +508,7 @@ IMPLEMENTATION = Implementation(
     dtypes=frozenset({"float32", "bfloat16", "float16"}),
     platforms=frozenset({"cpu", "gpu", "tpu"}),
     memory="O(length)",
-    notes="Pure-JAX FlashAttention-2 (online softmax, recomputing backward); skips invisible tiles.",
+    notes="Pure-JAX FlashAttention-2 (online softmax, recomputing backward); skips invisible tiles. "
+          "Runs flex_attention mods on its tiles.",
+    mods=True,
 )

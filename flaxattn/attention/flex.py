@@ -25,6 +25,13 @@ gathered list and a `lax.switch` per tile over every key tile were within noise 
 list never touches an empty tile at all.
 
 Fully masked rows. A query that sees no key gets output 0, log-sum-exp -inf and zero gradients.
+
+The dispatcher. `dot_product_attention(score_mod=, mask_mod=, block_mask=)` runs the same kernel
+(`FlexMods`, for the implementations that declare `mods`), with its `Mask` and-ed in and its
+softcap and bias folded into the score_mod. The other way round, mods that a `Mask` also states
+(`StructuredMask`: `causal_mask`, `sliding_window`, `document_mask`, `padding_mask`, and_masks of
+them; `soft_cap`) go from `flex_attention` to `dot_product_attention` when its choice is a fused
+accelerator kernel (`api.fused_choice`); on CPU blockwise is that choice, and flex tiles them here.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from flaxattn.attention import blockwise
-from flaxattn.attention.mask import _static
+from flaxattn.attention.mask import Mask, _static
 from flaxattn.attention.rows import max_shift
+from flaxattn.attention.spec import check_operands, is_number
 
 Array = Any
 
@@ -197,13 +205,113 @@ def _combine(mask_mods, combine, empty: bool):
 
 
 def and_masks(*mask_mods):
-  """A mask_mod that is True where every one of `mask_mods` is (True for none)."""
+  """A mask_mod that is True where every one of `mask_mods` is (True for none).
+
+  Of structured masks (`causal_mask`, `sliding_window`, `document_mask`, `padding_mask`) it is a
+  structured mask again, when one `Mask` states them all (at most one of them has document ids, one
+  has lengths)."""
+  if mask_mods and all(isinstance(mod, StructuredMask) for mod in mask_mods):
+    merged = _merge([mod.mask for mod in mask_mods])
+    if merged is not None:
+      return StructuredMask(merged)
   return _combine(mask_mods, jnp.logical_and, True)
 
 
 def or_masks(*mask_mods):
   """A mask_mod that is True where any one of `mask_mods` is (False for none)."""
   return _combine(mask_mods, jnp.logical_or, False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mods the fused kernels also run: structured masks and soft-capping.
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StructuredMask:
+  """A mask_mod that a `Mask` also states, so that `flex_attention` can hand it to the accelerator
+  kernels (cuDNN, splash, tokamax) as that `Mask`. Made by `causal_mask`, `sliding_window`,
+  `document_mask`, `padding_mask` and `and_masks` of those; called, it is the Mask's mask_mod in
+  flex's indices (query `q_idx` compared with key `kv_idx` as they are, i.e. `Mask` positions with
+  `q_len == kv_len`)."""
+
+  mask: Mask
+
+  def __call__(self, batch, head, q_idx, kv_idx):
+    return self.mask.mask_mod(offset=0)(batch, head, q_idx, kv_idx)
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftCap:
+  """The score_mod `cap * tanh(score / cap)`; `flex_attention` passes it on as `softcap=cap`."""
+
+  cap: float
+
+  def __call__(self, score, batch, head, q_idx, kv_idx):
+    return self.cap * jnp.tanh(score / self.cap)
+
+
+def causal_mask() -> StructuredMask:
+  """Query `q_idx` sees keys `kv_idx <= q_idx` (`Mask(causal=True)`)."""
+  return StructuredMask(Mask(causal=True))
+
+
+def sliding_window(window: int, causal: bool = True) -> StructuredMask:
+  """The last `window` keys up to the query, its own included (`causal`), or every key within
+  `window - 1` positions on either side: the models' `window=` convention."""
+  if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window <= 0:
+    raise ValueError(f"sliding_window's window must be a positive int, got {window!r}")
+  band = int(window) - 1
+  return StructuredMask(Mask(causal=bool(causal), window=(band, 0 if causal else band)))
+
+
+def document_mask(q_ids, kv_ids=None) -> StructuredMask:
+  """A query sees only keys of its own document: `q_ids[b, q_idx] == kv_ids[b, kv_idx]`, ids
+  `[batch, q_len]` / `[batch, kv_len]` ints (`kv_ids` defaults to `q_ids`), captured and traced."""
+  return StructuredMask(Mask(q_segment_ids=q_ids, kv_segment_ids=kv_ids))
+
+
+def padding_mask(kv_lengths, q_lengths=None) -> StructuredMask:
+  """Keys `kv_idx >= kv_lengths[b]` are never seen (and queries `q_idx >= q_lengths[b]` see nothing),
+  lengths `[batch]` ints."""
+  return StructuredMask(Mask(q_lengths=q_lengths, kv_lengths=kv_lengths))
+
+
+def soft_cap(cap: float) -> SoftCap:
+  """The soft-capping score_mod `cap * tanh(score / cap)` (Gemma 2, Grok); the same numbers as
+  `dot_product_attention(softcap=cap)`."""
+  if not (is_number(cap) and cap > 0):
+    raise ValueError(f"soft_cap's cap must be a positive number, got {cap!r}")
+  return SoftCap(float(cap))
+
+
+def _merge(masks) -> Mask | None:
+  """One `Mask` seeing what every one of `masks` sees, or None when two give the same array field."""
+  arrays = {}
+  for field in ("q_segment_ids", "kv_segment_ids", "q_lengths", "kv_lengths", "array"):
+    given = [getattr(m, field) for m in masks if getattr(m, field) is not None]
+    if len(given) > 1:
+      return None
+    arrays[field] = given[0] if given else None
+  windows = [m.window for m in masks if m.window is not None]
+
+  def side(index):
+    bounds = [w[index] for w in windows if w[index] is not None]
+    return min(bounds) if bounds else None
+
+  window = (side(0), side(1)) if windows else None
+  return Mask(causal=any(m.causal for m in masks), window=window, **arrays)
+
+
+def _fused_arguments(query, key, score_mod, mask_mod):
+  """`(mask, softcap)` that `dot_product_attention` takes for these mods, or None when a mod is not
+  structured (or a causal/window mask meets unequal lengths, where `Mask` aligns positions at the
+  end and flex counts both from 0)."""
+  if not (mask_mod is None or isinstance(mask_mod, StructuredMask)) or not (
+      score_mod is None or isinstance(score_mod, SoftCap)):
+    return None
+  mask = None if mask_mod is None else mask_mod.mask
+  if mask is not None and mask.kinds & {"causal", "window"} and query.shape[1] != key.shape[1]:
+    return None
+  return mask, None if score_mod is None else score_mod.cap
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,7 +382,8 @@ def create_block_mask(mask_mod, batch, heads, q_len, kv_len, block_size=None) ->
     return jnp.where(all_visible, FULL, jnp.where(any_visible, PARTIAL, EMPTY)).astype(jnp.int8)
 
   chunk = max(1, _MASK_CHUNK // (batch * heads * block_q * block_kv))
-  kinds = jax.lax.map(classify, jnp.arange(q_blocks * kv_blocks), batch_size=chunk)
+  with jax.named_scope("create_block_mask"):  # Names the classification in jaxprs and profiles.
+    kinds = jax.lax.map(classify, jnp.arange(q_blocks * kv_blocks), batch_size=chunk)
   kinds = kinds.reshape(q_blocks, kv_blocks, *kinds.shape[1:]).transpose(2, 3, 0, 1)
   return BlockMask(kinds=kinds, q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
                    mask_mod=mask_mod)
@@ -548,29 +657,10 @@ def _reference(query, key, value, score_fn, score_consts, mask_fn, mask_consts, 
 
 
 def _check_inputs(query, key, value, scale, implementation) -> None:
-  for name, x in (("query", query), ("key", key), ("value", value)):
-    if x.ndim != 4:
-      raise ValueError(f"{name} must have rank 4 [batch, length, heads, dim], got shape {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
-  if not query.dtype == key.dtype == value.dtype:
-    raise ValueError(
-        f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-  batch, q_len, heads, head_dim = query.shape
-  if key.shape[0] != batch or value.shape[0] != batch:
-    raise ValueError(f"batch sizes differ: query {query.shape}, key {key.shape}, value {value.shape}")
-  if key.shape[3] != head_dim:
-    raise ValueError(f"query and key head_dim differ: query {query.shape}, key {key.shape}")
-  if value.shape[1:3] != key.shape[1:3]:
-    raise ValueError(
-        f"key and value must share [kv_len, kv_heads]: key {key.shape}, value {value.shape}")
-  if heads % key.shape[2]:
-    raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads "
-                     f"({key.shape[2]}): query {query.shape}, key {key.shape}")
-  if q_len == 0 or key.shape[1] == 0:
+  check_operands(query, key, value)
+  if query.shape[1] == 0 or key.shape[1] == 0:
     raise ValueError(f"query and key lengths must be > 0, got query {query.shape}, key {key.shape}")
-  if scale is not None and not (isinstance(scale, (int, float, np.integer, np.floating))
-                                and not isinstance(scale, bool)):
+  if scale is not None and not is_number(scale):
     raise ValueError(f"scale must be a Python number or None, got {scale!r}")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"flex_attention implementation={implementation!r} is not supported; choose "
@@ -608,7 +698,10 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, block_mask=
       builds one from `mask_mod` with the default block sizes. Its block sizes are the kernel's tiles.
     scale: logit scale; default `head_dim ** -0.5`.
     implementation: None or 'blockwise' (the tiled kernel) or 'reference' (dense, materialises the
-      scores; for checking).
+      scores; for checking). None also hands a call whose mods are all structured (`causal_mask`,
+      `sliding_window`, `document_mask`, `padding_mask`, `and_masks` of them; `soft_cap`) to
+      `dot_product_attention(mask=Mask(...), softcap=...)` where that picks a fused kernel (cuDNN,
+      splash, tokamax on GPU/TPU; `api.fused_choice`); on CPU, and with `return_lse`, it tiles here.
     return_lse: also return the log-sum-exp of each row's modified scores.
 
   Returns:
@@ -619,20 +712,92 @@ def flex_attention(query, key, value, score_mod=None, mask_mod=None, block_mask=
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
   _check_inputs(query, key, value, scale, implementation)
   batch, q_len, heads, head_dim = query.shape
-  kv_len = key.shape[1]
   if block_mask is not None:
-    _check_block_mask(block_mask, batch, heads, q_len, kv_len)
+    _check_block_mask(block_mask, batch, heads, q_len, key.shape[1])
     if mask_mod is None:
       mask_mod = block_mask.mask_mod
+  if isinstance(mask_mod, StructuredMask):
+    mask_mod.mask.validate(batch, heads, q_len, key.shape[1])
+  fused = None if implementation is not None or return_lse else _fused_arguments(
+      query, key, score_mod, mask_mod)
+  if fused is not None:
+    from flaxattn.attention import api  # pylint: disable=import-outside-toplevel  (api imports flex)
+    mask, softcap = fused
+    name = api.fused_choice(query, key, value, mask=mask, softcap=softcap)
+    if name is not None:
+      return api.dot_product_attention(query, key, value, mask=mask, softcap=softcap, scale=scale,
+                                       implementation=name)
+  scale = float(head_dim ** -0.5 if scale is None else scale)
+  out, lse = _attend(query, key, value, score_mod, mask_mod, block_mask, scale,
+                     dense=implementation == "reference")
+  return (out, lse) if return_lse else out
+
+
+def _attend(query, key, value, score_mod, mask_mod, block_mask: BlockMask | None, scale: float, *,
+            dense: bool, block_size=None):
+  """`(out, lse)` of checked inputs: tiled (a block mask built from `mask_mod` with `block_size`
+  when none is given) or `dense` (`_reference`)."""
+  batch, q_len, heads, _ = query.shape
+  kv_len = key.shape[1]
   score_fn, score_consts = (None, ()) if score_mod is None else _hoist("score_mod", score_mod)
   mask_fn, mask_consts = (None, ()) if mask_mod is None else _hoist("mask_mod", mask_mod)
-  scale = float(head_dim ** -0.5 if scale is None else scale)
-  if implementation == "reference":
-    out, lse = _reference(query, key, value, score_fn, score_consts, mask_fn, mask_consts, scale)
-  else:
-    if block_mask is None:
-      block_mask = (_dense_block_mask(q_len, kv_len, None) if mask_mod is None else
-                    create_block_mask(mask_mod, batch, heads, q_len, kv_len))
-    out, lse = _blockwise(query, key, value, score_fn, score_consts, mask_fn, mask_consts,
-                          block_mask, scale)
-  return (out, lse) if return_lse else out
+  if dense:
+    return _reference(query, key, value, score_fn, score_consts, mask_fn, mask_consts, scale)
+  if block_mask is None:
+    block_mask = (_dense_block_mask(q_len, kv_len, block_size) if mask_mod is None else
+                  create_block_mask(mask_mod, batch, heads, q_len, kv_len, block_size))
+  return _blockwise(query, key, value, score_fn, score_consts, mask_fn, mask_consts, block_mask,
+                    scale)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FlexMods:
+  """The mods of a `dot_product_attention` call (`score_mod=`, `mask_mod=`, `block_mask=`), which the
+  dispatcher passes as `mods=` to implementations that declare `mods` (blockwise, reference)."""
+
+  score_mod: Callable | None = None
+  mask_mod: Callable | None = None
+  block_mask: BlockMask | None = None
+
+  def run(self, query, key, value, *, mask: Mask | None, bias, scale: float, softcap, dense: bool,
+          block_size=None):
+    """`[batch, q_len, heads, value_dim]`: the mods with the call's `mask` (and), `softcap` (applied
+    first) and `bias` (added last) folded in, as `dot_product_attention` orders them.
+
+    The call's `Mask` keeps its own alignment (query `i` at position `i + kv_len - q_len`). A given
+    block mask classified the mask_mod alone, so with a `Mask` its full tiles become partial (the
+    Mask is evaluated there; empty tiles stay skipped).
+    """
+    q_len, kv_len = query.shape[1], key.shape[1]
+    mask_mod, block_mask = self.mask_mod, self.block_mask
+    if mask_mod is None and block_mask is not None:
+      mask_mod = block_mask.mask_mod
+    if mask is not None:
+      visible = mask.mask_mod(offset=kv_len - q_len)
+      mask_mod = visible if mask_mod is None else and_masks(mask_mod, visible)
+      if block_mask is not None:
+        kinds = jnp.where(block_mask.kinds == FULL, PARTIAL, block_mask.kinds).astype(jnp.int8)
+        block_mask = dataclasses.replace(block_mask, kinds=kinds, mask_mod=mask_mod)
+    score_mod = _capped_and_biased(self.score_mod, softcap, bias)
+    return _attend(query, key, value, score_mod, mask_mod, block_mask, scale, dense=dense,
+                   block_size=block_size)[0]
+
+
+def _capped_and_biased(score_mod, softcap, bias):
+  """`score_mod` after `soft_cap(softcap)` and before adding `bias` (`[batch|1, heads|1, q_len|1,
+  kv_len|1]`, captured: differentiable)."""
+  if softcap is None and bias is None:
+    return score_mod
+  cap = None if softcap is None else soft_cap(softcap)
+
+  def combined(score, b, h, q_idx, kv_idx):
+    if cap is not None:
+      score = cap(score, b, h, q_idx, kv_idx)
+    if score_mod is not None:
+      score = score_mod(score, b, h, q_idx, kv_idx)
+    if bias is not None:
+      index = tuple(i if size > 1 else 0 for i, size in zip((b, h, q_idx, kv_idx), bias.shape))
+      score = score + bias[index].astype(jnp.float32)
+    return score
+
+  return combined

@@ -164,6 +164,40 @@ class Mask:
     """The whole mask, `[batch|1, heads|1, q_len, kv_len]` bool, or None when nothing is masked."""
     return self.tile(0, q_len, 0, kv_len, offset=kv_len - q_len)
 
+  def mask_mod(self, offset: int = 0):
+    """This mask as a `flex_attention` mask_mod `(batch, head, q_idx, kv_idx) -> bool` (int32
+    scalars), query `q_idx` at position `q_idx + offset` (pass `kv_len - q_len` for the alignment of
+    `tile`; 0 is flex's convention, indices compared as they are). It captures the mask's arrays."""
+    as_jax = lambda x: None if x is None else jnp.asarray(x)  # NumPy arrays take no traced index.
+    q_ids, kv_ids, q_lengths, kv_lengths, array = map(as_jax, (
+        self.q_segment_ids, self.kv_segment_ids, self.q_lengths, self.kv_lengths, self.array))
+    if array is not None:
+      array = array.reshape((1,) * (4 - array.ndim) + array.shape)
+
+    def mask_mod(b, h, q, kv):
+      seen = jnp.bool_(True)
+      pos = q + offset
+      if self.causal:
+        seen &= kv <= pos
+      if self.window is not None:
+        left, right = self.window
+        if left is not None:
+          seen &= kv >= pos - left
+        if right is not None:
+          seen &= kv <= pos + right
+      if q_lengths is not None:
+        seen &= q < q_lengths[b]
+      if kv_lengths is not None:
+        seen &= kv < kv_lengths[b]
+      if q_ids is not None:
+        seen &= q_ids[b, q] == kv_ids[b, kv]
+      if array is not None:
+        index = [i if size > 1 else 0 for i, size in zip((b, h, q, kv), array.shape)]
+        seen &= array[tuple(index)]
+      return seen
+
+    return mask_mod
+
   def kv_bounds(self, q_lo, q_hi, *, offset: int, kv_len: int):
     """Key index range `[lo, hi)` that causal/window masks leave visible to queries `[q_lo, q_hi)`.
 

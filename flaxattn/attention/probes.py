@@ -50,34 +50,7 @@ def mask_to_mask_mod(mask: Mask, q_len: int, kv_len: int):
   these lengths (query `i` at position `i + kv_len - q_len`, as `Mask` aligns them)."""
   if not isinstance(mask, Mask):
     raise ValueError(f"mask must be a flaxattn.attention.Mask or None, got {type(mask).__name__}")
-  offset = kv_len - q_len
-  array = None if mask.array is None else jnp.asarray(mask.array)
-  if array is not None:
-    array = array.reshape((1,) * (4 - array.ndim) + array.shape)
-
-  def mask_mod(b, h, q, kv):
-    seen = jnp.bool_(True)
-    pos = q + offset
-    if mask.causal:
-      seen &= kv <= pos
-    if mask.window is not None:
-      left, right = mask.window
-      if left is not None:
-        seen &= kv >= pos - left
-      if right is not None:
-        seen &= kv <= pos + right
-    if mask.q_lengths is not None:
-      seen &= q < mask.q_lengths[b]
-    if mask.kv_lengths is not None:
-      seen &= kv < mask.kv_lengths[b]
-    if mask.q_segment_ids is not None:
-      seen &= mask.q_segment_ids[b, q] == mask.kv_segment_ids[b, kv]
-    if array is not None:
-      index = [i if size > 1 else 0 for i, size in zip((b, h, q, kv), array.shape)]
-      seen &= array[tuple(index)]
-    return seen
-
-  return mask_mod
+  return mask.mask_mod(offset=kv_len - q_len)
 
 
 def _inputs(query, key, lse, scale, mask_mod, mask):

@@ -11,12 +11,16 @@ import jax.numpy as jnp
 
 from flaxattn.attention.mask import Mask
 from flaxattn.attention.rows import max_shift
-from flaxattn.attention.spec import Implementation
+from flaxattn.attention.spec import Call, Implementation
 
 
 def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softcap, dropout_rate: float,
-              dropout_rng, return_weights: bool):
-  """Arguments as `flaxattn.attention.dot_product_attention`, already validated."""
+              dropout_rng, return_weights: bool, mods=None):
+  """Arguments as `flaxattn.attention.dot_product_attention`, already validated; `mods` a
+  `flex.FlexMods` (score_mod/mask_mod), evaluated densely by flex's reference."""
+  if mods is not None:
+    return mods.run(query, key, value, mask=mask, bias=bias, scale=scale, softcap=softcap,
+                    dense=True)
   q_len, heads = query.shape[1], query.shape[2]
   kv_len, kv_heads = key.shape[1], key.shape[2]
   acc = jnp.promote_types(query.dtype, jnp.float32)
@@ -48,6 +52,12 @@ def attention(query, key, value, *, mask: Mask | None, bias, scale: float, softc
   return (out, weights) if return_weights else out
 
 
+def _constraints(call: Call) -> str | None:
+  if call.mods and (call.weights or call.dropout):
+    return "return_weights/dropout together with score_mod/mask_mod"
+  return None
+
+
 IMPLEMENTATION = Implementation(
     name="reference",
     fn=attention,
@@ -59,5 +69,8 @@ IMPLEMENTATION = Implementation(
     dtypes=frozenset({"float32", "bfloat16", "float16", "float64"}),
     platforms=frozenset({"cpu", "gpu", "tpu"}),
     memory="O(length^2)",
-    notes="The oracle: materialises scores in float32. Only implementation with dropout and weights.",
+    notes="The oracle: materialises scores in float32. Only implementation with dropout and weights "
+          "(not with flex mods).",
+    constraints=_constraints,
+    mods=True,
 )

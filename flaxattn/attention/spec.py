@@ -5,6 +5,43 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_number(x) -> bool:
+  """A Python/NumPy int or float (bool is an int subclass and np.isscalar accepts strings: neither
+  is a meaningful scale or softcap)."""
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def check_operands(query, key, value) -> None:
+  """The checks every attention entry point makes of `query` `[batch, q_len, heads, head_dim]`,
+  `key` `[batch, kv_len, kv_heads, head_dim]` and `value` `[batch, kv_len, kv_heads, value_dim]`
+  (`dot_product_attention`, `flex_attention`, the probes): one clear line naming the bad one."""
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if np.ndim(x) != 4:
+      raise ValueError(
+          f"{name} must have rank 4 [batch, length, heads, dim], got shape {tuple(np.shape(x))}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+  if not query.dtype == key.dtype == value.dtype:
+    raise ValueError(
+        f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+  batch, _, heads, head_dim = query.shape
+  kv_batch, kv_len, kv_heads, key_dim = key.shape
+  if kv_batch != batch or value.shape[0] != batch:
+    raise ValueError(f"batch sizes differ: query {query.shape}, key {key.shape}, value {value.shape}")
+  if key_dim != head_dim:
+    raise ValueError(f"query and key head_dim differ: query {query.shape}, key {key.shape}")
+  if value.shape[1:3] != (kv_len, kv_heads):
+    raise ValueError(
+        f"key and value must share [kv_len, kv_heads]: key {key.shape}, value {value.shape}")
+  if heads % kv_heads:
+    raise ValueError(
+        f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads}): "
+        f"query {query.shape}, key {key.shape}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Call:
@@ -21,6 +58,8 @@ class Call:
   weights: bool
   dtype: str
   platform: str
+  # User score_mod/mask_mod (`flex_attention`'s mods, or a `block_mask`) given to the call.
+  mods: bool = False
   q_len: int = 0
   kv_len: int = 0
   heads: int = 0
@@ -38,7 +77,8 @@ class Implementation:
   """One attention implementation: its function and the features it supports.
 
   `fn(query, key, value, *, mask, bias, scale, softcap, dropout_rate, dropout_rng, return_weights)`
-  receives validated arguments: `mask` a `Mask` or None, `bias` rank 4 or None, `scale` a float.
+  receives validated arguments: `mask` a `Mask` or None, `bias` rank 4 or None, `scale` a float;
+  one that declares `mods` also gets `mods=` (a `flex.FlexMods`) when the call has mods.
 
   `sequence_sharded`: the implementation spreads the sequence over the one mesh axis that the
   call's layout (`flaxattn.attention.activation_layout`, set by `flaxattn.nn` from the logical rule
@@ -62,6 +102,8 @@ class Implementation:
   constraints: Callable[[Call], str | None] | None = None
   sequence_sharded: bool = False
   equal_lengths: bool = False
+  # Runs `flex_attention`'s score_mod/mask_mod: `fn` then also takes `mods=` (a `flex.Mods`).
+  mods: bool = False
 
   def unsupported(self, call: Call) -> str | None:
     """The first feature of `call` this implementation lacks, in words; None if it can run it."""
@@ -75,6 +117,8 @@ class Implementation:
     for feature in ("bias", "softcap", "dropout", "weights"):
       if getattr(call, feature) and not getattr(self, feature):
         return {"weights": "return_weights=True"}.get(feature, feature)
+    if call.mods and not self.mods:
+      return "score_mod/mask_mod/block_mask (flex_attention mods: use blockwise or reference)"
     if self.equal_lengths and call.q_len != call.kv_len:
       return f"q_len != kv_len ({call.q_len} vs {call.kv_len}; it needs equal lengths)"
     if self.sequence_sharded:
@@ -104,4 +148,5 @@ class Implementation:
         "notes": self.notes,
         "sequence_sharded": self.sequence_sharded,
         "equal_lengths": self.equal_lengths,
+        "mods": self.mods,
     }

@@ -47,7 +47,8 @@ import numpy as np
 from flax import nnx
 
 import flaxattn.attention
-from flaxattn.attention import Mask, and_masks, dot_product_attention, flex_attention, linear
+from flaxattn.attention import (BlockMask, Mask, and_masks, create_block_mask,
+                                dot_product_attention, flex_attention, linear)
 from flaxattn.attention.linear import RecurrentState
 from flaxattn.attention.mask import as_mask
 from flaxattn.attention.placement import activation_layout
@@ -346,7 +347,9 @@ class MultiHeadAttention(nnx.Module):
   exp(s_h)) = out * sigmoid(lse - s_h)`, exact and differentiable in `s_h`. Other calls (a named
   implementation such as 'xla' or 'reference', an extra `bias=` array, attention dropout) take the
   dense path: the bias materialised `[batch, heads, q_len, kv_len]` and `dot_product_attention`.
-  Sown weights on the flex path are recomputed from the lse (`attention_rows`, every row).
+  Sown weights on the flex path are recomputed from the lse (`attention_rows`, every row). A stack
+  classifies the tiles of its layers' shared mask once per forward (`shared_block_mask`) and passes
+  the block mask to each layer (`block_mask=`).
   """
 
   def __init__(self, num_heads: int, in_features: int, *, kv_heads: int | None = None,
@@ -528,7 +531,7 @@ class MultiHeadAttention(nnx.Module):
                bias: jax.Array | None = None, positions: jax.Array | None = None,
                cache: KVCache | ContextCache | RecurrentState | None = None,
                deterministic: bool = True, dropout_rng: jax.Array | None = None,
-               position_bias: PositionBias | None = None):
+               position_bias: PositionBias | None = None, block_mask: BlockMask | None = None):
     """Attends from `x` to `context` (or to `x` itself).
 
     Args:
@@ -548,6 +551,8 @@ class MultiHeadAttention(nnx.Module):
       position_bias: a `PositionBias` of query and key positions (the stack's shared T5 table),
         self-attention only; added to ALiBi's when both are on. Applied as a score_mod on the flex
         path, else materialised.
+      block_mask: `shared_block_mask`'s for this call (a stack builds it once for all its layers),
+        used on the flex path without a cache; None builds it here.
 
     Returns:
       `(out, cache)`: `out [batch, q_len, out_features]` and the updated cache (None without one).
@@ -584,6 +589,8 @@ class MultiHeadAttention(nnx.Module):
                           position_bias) if b is not None]
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
     flex = self._flex_path(bool(biases), bias is not None or use_dropout)
+    if cache is not None or context is not None:
+      block_mask = None  # Built for self-attention without a cache (the stack's shared one).
     if isinstance(cache, KVCache):
       cache = cache.update(key, value, positions)
       key, value = cache.key.astype(self.dtype), cache.value.astype(self.dtype)
@@ -596,11 +603,11 @@ class MultiHeadAttention(nnx.Module):
         mask = Mask(array=cache.visible(positions, self.window),
                     kv_lengths=jnp.full((x.shape[0],), cache.index, jnp.int32))
       attention_impl = _single_device(attention_impl)
-    elif self.window is not None and context is None and not isinstance(cache, ContextCache):
-      mask = _with_window(as_mask(mask), self.window)
+    elif context is None and not isinstance(cache, ContextCache):
+      mask = self._self_mask(mask)
     if flex:
       result, weights = self._flex(query, key, value, as_mask(mask), mask_mod, biases, positions,
-                                   kv_positions)
+                                   kv_positions, block_mask)
     else:
       for position_term in biases:
         dense = position_term.dense(positions, kv_positions)
@@ -618,6 +625,26 @@ class MultiHeadAttention(nnx.Module):
       self.sow(nnx.Intermediate, "attention_weights", weights)
     return constrain(self.out(result), ("batch", "length", "embed")), cache
 
+  def _self_mask(self, mask) -> Mask | None:
+    """Self-attention's `mask` (without a cache) with this layer's `window` applied."""
+    return as_mask(mask) if self.window is None else _with_window(as_mask(mask), self.window)
+
+  def shared_block_mask(self, mask, batch: int, length: int, *, position_biased: bool,
+                        deterministic: bool) -> BlockMask | None:
+    """The block mask of this layer's self-attention over `length` tokens without a cache, when
+    the call takes the flex path (else None): what each call would classify, built once by a
+    stack whose layers all see the same `mask` and pass it as `block_mask`.
+
+    `position_biased`: the call gets a `position_bias` (the stack's T5 table).
+    """
+    use_dropout = not deterministic and self.attention_dropout_rate > 0.0
+    biased = position_biased or self.positions == "alibi"
+    if self.attention_kind != "softmax" or not self._flex_path(biased, use_dropout):
+      return None
+    mask_mod = _mask_mod(None, self._self_mask(mask), length, length)
+    return None if mask_mod is None else create_block_mask(mask_mod, batch, self.num_heads,
+                                                           length, length)
+
   def _flex_path(self, position_biased: bool, dense_only: bool) -> bool:
     """Whether this call runs through `flex_attention` (see "Flex path" in the class doc)."""
     if self.sinks is not None:
@@ -627,9 +654,10 @@ class MultiHeadAttention(nnx.Module):
     return self.attention_impl == "blockwise" or (
         flaxattn.attention.implementations(jax.default_backend())[0] == "blockwise")
 
-  def _flex(self, query, key, value, mask, mask_mod, biases, positions, kv_positions):
+  def _flex(self, query, key, value, mask, mask_mod, biases, positions, kv_positions, block_mask):
     """`(out [batch, q_len, heads, value_dim], weights or None)` through `flex_attention`, with the
-    position biases (and softcap) as one score_mod and `mask`/`mask_mod` as one mask_mod."""
+    position biases (and softcap) as one score_mod and `mask`/`mask_mod` as one mask_mod, tiled by
+    `block_mask` (None: classified here)."""
     q_len, kv_len = query.shape[1], key.shape[1]
     mods = [b.score_mod(positions, kv_positions) for b in biases]
     softcap = self.softcap
@@ -640,15 +668,13 @@ class MultiHeadAttention(nnx.Module):
         score = mod(score, b, h, q_idx, kv_idx)
       return score
 
-    masks = [m for m in (mask_mod, None if mask is None or not mask.kinds else
-                         mask_to_mask_mod(mask, q_len, kv_len)) if m is not None]
     if mask is not None:
       mask.validate(query.shape[0], self.num_heads, q_len, kv_len)
-    mask_mod = None if not masks else masks[0] if len(masks) == 1 else and_masks(*masks)
+    mask_mod = _mask_mod(mask_mod, mask, q_len, kv_len)
     score_mod = score_mod if (mods or softcap is not None) else None
     impl = "blockwise" if self.attention_impl is None else self.attention_impl
     out, lse = flex_attention(query, key, value, score_mod=score_mod, mask_mod=mask_mod,
-                              implementation=impl, return_lse=True)
+                              block_mask=block_mask, implementation=impl, return_lse=True)
     if self.sinks is not None:
       # Softmax over the keys and the sink: lse' = logaddexp(lse, s_h), out' = out * exp(lse - lse').
       total = jnp.logaddexp(lse, self.sinks[...].astype(jnp.float32)[None, :, None])
@@ -700,6 +726,13 @@ class MultiHeadAttention(nnx.Module):
           query_features, key_features, causal=causal, segment_ids=segments if causal else None,
           kv_valid=None if causal else segments > 0))
     return constrain(self.out(attended.astype(self.dtype)), ("batch", "length", "embed")), cache
+
+
+def _mask_mod(mask_mod, mask: Mask | None, q_len: int, kv_len: int):
+  """`mask_mod` and `mask` as one mask_mod (None when neither masks anything)."""
+  masks = [m for m in (mask_mod, None if mask is None or not mask.kinds else
+                       mask_to_mask_mod(mask, q_len, kv_len)) if m is not None]
+  return None if not masks else masks[0] if len(masks) == 1 else and_masks(*masks)
 
 
 def _single_device(implementation: str | None) -> str | None:

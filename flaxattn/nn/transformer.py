@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxattn.attention import Mask
+from flaxattn.attention import BlockMask, Mask
 from flaxattn.nn.attention import ContextCache, KVCache, MultiHeadAttention
 from flaxattn.nn.config import TransformerConfig
 from flaxattn.nn.intermediates import resow
@@ -139,12 +139,14 @@ class TransformerBlock(nnx.Module):
                bias: jax.Array | None = None, context: jax.Array | None = None,
                context_mask: Mask | None = None, cache: KVCache | None = None,
                context_cache: ContextCache | None = None, deterministic: bool = True,
-               dropout_rng: jax.Array | None = None, position_bias: PositionBias | None = None):
+               dropout_rng: jax.Array | None = None, position_bias: PositionBias | None = None,
+               block_mask: BlockMask | None = None):
     """One block on `x` `[batch, length, d_model]`.
 
     `cache` is the self-attention `KVCache` (or `RecurrentState`); `context_cache` a filled
     `ContextCache` of the cross-attention keys/values (then `context` is not projected again and
-    may be None); `position_bias` the stack's T5 bias for self-attention. Returns `(x, cache)`:
+    may be None); `position_bias` the stack's T5 bias for self-attention; `block_mask` the stack's
+    shared self-attention block mask (`MultiHeadAttention.shared_block_mask`). Returns `(x, cache)`:
     the new self-attention cache, None without one.
     """
     if self.cross_attention is not None and context is None and context_cache is None:
@@ -152,7 +154,8 @@ class TransformerBlock(nnx.Module):
     keys = jax.random.split(dropout_rng, 5) if dropout_rng is not None else [None] * 5
     h, cache = self.attention(self._in(self.attention_norm, x), mask=mask, bias=bias,
                               positions=positions, cache=cache, deterministic=deterministic,
-                              dropout_rng=keys[0], position_bias=position_bias)
+                              dropout_rng=keys[0], position_bias=position_bias,
+                              block_mask=block_mask)
     x = self._residual(self.attention_norm, x, h, keys[1], deterministic)
     if self.cross_attention is not None:
       h, _ = self.cross_attention(self._in(self.cross_norm, x), context, mask=context_mask,
@@ -212,7 +215,7 @@ class TransformerStack(nnx.Module):
     config = self.config
     dtype = config.dtype if dtype is None else dtype
     # Every layer's attention has the same shapes: the first (or the scanned) block's tells them.
-    block = self.layers if config.scan_layers else self.layers[0]
+    block = self._block()
     caches = [lambda: block.attention.init_cache(batch, max_length, dtype)]
     if self.has_cross_attention:
       caches.append(lambda: block.cross_attention.init_context_cache(batch, dtype))
@@ -222,6 +225,10 @@ class TransformerStack(nnx.Module):
     else:
       stacked = [tuple(one() for _ in range(self.num_layers)) for one in caches]
     return DecoderCache(stacked[0], stacked[1] if self.has_cross_attention else None)
+
+  def _block(self) -> TransformerBlock:
+    """The block whose static settings all layers share: the scanned one, or the first."""
+    return self.layers if self.config.scan_layers else self.layers[0]
 
   def _first_layer(self, caches):
     return jax.tree.map(lambda a: a[0], caches) if self.config.scan_layers else caches[0]
@@ -273,6 +280,10 @@ class TransformerStack(nnx.Module):
     # The table as a value; each layer materialises it or applies it as a score_mod (its keys'
     # positions, with a cache, are the cache's slots).
     position_bias = None if self.relative_bias is None else self.relative_bias.as_bias()
+    # Every layer sees the same mask: on the flex path its tiles are classified once, here.
+    block_mask = None if cache is not None else self._block().attention.shared_block_mask(
+        mask, x.shape[0], x.shape[1], position_biased=position_bias is not None,
+        deterministic=deterministic)
 
     def run_block(graphdef, x, layer_state, layer_cache, layer_context_cache, rng):
       # A pure function of the block's state (for scan and remat): what the block sows comes back
@@ -281,7 +292,7 @@ class TransformerStack(nnx.Module):
       (x, layer_cache), sown = nnx.capture(block, nnx.Intermediate)(
           x, positions=positions, mask=mask, context=context, context_mask=context_mask,
           cache=layer_cache, context_cache=layer_context_cache, deterministic=deterministic,
-          dropout_rng=rng, position_bias=position_bias)
+          dropout_rng=rng, position_bias=position_bias, block_mask=block_mask)
       return x, layer_cache, sown
 
     if config.remat != "none":
