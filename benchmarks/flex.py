@@ -22,7 +22,7 @@ Case `alibi` (`--cases alibi`): causal attention with the ALiBi bias `slope_h * 
 with the bias as a dense `[1, heads, T, T]` float32 array (only up to `--dense-bias-max-length`:
 2 GiB at 8k), and `torch flex` with the same score_mod.
 
-Medians of `--repeats` interleaved runs after a warm-up; wall and process CPU time. Timings on a
+Medians of `--repeats` interleaved runs after a warm-up (xla's timed after the others); wall and process CPU time. Timings on a
 shared machine are noisy: compare rows of one run only. `--peak alibi` runs only flex ALiBi
 fwd+bwd once at each length (for `/usr/bin/time -v` peak memory).
 """
@@ -166,15 +166,19 @@ def _torch_runner(inputs, docs, threads: int):
   return lambda: compiled(query, key, value, block_mask=block_mask)
 
 
-def _medians(runs: dict, repeats: int) -> dict:
-  """Median (wall, CPU) seconds per run; runs interleaved so that load hits all alike."""
+def _medians(runs: dict, repeats: int, alone: tuple[str, ...] = ("xla",)) -> dict:
+  """Median (wall, CPU) seconds per run; runs interleaved so that load hits all alike, except those
+  in `alone`, timed after the others: xla's GiB-sized dense buffers slow whichever run follows it
+  (measured: up to 2x process CPU time at 8k)."""
   for run in runs.values():
     run()  # Warm-up and compilation.
   times = {name: ([], []) for name in runs}
-  for _ in range(repeats):
-    for name, run in runs.items():
+  rounds = [[name for name in runs if name not in alone]] * repeats
+  rounds += [[name] * repeats for name in runs if name in alone]
+  for names in rounds:
+    for name in names:
       wall, cpu = time.perf_counter(), time.process_time()
-      run()
+      runs[name]()
       times[name][0].append(time.perf_counter() - wall)
       times[name][1].append(time.process_time() - cpu)
   return {name: tuple(statistics.median(x) for x in pair) for name, pair in times.items()}
@@ -202,6 +206,8 @@ def _case_runs(case: str, length: int, inputs, args, backward: bool) -> dict:
   if not backward and not args.no_torch:
     runs["torch flex"] = _torch_alibi_runner(inputs, slopes, args.threads)
   return runs
+
+
 
 
 def main(argv=None) -> dict:
