@@ -274,3 +274,53 @@ def test_attention_report_rejects_what_is_not_a_tokenizer(tmp_path):
   with pytest.raises(ValueError, match=r"tokenizer Backend lacks \['pieces', 'pad_id', 'bos_id', "
                                        r"'eos_id'\]: attention_report takes a"):
     attention_report(DecoderLM(LLAMA, rngs=nnx.Rngs(0)), Backend(), "a", str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Probes: the weights recomputed from the lse of the kernel the config names.
+
+def test_probe_weights_of_blockwise_alibi_equal_the_reference_kernels():
+  """The flex path (the kernel's own lse), scanned; 'xla' + RoPE (an lse from one flex pass) is
+  `test_decoder_weights_match_numpy_softmax_of_the_layers_queries_and_keys`."""
+  from flaxattn.nn import capture_attention_probes
+  config = dataclasses.replace(LLAMA, attention_impl="blockwise", positions="alibi", softcap=5.0,
+                               window=3, scan_layers=True)
+  graphdef, state = nnx.split(DecoderLM(config, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def both(state):
+    model = nnx.merge(graphdef, state)
+    _, expected = capture_attention_weights(model, IDS[None])  # The dense 'reference' kernel.
+    _, probes = capture_attention_probes(model, IDS[None])
+    return expected, {name: [probe.weights() for probe in layers] for name, layers in probes.items()}
+
+  expected, recomputed = both(state)
+  assert list(recomputed) == list(expected) == ["decoder/layers/attention"]
+  for got, weights in zip(recomputed["decoder/layers/attention"],
+                          expected["decoder/layers/attention"]):
+    np.testing.assert_allclose(got, weights, atol=1e-6)  # float32 vs float32
+
+
+def test_probe_weights_with_sinks_match_numpy():
+  from flaxattn.nn import alibi_slopes, capture_attention_probes
+  config = dataclasses.replace(LLAMA, attention_impl="blockwise", positions="alibi",
+                               attention_sinks=True)
+  model = DecoderLM(config, rngs=nnx.Rngs(0))
+  sinks = np.array([[0.5, -1.0, 2.0, 0.0], [1.5, 0.3, -0.2, 3.0]], np.float32)
+  for layer, values in zip(model.decoder.layers, sinks):
+    layer.attention.sinks[...] = values
+  graphdef, state = nnx.split(model)
+  probes = jax.jit(lambda state: capture_attention_probes(nnx.merge(graphdef, state), IDS[None])[1])(
+      state)
+  length = len(IDS)
+  distance = np.abs(np.arange(length)[:, None] - np.arange(length)[None])
+  causal = np.tril(np.ones((length, length), bool))
+  for probe, sink in zip(probes["decoder/layers/attention"], sinks):
+    query = np.asarray(probe.query[0], np.float64)
+    key = np.repeat(np.asarray(probe.key[0], np.float64), 2, axis=1)
+    logits = np.einsum("thd,shd->hts", query, key) / np.sqrt(query.shape[-1])
+    logits = logits - alibi_slopes(4)[:, None, None] * distance
+    logits = np.where(causal, logits, -np.inf)
+    exp = np.exp(logits)
+    expected = exp / (exp.sum(-1, keepdims=True) + np.exp(sink.astype(np.float64))[:, None, None])
+    np.testing.assert_allclose(probe.weights()[0], expected, atol=2e-6, rtol=1e-5)
