@@ -64,8 +64,8 @@ def capture_attention_probes(model: nnx.Module, *args, **kwargs
   """Calls `model(*args, **kwargs)` with every softmax `MultiHeadAttention` sowing an
   `AttentionProbe` (query, key, lse and mods of its call), under the kernel its config names.
 
-  As `capture_attention_weights` (a copy with `sow_probes=True`, eager or under `jax.jit`, scanned or
-  unrolled stacks), but O(length) per layer, so it serves inputs of any length: recompute weights,
+  As `capture_attention_weights` (a copy with `sow_probes=True`, eager or under `jax.jit`, scanned
+  or unrolled stacks), but O(length) per layer, so it serves inputs of any length: recompute weights,
   statistics or a pooled map from each probe (`AttentionProbe.rows`, `.statistics`, `.pooled`).
 
   Returns:
