@@ -139,7 +139,8 @@ class AttentionProbe:
     Cell `(i, j)` is the mean over the queries of bin `i` of their total weight on the keys of bin
     `j` (so a row sums to a query's total weight: 1, or less with a sink). Bins are `ceil(length /
     bins)` tokens (the last may be shorter), so there may be fewer bins than asked, none empty.
-    Computed one query bin at a time (`lax.map`), so memory is O(batch * heads * (q_len / q_bins) * kv_len), never the whole map.
+    Computed one query bin at a time (`lax.map`), so memory is O(batch * heads * (q_len / q_bins)
+    * kv_len), never the whole map.
     """
     q_size, kv_size = -(-self.q_len // q_bins), -(-self.kv_len // kv_bins)
     q_bins, kv_bins = -(-self.q_len // q_size), -(-self.kv_len // kv_size)  # None left empty.
