@@ -211,6 +211,7 @@ def _forward_summary(graphdef, state, inputs: dict[str, jax.Array], bins: int) -
     summaries.append(dict(
         pooled=probe.pooled(bins, bins)[0],
         last_row=probe.rows([probe.q_len - 1])[0, :, 0],
+        learned_sink=1.0 - statistics["total_weight"][0],
         **{name: statistics[name][0] for name in ("entropy", "sink_mass", "max_weight")}))
   return summaries
 
@@ -229,8 +230,9 @@ def attention_summary(model, *, bins: int = SUMMARY_BINS, **inputs) -> list[dict
   Returns:
     One dict per layer, first layer first, of float32 arrays: `pooled` `[heads, q_bins, kv_bins]`
     (mean over a query bin of its weight on a key bin), `entropy`, `sink_mass` (weight on the first
-    token) and `max_weight` `[heads, length]` per query, `last_row` `[heads, length]` (the last
-    query's exact weights).
+    token), `max_weight` and `learned_sink` (1 - the total weight on the keys: the mass on the
+    learned attention sinks, 0 up to rounding without them) `[heads, length]` per query, and
+    `last_row` `[heads, length]` (the last query's exact weights).
   """
   kind = _model_type(model)
   if kind is EncoderDecoder:
@@ -461,19 +463,24 @@ def _bin_labels(length: int, count: int) -> list[str]:
 
 # The curves `plot_summary` draws: (key in an `attention_summary` layer, y axis title).
 _CURVES = (("entropy", "entropy (nats)"), ("sink_mass", "weight on token 0"),
-           ("max_weight", "largest weight"), ("last_row", "last query's weights"))
+           ("learned_sink", "weight on the learned sink"), ("max_weight", "largest weight"),
+           ("last_row", "last query's weights"))
+_NO_SINK = 1e-4  # Below this everywhere, the learned-sink panel is left out (a model without one).
 
 
 def plot_summary(summaries: Sequence[dict], path: str, *, title: str) -> str:
   """Per-query curves of a long input's attention (`attention_summary`), head means, one line per
-  layer: entropy, mass on the first token, largest weight (x: query position), and the last
-  query's exact weights (x: key position). Writes a PNG; returns `path`."""
+  layer: entropy, mass on the first token, mass on the learned sink (when there is one), largest
+  weight (x: query position), and the last query's exact weights (x: key position). Writes a PNG;
+  returns `path`."""
   if not summaries:
     raise ValueError("summaries must hold one attention_summary dict per layer, got none")
-  figure = Figure(figsize=(10, 2.2 * len(_CURVES) + 0.8), dpi=_DPI, layout="constrained")
+  curves = [(name, label) for name, label in _CURVES if name != "learned_sink" or max(
+      float(np.max(np.abs(layer[name]))) for layer in summaries) > _NO_SINK]
+  figure = Figure(figsize=(10, 2.2 * len(curves) + 0.8), dpi=_DPI, layout="constrained")
   FigureCanvasAgg(figure)
-  axes = figure.subplots(len(_CURVES), 1, squeeze=False)[:, 0]
-  for ax, (name, label) in zip(axes, _CURVES):
+  axes = figure.subplots(len(curves), 1, squeeze=False)[:, 0]
+  for ax, (name, label) in zip(axes, curves):
     for index, layer in enumerate(summaries):
       curve = np.asarray(layer[name], np.float64).mean(axis=0)
       ax.plot(np.arange(curve.size), curve, linewidth=0.8, label=f"layer {index}")
@@ -594,7 +601,7 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
   if kind is not EncoderDecoder:
     ids, labels = _tokenize(tokenizer, text_or_pair, "text_or_pair", encode)
     if len(ids) > FULL_MAP_TOKENS and _probed(model):
-      summaries = attention_summary(model, input_ids=ids)
+      summaries = attention_summary(model, input_ids=ids, bins=SUMMARY_BINS)
       bins = _bin_labels(len(ids), summaries[0]["pooled"].shape[-1])
       size = -(-len(ids) // len(bins))
       for index, layer in enumerate(summaries):
