@@ -10,8 +10,10 @@ Modes (`--mode=`, or the first word of the console script: `flaxattn attend --wo
           `--temperature` sampling), or predicted labels with probabilities (classification).
   attend  the prediction (class and probabilities, greedy translation, or next tokens) and the
           attention maps of `--text` (repeatable, not empty; seq2seq: the source, the target is
-          generated) as labelled heatmaps, rollout and cross-attention alignments, named after
-          the text in `DIR/attention/cli/` (or `--out=PREFIX`); prints the prediction and paths.
+          generated) as labelled heatmaps, rollout and cross-attention alignments (beyond 256
+          tokens: maps pooled into bins and per-query curves, any length the model takes), from
+          the config's own kernel, named after the text in `DIR/attention/cli/` (or
+          `--out=PREFIX`); prints the prediction and paths.
   summary the model's parameter table (shapes, counts, dtypes, logical axes, sharding, bytes,
           FLOPs per token) from `--config` (or DIR's config), built abstractly; no DIR needed.
 `flaxattn --help` lists the modes and their flags (the `MODES` table below).

@@ -274,3 +274,105 @@ def test_attention_report_rejects_what_is_not_a_tokenizer(tmp_path):
   with pytest.raises(ValueError, match=r"tokenizer Backend lacks \['pieces', 'pad_id', 'bos_id', "
                                        r"'eos_id'\]: attention_report takes a"):
     attention_report(DecoderLM(LLAMA, rngs=nnx.Rngs(0)), Backend(), "a", str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# Probes: the weights recomputed from the lse of the kernel the config names.
+
+def test_probe_weights_of_blockwise_alibi_equal_the_reference_kernels():
+  """The flex path (the kernel's own lse), scanned; 'xla' + RoPE (an lse from one flex pass) is
+  `test_decoder_weights_match_numpy_softmax_of_the_layers_queries_and_keys`."""
+  from flaxattn.nn import capture_attention_probes
+  config = dataclasses.replace(LLAMA, attention_impl="blockwise", positions="alibi", softcap=5.0,
+                               window=3, scan_layers=True)
+  graphdef, state = nnx.split(DecoderLM(config, rngs=nnx.Rngs(0)))
+
+  @jax.jit
+  def both(state):
+    model = nnx.merge(graphdef, state)
+    _, expected = capture_attention_weights(model, IDS[None])  # The dense 'reference' kernel.
+    _, probes = capture_attention_probes(model, IDS[None])
+    return expected, {name: [probe.weights() for probe in layers] for name, layers in probes.items()}
+
+  expected, recomputed = both(state)
+  assert list(recomputed) == list(expected) == ["decoder/layers/attention"]
+  for got, weights in zip(recomputed["decoder/layers/attention"],
+                          expected["decoder/layers/attention"]):
+    np.testing.assert_allclose(got, weights, atol=1e-6)  # float32 vs float32
+
+
+def test_probe_weights_with_sinks_match_numpy():
+  from flaxattn.nn import alibi_slopes, capture_attention_probes
+  config = dataclasses.replace(LLAMA, attention_impl="blockwise", positions="alibi",
+                               attention_sinks=True)
+  model = DecoderLM(config, rngs=nnx.Rngs(0))
+  sinks = np.array([[0.5, -1.0, 2.0, 0.0], [1.5, 0.3, -0.2, 3.0]], np.float32)
+  for layer, values in zip(model.decoder.layers, sinks):
+    layer.attention.sinks[...] = values
+  graphdef, state = nnx.split(model)
+  probes = jax.jit(lambda state: capture_attention_probes(nnx.merge(graphdef, state), IDS[None])[1])(
+      state)
+  length = len(IDS)
+  distance = np.abs(np.arange(length)[:, None] - np.arange(length)[None])
+  causal = np.tril(np.ones((length, length), bool))
+  for probe, sink in zip(probes["decoder/layers/attention"], sinks):
+    query = np.asarray(probe.query[0], np.float64)
+    key = np.repeat(np.asarray(probe.key[0], np.float64), 2, axis=1)
+    logits = np.einsum("thd,shd->hts", query, key) / np.sqrt(query.shape[-1])
+    logits = logits - alibi_slopes(4)[:, None, None] * distance
+    logits = np.where(causal, logits, -np.inf)
+    exp = np.exp(logits)
+    expected = exp / (exp.sum(-1, keepdims=True) + np.exp(sink.astype(np.float64))[:, None, None])
+    np.testing.assert_allclose(probe.weights()[0], expected, atol=2e-6, rtol=1e-5)
+
+
+def test_long_input_summary_equals_the_reference_map_pooled_in_numpy_and_is_drawn(tmp_path,
+                                                                                 monkeypatch):
+  from flaxattn.models import attention_maps
+  config = dataclasses.replace(LLAMA, attention_impl="blockwise", positions="alibi")
+  model = DecoderLM(config, rngs=nnx.Rngs(0))
+  tokenizer = CharTokenizer()
+  ids = np.asarray(tokenizer.encode("attention at length, pooled.", add_special_tokens=True))
+  assert len(ids) == 30
+  summaries = attention_maps.attention_summary(model, input_ids=ids, bins=4)  # Bins of 8, last 6.
+  graphdef, state = nnx.split(model)  # The dense 'reference' kernel, ALiBi as a bias array.
+  full = jax.jit(lambda s: capture_attention_weights(nnx.merge(graphdef, s), ids[None])[1])(state)
+  for layer, summary in zip(full["decoder/layers/attention"], summaries):
+    weights = np.asarray(layer[0], np.float64)  # [heads, 30, 30]
+    binned = np.pad(weights, [(0, 0), (0, 2), (0, 2)]).reshape(4, 4, 8, 4, 8).sum(axis=(2, 4))
+    np.testing.assert_allclose(summary["pooled"], binned / np.array([8, 8, 8, 6])[:, None],
+                               atol=2e-6)
+    np.testing.assert_allclose(summary["last_row"], weights[:, -1], atol=2e-6)
+    np.testing.assert_allclose(summary["sink_mass"], weights[..., 0], atol=2e-6)
+    np.testing.assert_allclose(summary["max_weight"], weights.max(-1), atol=2e-6)
+    np.testing.assert_allclose(summary["learned_sink"], 0.0, atol=2e-6)
+    logs = np.log(np.where(weights > 0, weights, 1.0))
+    np.testing.assert_allclose(summary["entropy"], -(weights * logs).sum(-1), atol=2e-5)
+
+  # The report draws it (the same compiled summary): pooled maps and curves, no rollout.
+  monkeypatch.setattr(attention_maps, "FULL_MAP_TOKENS", 8)
+  monkeypatch.setattr(attention_maps, "SUMMARY_BINS", 4)
+  paths = attention_report(model, tokenizer, "attention at length, pooled.", str(tmp_path),
+                           prefix="long")
+  assert [os.path.basename(path) for path in paths] == [
+      "long_self_layer0.png", "long_self_layer1.png", "long_self_curves.png"]
+  for path in paths:
+    image = png_to_array(path)
+    assert image.ndim == 3 and min(image.shape[:2]) > 300 and image.std() > 10, path
+
+
+def test_summary_of_16k_tokens_holds_no_map_in_memory():
+  """The jitted summary of a 16k-token input, traced (not run): its largest intermediate is one
+  query bin's weights `[heads, 16384 / bins, 16384]` (heads / bins = 1/16 of one head's `[q, kv]`
+  map)."""
+  from attention_support import largest_intermediate
+  from flaxattn.models import attention_maps
+  for changes in (dict(), dict(positions="alibi", attention_sinks=True)):  # Dense / flex path.
+    config = dataclasses.replace(LLAMA, attention_impl="blockwise", **changes)
+    graphdef, state = nnx.split(DecoderLM(config, rngs=nnx.Rngs(0)))
+    length, bins = 16384, attention_maps.SUMMARY_BINS
+    inputs = {"input_ids": np.zeros((1, length), np.int32)}
+    jaxpr = jax.make_jaxpr(
+        lambda s: attention_maps._forward_summary(graphdef, s, inputs, bins))(state)
+    largest, nested = largest_intermediate(jaxpr.jaxpr)
+    assert nested > 0 and largest <= 4 * (length // bins) * length < length * length // 8, largest

@@ -183,3 +183,27 @@ def test_decode_and_attend_modes(tmp_path_factory):
   assert any(line.endswith(".png") for line in result.stdout.splitlines()), result.stdout
   assert result.stdout.splitlines()[1].startswith("prediction: ")
   assert not re.search(r"^I\d{4} ", result.stderr, re.MULTILINE), result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_attend_draws_short_and_long_maps_from_the_trained_kernel(tmp_path_factory, tmp_path):
+  """`flaxattn attend` on the trained lm_ptb smoke run (RoPE, scanned, the blockwise kernel CPU
+  picks): a short text gets every weight and the rollout; a text past `FULL_MAP_TOKENS` pooled
+  maps and the curves (the per-query statistics and the last query's exact row)."""
+  from flaxattn.models.attention_maps import FULL_MAP_TOKENS
+  workdir, _ = trained("lm_ptb", tmp_path_factory)
+  words = "the company said it expects sales to rise in the third quarter".split()
+  long_text = " ".join(words[i % len(words)] for i in range(FULL_MAP_TOKENS + 20))
+  result = subprocess.run(
+      [sys.executable, "-c", "import sys; from flaxattn.main import run; sys.argv[0] = 'flaxattn';"
+       " run()", "attend", f"--workdir={workdir}", "--text=the company said", f"--text={long_text}",
+       f"--out={tmp_path}/maps"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)})
+  assert result.returncode == 0, result.stderr[-3000:]
+  paths = [line for line in result.stdout.splitlines() if line.endswith(".png")]
+  assert [os.path.basename(path) for path in paths] == [
+      "maps-1_self_layer0.png", "maps-1_self_rollout.png", "maps-2_self_layer0.png",
+      "maps-2_self_curves.png"], result.stdout
+  for path in paths:
+    image = matplotlib.image.imread(path)
+    assert min(image.shape[:2]) > 200 and image[..., :3].std() > 0.05, path

@@ -2,11 +2,21 @@
 
 `attention_weights(model, **inputs)` runs one example through a `DecoderLM`, `EncoderModel`,
 `EncoderClassifier` or `EncoderDecoder` and returns its attention weights per layer, padding
-removed;
+removed, recomputed from the log-sum-exp of the kernel the model's config names (`AttentionProbe`:
+no kernel is swapped for the dense one); `attention_summary` does the same in O(length) memory for
+long inputs (a pooled map, per-query statistics, the last query's exact row);
 `rollout` combines a stack of self-attention layers into one token-to-input attribution (Abnar &
 Zuidema 2020, "Quantifying Attention Flow in Transformers"); `plot_attention` / `plot_alignment`
 draw them as heatmaps with the tokens on both axes; `attention_report` does all of it for a text and
 a tokenizer, writing PNG files (`flaxattn.train.report` sends them to TensorBoard).
+
+Long inputs. Up to `FULL_MAP_TOKENS` tokens the report draws every weight (one heatmap cell per
+query and key) and the rollout. Beyond, a `[q_len, kv_len]` map neither fits a picture (a 16k map
+is 256M cells for ~900 pixels) nor sensible memory, so each layer gets instead: the map pooled into
+`SUMMARY_BINS` x `SUMMARY_BINS` bins (cell = mean over a query bin of its weight on a key bin, rows
+sum to 1), and a curves figure with per-query entropy, mass on the first token (the sink), largest
+weight, and the last query's exact weights over every key (`attention_summary`). Rollout is not
+drawn for long inputs: it multiplies whole `[T, T]` matrices, O(T^2) memory and O(T^3) time.
 
 Plots use matplotlib's object API on an Agg canvas (no pyplot), so importing this module never
 changes the process-wide matplotlib backend.
@@ -32,7 +42,7 @@ from flaxattn.models.decoder import DecoderLM
 from flaxattn.models.decoding import generate
 from flaxattn.models.encoder import EncoderClassifier, EncoderModel
 from flaxattn.models.seq2seq import EncoderDecoder
-from flaxattn.nn.intermediates import capture_attention_weights
+from flaxattn.nn.intermediates import capture_attention_probes, capture_attention_weights
 
 # Keyword inputs `attention_weights` accepts per model type; the first is the required token ids.
 _INPUTS = {
@@ -44,6 +54,10 @@ _INPUTS = {
 # Beyond this many tokens on an axis only every k-th is labelled (each label then names its index).
 MAX_TICK_LABELS = 60
 _DPI = 100
+# Inputs up to this many tokens get full heatmaps and the rollout; longer ones `attention_summary`.
+FULL_MAP_TOKENS = 256
+# Bins per axis of a long input's pooled map (each labelled up to MAX_TICK_LABELS).
+SUMMARY_BINS = 64
 
 
 def _model_type(model) -> type:
@@ -81,38 +95,35 @@ _WEIGHT_PATHS = {
 }
 
 
+def _capture(model, inputs: dict[str, jax.Array], probes: bool):
+  """`{kind: per-layer values}` of one call: `AttentionProbe`s (`probes`), else sown weights."""
+  capture = (capture_attention_probes if probes else
+             functools.partial(capture_attention_weights, attention_impl=None))
+  if isinstance(model, EncoderDecoder):
+    _, values = capture(model, inputs["source_ids"], inputs["target_ids"],
+                        inputs.get("source_mask"), inputs.get("target_mask"))
+  else:
+    _, values = capture(model, **inputs)
+  return {key: values[path] for key, path in _WEIGHT_PATHS[_model_type(model)].items()}
+
+
+def _probed(model) -> bool:
+  """Whether the model's attention is softmax (probed from the lse); the kernelized kinds
+  ('linear', 'performer') sow their own weights instead."""
+  return _model_config(model).attention_kind == "softmax"
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _forward_weights(graphdef, state, inputs: dict[str, jax.Array]) -> dict[str, list]:
   model = nnx.merge(graphdef, state)
-  if isinstance(model, EncoderDecoder):
-    _, weights = capture_attention_weights(
-        model, inputs["source_ids"], inputs["target_ids"], inputs.get("source_mask"),
-        inputs.get("target_mask"))
-  else:
-    _, weights = capture_attention_weights(model, **inputs)
-  return {key: weights[path] for key, path in _WEIGHT_PATHS[_model_type(model)].items()}
+  if not _probed(model):
+    return _capture(model, inputs, probes=False)
+  return {key: [probe.weights() for probe in layers]
+          for key, layers in _capture(model, inputs, probes=True).items()}
 
 
-def attention_weights(model, **inputs) -> dict[str, list[np.ndarray]]:
-  """Per-layer attention weights of one example, padding removed.
-
-  Runs the model (deterministic, under `jax.jit`) through `flaxattn.nn.capture_attention_weights`,
-  with the 'reference' attention kernel whatever kernel its config names, since only that one
-  returns weights (the weights of the model's own attention function, up to float rounding).
-
-  Args:
-    model: a `DecoderLM`, `EncoderModel`, `EncoderClassifier` or `EncoderDecoder`.
-    **inputs: one example, each `[length]` or `[1, length]` int: `input_ids` (required),
-      `attention_mask` (1 = real token, 0 = padding, anywhere) and, for the encoders,
-      `token_type_ids`; for an `EncoderDecoder`, `source_ids` and `target_ids` (required, the
-      decoder's input tokens), `source_mask`, `target_mask`.
-
-  Returns:
-    `{'self': [...]}` (decoder LM and encoders) or `{'encoder': [...], 'decoder': [...], 'cross':
-    [...]}` (encoder-decoder): a list with one float32 array `[heads, q_len, kv_len]` per layer,
-    rows and columns of padding tokens removed (so each row sums to 1). Cross-attention arrays are
-    `[heads, target_len, source_len]`.
-  """
+def _checked_inputs(model, inputs: dict) -> tuple[type, dict[str, np.ndarray]]:
+  """`(model type, {name: int32 [1, length]})` of `attention_weights`' inputs, checked."""
   kind = _model_type(model)
   names = _INPUTS[kind]
   unexpected = sorted(set(inputs) - set(names))
@@ -148,6 +159,32 @@ def attention_weights(model, **inputs) -> dict[str, list[np.ndarray]]:
           f"{name} has {arrays[name].shape[1]} tokens, more than config.max_length="
           f"{config.max_length} learned positions")
 
+  return kind, arrays
+
+
+def attention_weights(model, **inputs) -> dict[str, list[np.ndarray]]:
+  """Per-layer attention weights of one example, padding removed.
+
+  Runs the model (deterministic, under `jax.jit`) with the kernel its config names, through
+  `flaxattn.nn.capture_attention_probes`: each layer's weights are recomputed from that kernel's
+  log-sum-exp (`AttentionProbe.weights`; equal to the dense reference kernel's to float32
+  rounding). The kernelized kinds sow their own weights (`capture_attention_weights`). Memory is
+  O(layers * heads * q_len * kv_len): for long inputs use `attention_summary`.
+
+  Args:
+    model: a `DecoderLM`, `EncoderModel`, `EncoderClassifier` or `EncoderDecoder`.
+    **inputs: one example, each `[length]` or `[1, length]` int: `input_ids` (required),
+      `attention_mask` (1 = real token, 0 = padding, anywhere) and, for the encoders,
+      `token_type_ids`; for an `EncoderDecoder`, `source_ids` and `target_ids` (required, the
+      decoder's input tokens), `source_mask`, `target_mask`.
+
+  Returns:
+    `{'self': [...]}` (decoder LM and encoders) or `{'encoder': [...], 'decoder': [...], 'cross':
+    [...]}` (encoder-decoder): a list with one float32 array `[heads, q_len, kv_len]` per layer,
+    rows and columns of padding tokens removed (so each row sums to 1). Cross-attention arrays are
+    `[heads, target_len, source_len]`.
+  """
+  kind, arrays = _checked_inputs(model, inputs)
   graphdef, state = nnx.split(model)
   weights = jax.device_get(_forward_weights(graphdef, state, arrays))
 
@@ -163,6 +200,56 @@ def attention_weights(model, **inputs) -> dict[str, list[np.ndarray]]:
     axes = {"self": (tokens, tokens)}
   return {key: [np.asarray(layer[0], np.float32)[:, rows][:, :, columns] for layer in weights[key]]
           for key, (rows, columns) in axes.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward_summary(graphdef, state, inputs: dict[str, jax.Array], bins: int) -> list[dict]:
+  model = nnx.merge(graphdef, state)
+  summaries = []
+  for probe in _capture(model, inputs, probes=True)["self"]:
+    statistics = probe.statistics(sink_keys=1)
+    summaries.append(dict(
+        pooled=probe.pooled(bins, bins)[0],
+        last_row=probe.rows([probe.q_len - 1])[0, :, 0],
+        learned_sink=1.0 - statistics["total_weight"][0],
+        **{name: statistics[name][0] for name in ("entropy", "sink_mass", "max_weight")}))
+  return summaries
+
+
+def attention_summary(model, *, bins: int = SUMMARY_BINS, **inputs) -> list[dict[str, np.ndarray]]:
+  """Per-layer self-attention of one long example in O(length) memory, from each layer's
+  `AttentionProbe` (the kernel the config names; no `[q_len, kv_len]` array is formed).
+
+  Args:
+    model: a `DecoderLM`, `EncoderModel` or `EncoderClassifier` (self-attention).
+    bins: bins per axis of the pooled map (fewer when the input is shorter; see
+      `AttentionProbe.pooled`).
+    **inputs: one example without padding: `input_ids` (`[length]` or `[1, length]`) and, for the
+      encoders, `token_type_ids`.
+
+  Returns:
+    One dict per layer, first layer first, of float32 arrays: `pooled` `[heads, q_bins, kv_bins]`
+    (mean over a query bin of its weight on a key bin), `entropy`, `sink_mass` (weight on the first
+    token), `max_weight` and `learned_sink` (1 - the total weight on the keys: the mass on the
+    learned attention sinks, 0 up to rounding without them) `[heads, length]` per query, and
+    `last_row` `[heads, length]` (the last query's exact weights).
+  """
+  kind = _model_type(model)
+  if kind is EncoderDecoder:
+    raise ValueError("attention_summary is for self-attention models (DecoderLM, encoders); for an "
+                     "EncoderDecoder use attention_weights")
+  if inputs.get("attention_mask") is not None:
+    raise ValueError("attention_summary takes one example without padding: pass only its real "
+                     "tokens, no attention_mask")
+  if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+    raise ValueError(f"bins must be a positive int, got {bins!r}")
+  _, arrays = _checked_inputs(model, inputs)
+  if not _probed(model):
+    raise ValueError(f"attention_summary needs softmax attention, got attention_kind="
+                     f"{_model_config(model).attention_kind!r}: use attention_weights")
+  graphdef, state = nnx.split(model)
+  return [{name: np.asarray(value, np.float32) for name, value in layer.items()}
+          for layer in jax.device_get(_forward_summary(graphdef, state, arrays, bins))]
 
 
 def rollout(layers: Sequence[np.ndarray], *, residual: bool = True) -> np.ndarray:
@@ -368,6 +455,44 @@ def plot_alignment(cross_weights: Sequence[np.ndarray] | np.ndarray, source_labe
   return _save(figure, path)
 
 
+def _bin_labels(length: int, count: int) -> list[str]:
+  """`'start-end'` token ranges of `count` equal bins (the last shorter) over `length` tokens."""
+  size = -(-length // count)
+  return [f"{start}-{min(start + size, length) - 1}" for start in range(0, length, size)]
+
+
+# The curves `plot_summary` draws: (key in an `attention_summary` layer, y axis title).
+_CURVES = (("entropy", "entropy (nats)"), ("sink_mass", "weight on token 0"),
+           ("learned_sink", "weight on the learned sink"), ("max_weight", "largest weight"),
+           ("last_row", "last query's weights"))
+_NO_SINK = 1e-4  # Below this everywhere, the learned-sink panel is left out (a model without one).
+
+
+def plot_summary(summaries: Sequence[dict], path: str, *, title: str) -> str:
+  """Per-query curves of a long input's attention (`attention_summary`), head means, one line per
+  layer: entropy, mass on the first token, mass on the learned sink (when there is one), largest
+  weight (x: query position), and the last query's exact weights (x: key position). Writes a PNG;
+  returns `path`."""
+  if not summaries:
+    raise ValueError("summaries must hold one attention_summary dict per layer, got none")
+  curves = [(name, label) for name, label in _CURVES if name != "learned_sink" or max(
+      float(np.max(np.abs(layer[name]))) for layer in summaries) > _NO_SINK]
+  figure = Figure(figsize=(10, 2.2 * len(curves) + 0.8), dpi=_DPI, layout="constrained")
+  FigureCanvasAgg(figure)
+  axes = figure.subplots(len(curves), 1, squeeze=False)[:, 0]
+  for ax, (name, label) in zip(axes, curves):
+    for index, layer in enumerate(summaries):
+      curve = np.asarray(layer[name], np.float64).mean(axis=0)
+      ax.plot(np.arange(curve.size), curve, linewidth=0.8, label=f"layer {index}")
+    ax.set_ylabel(label, fontsize=8)
+    ax.set_xlabel("key position" if name == "last_row" else "query position", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_xlim(0, curve.size - 1)
+  axes[0].legend(fontsize=7, ncol=min(len(summaries), 6), loc="upper right")
+  figure.suptitle(_wrapped(title + " (mean over heads)", 10, 12), fontsize=12)
+  return _save(figure, path)
+
+
 # What `attention_report` reads of a tokenizer (`flaxattn.data.tokenizers.Tokenizer`).
 _TOKENIZER_NEEDS = ("encode", "pieces", "pad_id", "bos_id", "eos_id")
 
@@ -431,8 +556,11 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
   translation (up to its eos) that `flaxattn.models.generate` produces.
 
   Files, in this order (`P` = `directory/prefix`): `P_self_layer{i}.png` and `P_self_rollout.png`;
-  for an `EncoderDecoder` instead `P_encoder_layer{i}.png`, `P_decoder_layer{i}.png`,
-  `P_cross_layer{i}.png`, `P_encoder_rollout.png`, `P_decoder_rollout.png` and `P_alignment.png`.
+  beyond `FULL_MAP_TOKENS` tokens (softmax attention) `P_self_layer{i}.png` holds the pooled map
+  and `P_self_curves.png` the per-query curves (`plot_summary`) instead of the rollout; for an
+  `EncoderDecoder` (full maps at any length) instead `P_encoder_layer{i}.png`,
+  `P_decoder_layer{i}.png`, `P_cross_layer{i}.png`, `P_encoder_rollout.png`,
+  `P_decoder_rollout.png` and `P_alignment.png`.
 
   Args:
     model: a `DecoderLM`, `EncoderModel`, `EncoderClassifier` or `EncoderDecoder`.
@@ -472,6 +600,20 @@ def attention_report(model, tokenizer, text_or_pair: str | tuple[str, str | None
 
   if kind is not EncoderDecoder:
     ids, labels = _tokenize(tokenizer, text_or_pair, "text_or_pair", encode)
+    if len(ids) > FULL_MAP_TOKENS and _probed(model):
+      summaries = attention_summary(model, input_ids=ids, bins=SUMMARY_BINS)
+      bins = _bin_labels(len(ids), summaries[0]["pooled"].shape[-1])
+      size = -(-len(ids) // len(bins))
+      for index, layer in enumerate(summaries):
+        path = os.path.join(directory, f"{prefix}_self_layer{index}.png")
+        paths.append(plot_attention(
+            layer["pooled"], bins, bins, path, max_heads=max_heads,
+            title=f"{prefix}: self-attention, layer {index}, {len(ids)} tokens pooled into bins of "
+            f"{size} (rollout skipped: it needs whole [T, T] matrices)",
+            row_name="query bin (tokens)", col_name="key bin (tokens)"))
+      paths.append(plot_summary(summaries, os.path.join(directory, f"{prefix}_self_curves.png"),
+                                title=f"{prefix}: self-attention of {len(ids)} tokens"))
+      return paths
     layers = attention_weights(model, input_ids=ids)["self"]
     layer_maps("self", layers, labels, labels, "self-attention")
     rollout_map("self", layers, labels, "self-attention")

@@ -54,6 +54,7 @@ from flaxattn.attention.mask import as_mask
 from flaxattn.attention.placement import activation_layout
 from flaxattn.attention.probes import attention_rows, mask_to_mask_mod
 from flaxattn.nn.layers import Dense, RMSNorm
+from flaxattn.nn.probing import AttentionProbe
 from flaxattn.nn.positions import PositionBias, apply_rope, capped
 from flaxattn.nn.sharding import active_spec, constrain, param
 
@@ -392,6 +393,9 @@ class MultiHeadAttention(nnx.Module):
     # Static (part of the graph definition): True makes each call compute its attention weights,
     # O(q_len * kv_len), and sow them; `capture_attention_weights` sets it on a copy of the model.
     self.sow_weights = False
+    # Static: True makes each softmax call sow an `AttentionProbe` (query, key, lse, mods) under
+    # the kernel it runs, O(length); `capture_attention_probes` sets it on a copy of the model.
+    self.sow_probes = False
     dense = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.query = Dense(in_features, (num_heads, head_dim), in_axes=("embed",),
                        out_axes=("heads", "head_dim"), **dense)
@@ -513,6 +517,8 @@ class MultiHeadAttention(nnx.Module):
     kind = self.attention_kind
     if bias is not None:
       raise ValueError(f"attention_kind={kind!r} takes no bias, got one of shape {jnp.shape(bias)}")
+    if self.sow_probes:
+      raise ValueError(f"attention_kind={kind!r} has no log-sum-exp to probe: use sow_weights")
     if self.sow_weights and isinstance(cache, RecurrentState):
       raise ValueError(
           f"attention_kind={kind!r} returns no attention weights with a RecurrentState: the state keeps "
@@ -558,6 +564,8 @@ class MultiHeadAttention(nnx.Module):
       `(out, cache)`: `out [batch, q_len, out_features]` and the updated cache (None without one).
       With `sow_weights` set (see `flaxattn.nn.capture_attention_weights`), the attention weights
       `[batch, heads, q_len, kv_len]` (float32) are sown as `nnx.Intermediate` 'attention_weights'.
+      With `sow_probes` (`flaxattn.nn.capture_attention_probes`), an `AttentionProbe` (query, key,
+      lse and mods of the kernel call, O(length)) is sown as 'attention_probe'.
     """
     positions = self._check_call(x, context, mask, bias, positions, cache, deterministic,
                                  dropout_rng)
@@ -584,7 +592,7 @@ class MultiHeadAttention(nnx.Module):
       return self._kernelized(query, key, value, mask=as_mask(mask), positions=positions,
                               cache=cache, deterministic=deterministic, dropout_rng=dropout_rng)
 
-    kv_positions, attention_impl, mask_mod = positions, self.attention_impl, None
+    kv_positions, attention_impl, mask_mod, call_bias = positions, self.attention_impl, None, bias
     biases = [b for b in (PositionBias.alibi(self.num_heads) if self.positions == "alibi" else None,
                           position_bias) if b is not None]
     use_dropout = not deterministic and self.attention_dropout_rate > 0.0
@@ -605,9 +613,12 @@ class MultiHeadAttention(nnx.Module):
       attention_impl = _single_device(attention_impl)
     elif context is None and not isinstance(cache, ContextCache):
       mask = self._self_mask(mask)
+    if self.sow_probes and isinstance(cache, KVCache):
+      raise ValueError("sow_probes takes no KVCache: probe the whole sequence in one call")
+    lse = None
     if flex:
-      result, weights = self._flex(query, key, value, as_mask(mask), mask_mod, biases, positions,
-                                   kv_positions, block_mask)
+      result, weights, lse = self._flex(query, key, value, as_mask(mask), mask_mod, biases,
+                                        positions, kv_positions, block_mask)
     else:
       for position_term in biases:
         dense = position_term.dense(positions, kv_positions)
@@ -623,6 +634,10 @@ class MultiHeadAttention(nnx.Module):
       result, weights = result if self.sow_weights else (result, None)
     if self.sow_weights:
       self.sow(nnx.Intermediate, "attention_weights", weights)
+    if self.sow_probes:
+      self.sow(nnx.Intermediate, "attention_probe", AttentionProbe.create(
+          query, key, value, lse, mask=as_mask(mask), biases=biases, positions=positions,
+          kv_positions=kv_positions, bias=call_bias, softcap=self.softcap))
     return constrain(self.out(result), ("batch", "length", "embed")), cache
 
   def _self_mask(self, mask) -> Mask | None:
@@ -655,9 +670,9 @@ class MultiHeadAttention(nnx.Module):
         flaxattn.attention.implementations(jax.default_backend())[0] == "blockwise")
 
   def _flex(self, query, key, value, mask, mask_mod, biases, positions, kv_positions, block_mask):
-    """`(out [batch, q_len, heads, value_dim], weights or None)` through `flex_attention`, with the
-    position biases (and softcap) as one score_mod and `mask`/`mask_mod` as one mask_mod, tiled by
-    `block_mask` (None: classified here)."""
+    """`(out [batch, q_len, heads, value_dim], weights or None, lse [batch, heads, q_len])` through
+    `flex_attention`, with the position biases (and softcap) as one score_mod and `mask`/`mask_mod`
+    as one mask_mod, tiled by `block_mask` (None: classified here)."""
     q_len, kv_len = query.shape[1], key.shape[1]
     mods = [b.score_mod(positions, kv_positions) for b in biases]
     softcap = self.softcap
@@ -684,7 +699,7 @@ class MultiHeadAttention(nnx.Module):
     if self.sow_weights:
       weights = attention_rows(query, key, lse, np.arange(q_len), score_mod=score_mod,
                                mask_mod=mask_mod)
-    return out, weights
+    return out, weights, lse
 
   def _feature_map(self, deterministic: bool, dropout_rng: jax.Array | None):
     """`x [..., head_dim] -> log phi(x) [..., num_features]` for this call."""
