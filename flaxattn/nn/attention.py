@@ -52,6 +52,7 @@ from flaxattn.attention.linear import RecurrentState
 from flaxattn.attention.mask import as_mask
 from flaxattn.attention.placement import activation_layout
 from flaxattn.attention.probes import attention_rows, mask_to_mask_mod
+from flaxattn.nn.hooks import hook, hook_pattern
 from flaxattn.nn.layers import Dense, RMSNorm
 from flaxattn.nn.positions import PositionBias, apply_rope, capped
 from flaxattn.nn.sharding import active_spec, constrain, param
@@ -575,6 +576,7 @@ class MultiHeadAttention(nnx.Module):
     if self.positions == "rope":
       query = apply_rope(query, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
       key = apply_rope(key, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
+    query, key, value = hook(self, "q", query), hook(self, "k", key), hook(self, "v", value)
     if self.attention_kind != "softmax":
       return self._kernelized(query, key, value, mask=as_mask(mask), positions=positions,
                               cache=cache, deterministic=deterministic, dropout_rng=dropout_rng)
@@ -614,9 +616,11 @@ class MultiHeadAttention(nnx.Module):
             dropout_rng=dropout_rng if use_dropout else None,
             implementation=attention_impl, return_weights=self.sow_weights)
       result, weights = result if self.sow_weights else (result, None)
+    result, weights = hook_pattern(self, result, weights, value)
     if self.sow_weights:
       self.sow(nnx.Intermediate, "attention_weights", weights)
-    return constrain(self.out(result), ("batch", "length", "embed")), cache
+    result = hook(self, "z", result)
+    return hook(self, "out", constrain(self.out(result), ("batch", "length", "embed"))), cache
 
   def _flex_path(self, position_biased: bool, dense_only: bool) -> bool:
     """Whether this call runs through `flex_attention` (see "Flex path" in the class doc)."""
@@ -699,7 +703,8 @@ class MultiHeadAttention(nnx.Module):
       self.sow(nnx.Intermediate, "attention_weights", linear.kernelized_weights(
           query_features, key_features, causal=causal, segment_ids=segments if causal else None,
           kv_valid=None if causal else segments > 0))
-    return constrain(self.out(attended.astype(self.dtype)), ("batch", "length", "embed")), cache
+    attended = hook(self, "z", attended.astype(self.dtype))
+    return hook(self, "out", constrain(self.out(attended), ("batch", "length", "embed"))), cache
 
 
 def _single_device(implementation: str | None) -> str | None:
