@@ -298,7 +298,8 @@ def run_with_cache(model: nnx.Module, *inputs, names: str | Iterable[str] | None
 
   Works eagerly and under `jax.jit` (merge the split state inside the jitted function and call this
   there), with scanned or unrolled stacks, remat, and sharded state on a mesh. Each hooked module
-  must run once in the call.
+  must run once in the call. The dict is in model order (under `jax.jit`, in sorted key order:
+  jax rebuilds dicts sorted).
   """
   all_names = hook_names(model)
   chosen = select_names(all_names, names)
