@@ -1,7 +1,7 @@
 """A tiny DecoderLM with random (not init-valued) weights, and its forward pass in float64 NumPy,
 written from the architecture, not from flaxattn's code: the reference of the interpret tests. The
-NumPy pass returns every canonical activation and can zero a head, knock out attention edges or add
-a steering vector, so interventions are checked against it."""
+NumPy pass returns every canonical activation and can change any of them (`edit`) or knock out
+attention edges, so interventions are checked against it."""
 
 import dataclasses
 import functools
@@ -50,10 +50,11 @@ def _layernorm(x, norm, eps):
   return (x - mean) / np.sqrt(var + eps) * norm["scale"] + norm["bias"]
 
 
-def numpy_forward(model: DecoderLM, ids, *, zero_head=None, knockout=None, steer=None):
+def numpy_forward(model: DecoderLM, ids, *, edit=None, knockout=None):
   """Every canonical activation of `model(ids)` (unrolled, pre-LN, learned positions, ReLU, tied),
-  float64. `zero_head=(layer, head)`: that head's z zeroed; `knockout=(layer, edges [q, kv])`:
-  those logits -inf in every head; `steer=(name, vector)`: vector added at a residual point."""
+  float64. `edit`: {name: function of the activation -> its replacement}; `knockout=(layer, edges
+  [q, kv])`: those logits -inf in every head of that layer."""
+  edit = edit or {}
   params = jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(nnx.state(model)))
   eps, heads, kv_heads = model.config.norm_eps, model.config.num_heads, model.config.kv_heads
   ids = np.asarray(ids)
@@ -61,8 +62,8 @@ def numpy_forward(model: DecoderLM, ids, *, zero_head=None, knockout=None, steer
   acts = {}
 
   def put(name, value):
-    if steer is not None and steer[0] == name:
-      value = value + steer[1]
+    if name in edit:
+      value = edit[name](np.array(value))
     acts[name] = value
     return value
 
@@ -77,7 +78,7 @@ def numpy_forward(model: DecoderLM, ids, *, zero_head=None, knockout=None, steer
     q = np.einsum("btd,dhk->bthk", h, att["query"]["kernel"]) + att["query"]["bias"]
     k = np.einsum("btd,dhk->bthk", h, att["key"]["kernel"]) + att["key"]["bias"]
     v = np.einsum("btd,dhk->bthk", h, att["value"]["kernel"]) + att["value"]["bias"]
-    acts.update({f"blocks.{i}.attn.q": q, f"blocks.{i}.attn.k": k, f"blocks.{i}.attn.v": v})
+    q, k, v = (put(f"blocks.{i}.attn.{n}", a) for n, a in (("q", q), ("k", k), ("v", v)))
     k_full, v_full = (np.repeat(a, heads // kv_heads, axis=2) for a in (k, v))
     logits = np.einsum("bqhk,bshk->bhqs", q, k_full) / np.sqrt(q.shape[-1])
     visible = causal.copy()
@@ -86,20 +87,16 @@ def numpy_forward(model: DecoderLM, ids, *, zero_head=None, knockout=None, steer
     logits = np.where(visible, logits, -np.inf)
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
-    acts[f"blocks.{i}.attn.pattern"] = weights
-    z = np.einsum("bhqs,bshk->bqhk", weights, v_full)
-    if zero_head is not None and zero_head[0] == i:
-      z[:, :, zero_head[1]] = 0.0
-    acts[f"blocks.{i}.attn.z"] = z
-    out = np.einsum("bqhk,hkd->bqd", z, att["out"]["kernel"]) + att["out"]["bias"]
-    acts[f"blocks.{i}.attn.out"] = out
+    weights = put(f"blocks.{i}.attn.pattern", weights)
+    z = put(f"blocks.{i}.attn.z", np.einsum("bhqs,bshk->bqhk", weights, v_full))
+    out = put(f"blocks.{i}.attn.out",
+              np.einsum("bqhk,hkd->bqd", z, att["out"]["kernel"]) + att["out"]["bias"])
     x = put(f"blocks.{i}.resid_mid", x + out)
     mlp = block["mlp"]
-    hidden = np.maximum(_layernorm(x, block["mlp_norm"], eps) @ mlp["up"]["kernel"]
-                        + mlp["up"]["bias"], 0.0)
-    acts[f"blocks.{i}.mlp.hidden"] = hidden
-    acts[f"blocks.{i}.mlp.out"] = hidden @ mlp["down"]["kernel"] + mlp["down"]["bias"]
-    x = put(f"blocks.{i}.resid_post", x + acts[f"blocks.{i}.mlp.out"])
+    hidden = put(f"blocks.{i}.mlp.hidden", np.maximum(
+        _layernorm(x, block["mlp_norm"], eps) @ mlp["up"]["kernel"] + mlp["up"]["bias"], 0.0))
+    x = put(f"blocks.{i}.resid_post", x + put(
+        f"blocks.{i}.mlp.out", hidden @ mlp["down"]["kernel"] + mlp["down"]["bias"]))
   final = put("final_norm", _layernorm(x, params["decoder"]["final_norm"], eps))
-  acts["logits"] = final @ table.T
+  put("logits", final @ table.T)
   return acts
