@@ -20,28 +20,41 @@ CONFIG = TransformerConfig(vocab_size=23, d_model=16, num_heads=4, kv_heads=2, m
 IDS = jnp.asarray([[3, 5, 7, 9, 11, 2], [4, 6, 8, 10, 12, 1]], jnp.int32)
 
 
-@functools.lru_cache(maxsize=4)  # Built once per process for every test file (eager init is slow).
+@functools.lru_cache(maxsize=4)  # Built once per process for every test file.
 def tiny_models(**overrides):
-  """`(unrolled, scanned)` DecoderLMs with the same random weights (biases and norms too); shared,
-  so callers must not change them."""
+  """`(unrolled, scanned)` DecoderLMs with the same random weights (biases and norm scales too),
+  filled into abstract models (eager initialisation is slow); shared, so callers must not change
+  them."""
   config = dataclasses.replace(CONFIG, **overrides)
-  unrolled = DecoderLM(config, rngs=nnx.Rngs(0))
-  state = nnx.state(unrolled, nnx.Param)
-  leaves, treedef = jax.tree.flatten(state)
   rng = np.random.default_rng(7)
-  noisy = [np.asarray(leaf) + 0.3 * rng.standard_normal(leaf.shape).astype(np.float32)
-           for leaf in leaves]
-  nnx.update(unrolled, jax.tree.unflatten(treedef, noisy))
-  scanned = DecoderLM(dataclasses.replace(config, scan_layers=True), rngs=nnx.Rngs(0))
-  # Values only: the scanned Variables keep their own metadata (the 'layers' axis of sharding).
+  unrolled = random_model(lambda: DecoderLM(config, rngs=nnx.Rngs(0)), rng)
   values = nnx.to_pure_dict(nnx.state(unrolled))
   values["decoder"]["layers"] = jax.tree.map(lambda *a: np.stack(a),
                                              *[values["decoder"]["layers"][i]
                                                for i in range(config.num_layers)])
-  state = nnx.state(scanned)
-  nnx.replace_by_pure_dict(state, values)
-  nnx.update(scanned, state)
+  flat = dict(nnx.to_flat_state(nnx.state(values)))
+  scanned = filled(lambda: DecoderLM(dataclasses.replace(config, scan_layers=True),
+                                     rngs=nnx.Rngs(0)), lambda path, shape: flat[path])
   return unrolled, scanned
+
+
+def random_model(build, rng):
+  """The model `build()` makes, with random weights: norm scales about 1, the rest about 0."""
+  return filled(build, lambda path, shape: (path[-1] == "scale") + 0.3 * rng.standard_normal(shape))
+
+
+def filled(build, value_of):
+  """The model `build()` makes (traced abstractly, not run) with every variable `value_of(path,
+  shape)` (float32)."""
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  pure = nnx.to_pure_dict(state)
+  for path, variable in nnx.to_flat_state(state):
+    target = pure
+    for key in path[:-1]:
+      target = target[key]
+    target[path[-1]] = jnp.asarray(np.asarray(value_of(path, variable.shape)), jnp.float32)
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
 
 
 def _layernorm(x, norm, eps):

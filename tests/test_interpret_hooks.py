@@ -13,7 +13,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from flaxattn.interpret import hook_names, run_with_cache, stack_layers
 from flaxattn.models import EncoderDecoder
-from interpret_support import CONFIG, IDS, numpy_forward, tiny_models
+from interpret_support import CONFIG, IDS, numpy_forward, random_model, tiny_models
 
 TOLERANCE = 2e-5  # float32 against float64, activations of magnitude ~1-10
 
@@ -109,14 +109,17 @@ def test_no_hooks_traces_the_plain_call_and_pattern_only_when_named():
 
 def test_encoder_decoder_names_and_cross_attention_keys():
   config = dataclasses.replace(CONFIG, num_decoder_layers=1)
-  model = EncoderDecoder(config, rngs=nnx.Rngs(0))
+  model = random_model(lambda: EncoderDecoder(config, rngs=nnx.Rngs(0)), np.random.default_rng(0))
   names = hook_names(model)
   assert names[0] == "encoder.embed" and names[-1] == "logits"
   assert "decoder.blocks.0.cross_attn.pattern" in names and "encoder.blocks.1.resid_post" in names
   source, target = IDS, IDS[:, :3]
-  logits, values = run_with_cache(model, source, target,
-                                  names=["encoder.final_norm", "decoder.blocks.0.cross_attn.*"])
-  np.testing.assert_allclose(logits, model(source, target), atol=1e-6)
+  graphdef, state = nnx.split(model)
+  logits, values = jax.jit(lambda state: run_with_cache(
+      nnx.merge(graphdef, state), source, target,
+      names=["encoder.final_norm", "decoder.blocks.0.cross_attn.*"]))(state)
+  np.testing.assert_allclose(logits, jax.jit(lambda state: nnx.merge(graphdef, state)(
+      source, target))(state), atol=1e-5)
   # The cross-attention keys are the key projection of the encoder's output.
   attention = model.decoder.layers[0].cross_attention
   encoded = np.asarray(values["encoder.final_norm"], np.float64)

@@ -24,12 +24,15 @@ def models():
   return tiny_models()
 
 
-def jitted(model):
-  """`run(interventions) -> logits` of `model` on IDS, one jitted call (interventions traced)."""
+def jitted(model, fn):
+  """`fn(model, *args)` as one jitted call of `args` (the model's state an argument too)."""
   graphdef, state = nnx.split(model)
-  run = jax.jit(lambda state, interventions: run_with_interventions(
-      nnx.merge(graphdef, state), IDS, interventions=interventions)[0])
-  return lambda interventions: run(state, interventions)
+  run = jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args))
+  return lambda *args: run(state, *args)
+
+
+def logits_with(model, interventions):
+  return run_with_interventions(model, IDS, interventions=interventions)[0]
 
 
 def numpy_z(model, ids):
@@ -50,7 +53,6 @@ def set_head(head, value):
 def test_interventions_equal_numpy(models, scanned):
   model = models[int(scanned)]
   reference = models[0]
-  run = jitted(model)
   reference_z = numpy_z(reference, CORRUPT)
   key = jax.random.key(0)
   rows = np.asarray(jax.random.permutation(key, 2))
@@ -66,9 +68,12 @@ def test_interventions_equal_numpy(models, scanned):
                 dict(edit={"blocks.0.resid_mid": lambda x: x + 2.0 * STEERING * np.isin(
                     np.arange(6), [1, 4])[:, None]})),
   }
-  for kind, (interventions, numpy_args) in cases.items():
+  # One compiled program for every case: each its own run of the model.
+  got = jitted(model, lambda m, cases: {k: logits_with(m, v) for k, v in cases.items()})(
+      {kind: interventions for kind, (interventions, _) in cases.items()})
+  for kind, (_, numpy_args) in cases.items():
     want = numpy_forward(reference, IDS, **numpy_args)["logits"]
-    np.testing.assert_allclose(run(interventions), want, rtol=0, atol=TOLERANCE, err_msg=kind)
+    np.testing.assert_allclose(got[kind], want, rtol=0, atol=TOLERANCE, err_msg=kind)
 
 
 def test_activation_and_path_patching_equal_numpy(models):
@@ -78,8 +83,8 @@ def test_activation_and_path_patching_equal_numpy(models):
   at_one = lambda x: np.where((np.arange(6) == 1)[:, None], corrupt["blocks.1.resid_pre"], x)
   want = numpy_forward(unrolled, IDS, edit={"blocks.1.resid_pre": at_one})["logits"]
   intervention = patch("blocks.1.resid_pre", corrupt["blocks.1.resid_pre"], positions=1)
-  for model in (unrolled, scanned):
-    np.testing.assert_allclose(jitted(model)([intervention]), want, rtol=0, atol=TOLERANCE)
+  np.testing.assert_allclose(jitted(scanned, logits_with)([intervention]), want, rtol=0,
+                             atol=TOLERANCE)
   # Path patching from head 1 of layer 0 to the queries of head 2 of layer 1: layer 0 runs with
   # that head corrupt (the MLP recomputes), layer 1's head-2 queries are taken from there, and the
   # clean run runs with only those queries replaced.
@@ -92,8 +97,9 @@ def test_activation_and_path_patching_equal_numpy(models):
   want = numpy_forward(unrolled, IDS, edit={"blocks.1.attn.q": queries})["logits"]
   clean_z, corrupt_z = numpy_z(unrolled, IDS), numpy_z(unrolled, CORRUPT)
   for model in (unrolled, scanned):
-    got = path_patch(model, (IDS,), jnp.asarray(clean_z, jnp.float32),
-                     jnp.asarray(corrupt_z, jnp.float32), sender=(0, 1), receiver=(1, 2))[0]
+    got = jitted(model, lambda m, clean_z, corrupt_z: path_patch(
+        m, (IDS,), clean_z, corrupt_z, sender=(0, 1), receiver=(1, 2))[0])(
+            jnp.asarray(clean_z, jnp.float32), jnp.asarray(corrupt_z, jnp.float32))
     np.testing.assert_allclose(got, want, rtol=0, atol=TOLERANCE)
 
 
@@ -121,19 +127,19 @@ def test_patching_clean_into_clean_is_exact(models, scanned):
 def test_every_intervention_gives_the_same_numbers_in_a_sweep(models):
   _, model = models  # scanned: the layer index is traced inside the scan as well
   graphdef, state = nnx.split(model)
-  _, corrupt_cache = run_with_cache(model, CORRUPT, names=["blocks.*.attn.z", "blocks.*.resid_pre"])
+  clean_cache, corrupt_cache = jitted(model, lambda m: [run_with_cache(
+      m, ids, names=["blocks.*.attn.z", "blocks.*.resid_pre"])[1] for ids in (IDS, CORRUPT)])()
   corrupt_z = stack_layers(corrupt_cache, "blocks.{layer}.attn.z")
   corrupt_resid = stack_layers(corrupt_cache, "blocks.{layer}.resid_pre")
-  _, clean_cache = run_with_cache(model, IDS, names=["blocks.*.attn.z"])
   clean_z = stack_layers(clean_cache, "blocks.{layer}.attn.z")
   edges = jnp.asarray(np.random.default_rng(1).random((6, 6)) < 0.3)
   groups = {  # each group's interventions act together at one (layer, head, position) point
-      "zero, patch, knockout": lambda l, h, p: [
-          ablate_head(l, h), patch("blocks.{layer}.resid_pre", corrupt_resid[l], layer=l, positions=p),
-          knock_out(1 - l, edges, heads=h)],
-      "mean, resample, steer": lambda l, h, p: [
-          ablate_head(l, h, kind="mean", reference=corrupt_z),
-          ablate_head(1 - l, h, kind="resample", reference=corrupt_z, key=jax.random.key(p)),
+      "ablations, patch, knockout, steer": lambda l, h, p: [
+          ablate_head(l, h), ablate_head(l, (h + 1) % 4, kind="mean", reference=corrupt_z),
+          ablate_head(1 - l, (h + 2) % 4, kind="resample", reference=corrupt_z,
+                      key=jax.random.key(p)),
+          patch("blocks.{layer}.resid_pre", corrupt_resid[l], layer=l, positions=p),
+          knock_out(1 - l, edges, heads=h),
           steer("blocks.{layer}.resid_post", STEERING, layer=l, positions=p)],
       "path patching": lambda l, h, p: ("path", (l, h), (1, (h + p) % 4)),
   }
@@ -157,8 +163,9 @@ def test_every_intervention_gives_the_same_numbers_in_a_sweep(models):
 def test_sweep_helper_runs_one_vmapped_program(models):
   unrolled, _ = models
   layers, heads = head_grid(2, 4)
-  effects = sweep(unrolled, IDS, make=ablate_head, grid=(layers, heads),
-                  metric=lambda out: out[0][:, -1].sum())
+  effects = jitted(unrolled, lambda m, layers, heads: sweep(
+      m, IDS, make=ablate_head, grid=(layers, heads), metric=lambda out: out[0][:, -1].sum()))(
+          layers, heads)
   want = [numpy_forward(unrolled, IDS, edit={f"blocks.{l}.attn.z": set_head(h, 0.0)})["logits"]
           [:, -1].sum() for l, h in zip(np.asarray(layers), np.asarray(heads))]
   np.testing.assert_allclose(effects, want, rtol=0, atol=1e-4)
@@ -167,18 +174,21 @@ def test_sweep_helper_runs_one_vmapped_program(models):
 def test_attribution_patching_is_the_first_order_term_of_patching(models):
   unrolled, _ = models
   metric = lambda out: out[0][:, -1, 3].mean()
-  clean_value, attributions = attribution_patching(unrolled, (IDS,), (CORRUPT,), metric)
+  clean_value, attributions = jitted(unrolled, lambda m: attribution_patching(
+      m, (IDS,), (CORRUPT,), metric))()
   assert attributions.shape == (2, 2, 6, 4, 4)
   per_head = attributions.sum(axis=(1, 2, 4)).reshape(-1)
-  _, clean_cache = run_with_cache(unrolled, IDS, names="blocks.*.attn.z")
-  _, corrupt_cache = run_with_cache(unrolled, CORRUPT, names="blocks.*.attn.z")
-  clean_z = stack_layers(clean_cache, "blocks.{layer}.attn.z")
-  delta = stack_layers(corrupt_cache, "blocks.{layer}.attn.z") - clean_z
+  caches = jitted(unrolled, lambda m: [run_with_cache(m, ids, names="blocks.*.attn.z")[1]
+                                       for ids in (IDS, CORRUPT)])()
+  clean_z, corrupt_z = (stack_layers(cache, "blocks.{layer}.attn.z") for cache in caches)
   layers, heads = head_grid(2, 4)
 
-  def patched(step):  # each head patched a fraction `step` of the way to the corrupt run
-    return sweep(unrolled, IDS, grid=(layers, heads), metric=metric, make=lambda l, h: patch(
-        "blocks.{layer}.attn.z", clean_z[l] + step * delta[l], layer=l, heads=h)) - clean_value
+  def patch_fraction(m, step):  # each head patched a fraction `step` of the way to the corrupt run
+    return sweep(m, IDS, grid=(layers, heads), metric=metric, make=lambda l, h: patch(
+        "blocks.{layer}.attn.z", clean_z[l] + step * (corrupt_z[l] - clean_z[l]), layer=l,
+        heads=h)) - clean_value
+
+  patched = jitted(unrolled, patch_fraction)
 
   step = 1e-2  # actual patching of a small step / step -> the linear term, to O(step)
   np.testing.assert_allclose(patched(step) / step, per_head, rtol=0,
