@@ -24,6 +24,8 @@ API contract (stable; lenses and attribution build on it):
   may be traced (vmap a constructor for a sweep).
 - `sweep(model, *inputs, make=fn(*point) -> interventions, grid=(arrays...), metric=fn(outputs))`:
   one `jax.vmap` over the grid; `head_grid(layers, heads)` gives every (layer, head).
+  `sweep_by_layer(model, *inputs, make=fn(layer, *point), grid=...)`: the same per layer, the
+  clean run below each layer shared (`[layers, points, ...]`).
 - `path_patch(model, clean_inputs, clean_z, corrupt_z, sender=(l, h), receiver=(l, h),
   receiver_input='q')`, `attribution_patching(model, clean_inputs, corrupt_inputs, metric, name)`.
 - `stack_layers(cache, 'blocks.{layer}.attn.z') -> [layers, ...]`.
@@ -32,10 +34,11 @@ API contract (stable; lenses and attribution build on it):
 from flaxattn.interpret.hooks import hook_names, run_with_cache, select_names, split_layer, stack_layers
 from flaxattn.interpret.interventions import (Intervention, ablate_head, attribution_patching,
                                               head_grid, knock_out, patch, patch_every_layer,
-                                              path_patch, run_with_interventions, steer, sweep)
+                                              path_patch, run_with_interventions, steer, sweep,
+                                              sweep_by_layer)
 
 __all__ = [
     "Intervention", "ablate_head", "attribution_patching", "head_grid", "hook_names", "knock_out",
     "patch", "patch_every_layer", "path_patch", "run_with_cache", "run_with_interventions",
-    "select_names", "split_layer", "stack_layers", "steer", "sweep",
+    "select_names", "split_layer", "stack_layers", "steer", "sweep", "sweep_by_layer",
 ]

@@ -14,6 +14,7 @@ element of a point at once.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -226,6 +227,34 @@ def sweep(model: nnx.Module, *inputs, make: Callable[..., Intervention | Sequenc
                                          **kwargs))
 
   return jax.vmap(one)(*grid)
+
+
+def sweep_by_layer(model: nnx.Module, *inputs, make: Callable[..., Any], grid: Sequence[jax.Array],
+                   metric: Callable[[Any], Any] = lambda out: out, stack: str = "blocks",
+                   method: str | None = None, **kwargs) -> Any:
+  """`sweep` over `(layer, *point)` for every layer of `stack` and point of `grid`, sharing the
+  clean run below each layer: `[layers, points, ...]` of `metric`.
+
+  For each layer `l` (a Python int), `make(l, *point)` is vmapped over `grid` with the block's
+  input `{stack}.{l}.resid_pre` set to the clean run's, so in an unrolled stack the layers below `l`
+  are dead code (computed once, by the clean run) and only what the interventions reach is batched:
+  a head ablation at layer `l` batches from that head's `z` on. `make` must act at layer `l` or
+  above. Scanned stacks give the same numbers without the saving (their scan runs every layer).
+  """
+  template = f"{stack}.{LAYER}.resid_pre"
+  _, clean = run_with_cache(model, *inputs, names=template.replace(LAYER, "*"), method=method,
+                            **kwargs)
+  resid = stack_layers(clean, template)
+
+  def at_layer(layer, *point):
+    made = make(layer, *point)
+    made = [made] if isinstance(made, Intervention) else list(made)
+    start = Intervention(template, "set", resid[layer], layer)
+    return metric(run_with_interventions(model, *inputs, interventions=[start] + made,
+                                         method=method, **kwargs))
+
+  return jnp.stack([jax.vmap(functools.partial(at_layer, layer))(*grid)
+                    for layer in range(resid.shape[0])])
 
 
 def head_grid(num_layers: int, num_heads: int) -> tuple[jax.Array, jax.Array]:
