@@ -9,11 +9,13 @@
    warm-up call (compilation excluded); the outputs are waited for (`block_until_ready`).
 2. Ablation sweep: the zero ablation of each of the 72 heads (6 layers x 12), its effect measured as
    the mean cosine similarity of the ablated and clean sentence embeddings (mean pooling over real
-   tokens). As one `jax.vmap`ped program (`flaxattn.interpret.sweep`, one call) against a Python
-   loop of 72 calls of one jitted function that takes (layer, head) as arguments (compiled once),
-   and against a loop that jits each (layer, head) as constants, as closures over them do (one
+   tokens). As one compiled program, three ways: `flaxattn.interpret.sweep` vmapping all 72 at
+   once; `sweep(batch_size=1)`, one head at a time in a loop inside the program (`jax.lax.map`);
+   `sweep_by_layer(batch_size=1)`, which also shares the clean run below each layer. Against a
+   Python loop of 72 calls of one jitted function taking (layer, head) as arguments (compiled
+   once), and a loop that jits each (layer, head) as constants, as closures over them do (a
    compilation per head: timed on `--recompiled-heads` heads and scaled to 72). Medians of
-   `--sweep-repeats` after a warm-up; the sweep's and the loop's numbers are compared.
+   `--sweep-repeats` after a warm-up; every method's numbers are compared with the loop's.
 
 Writes `results.json` and `results.md` to `--out`. The machine may be shared: compare the rows of
 one run (the ratios), not numbers from different runs.
@@ -38,6 +40,8 @@ from flaxattn.interpret import (ablate_head, head_grid, hook_names, run_with_cac
                                 run_with_interventions, sweep, sweep_by_layer)
 from flaxattn.models import load_pretrained
 
+LOOP = "loop of 72 calls of one jitted function"
+CLOSURES = "loop of 72 jitted closures (a compile per head)"
 SUBJECTS = ["The old fisherman", "A curious child", "My neighbour's cat", "The committee",
             "An engineer from Lyon", "The orchestra", "Our new manager", "A tired student"]
 VERBS = ["quietly repaired", "argued about", "painted", "carefully studied", "forgot",
@@ -113,11 +117,18 @@ def ablation_sweep(ids, mask, repeats: int, recompiled_heads: int) -> dict:
   similarity = lambda hidden: jnp.mean(jnp.sum(embeddings(hidden) * clean, axis=-1))
   layers, heads = head_grid(config.num_layers, config.num_heads)
 
-  vmapped = jax.jit(lambda state: sweep(nnx.merge(graphdef, state), ids, attention_mask=mask,
-                                        make=ablate_head, grid=(layers, heads), metric=similarity))
-  by_layer = jax.jit(lambda state: sweep_by_layer(
-      nnx.merge(graphdef, state), ids, attention_mask=mask, make=ablate_head,
-      grid=(jnp.arange(config.num_heads),), metric=similarity).reshape(-1))
+  programs = {
+      "one program: vmap of all 72": jax.jit(lambda state: sweep(
+          nnx.merge(graphdef, state), ids, attention_mask=mask, make=ablate_head,
+          grid=(layers, heads), metric=similarity)),
+      "one program: 1 head at a time (lax.map)": jax.jit(lambda state: sweep(
+          nnx.merge(graphdef, state), ids, attention_mask=mask, make=ablate_head,
+          grid=(layers, heads), metric=similarity, batch_size=1)),
+      "one program: per layer, clean prefix shared, 1 head at a time": jax.jit(
+          lambda state: sweep_by_layer(
+              nnx.merge(graphdef, state), ids, attention_mask=mask, make=ablate_head,
+              grid=(jnp.arange(config.num_heads),), metric=similarity, batch_size=1).reshape(-1)),
+  }
   one_head = jax.jit(lambda state, layer, head: similarity(run_with_interventions(
       nnx.merge(graphdef, state), ids, attention_mask=mask,
       interventions=[ablate_head(layer, head)])))
@@ -134,30 +145,28 @@ def ablation_sweep(ids, mask, repeats: int, recompiled_heads: int) -> dict:
       values.append(fn(state))
     return jnp.stack(values)
 
-  compile_start = time.perf_counter()
-  swept = jax.block_until_ready(vmapped(state))
-  vmapped_first = time.perf_counter() - compile_start
-  looped = jax.block_until_ready(loop())
-  layered = jax.block_until_ready(by_layer(state))
-  medians = interleaved_medians({"vmapped sweep (1 call)": lambda: vmapped(state),
-                                 "vmapped per layer, clean prefix shared (1 call)":
-                                     lambda: by_layer(state),
-                                 "loop of 72 calls of one jitted function": loop}, repeats)
-  recompile_seconds = timed(recompiled, recompiled_heads) * len(layers) / recompiled_heads
-  medians["loop of 72 jitted closures (a compile per head)"] = recompile_seconds
-  base = medians["vmapped sweep (1 call)"]
-  rows = [dict(method=name, seconds=round(seconds, 3), vs_vmapped=round(seconds / base, 2))
+  first_calls, values = {}, {}
+  for name, program in programs.items():
+    start = time.perf_counter()
+    values[name] = np.asarray(jax.block_until_ready(program(state)))
+    first_calls[name] = round(time.perf_counter() - start, 2)
+  looped = np.asarray(jax.block_until_ready(loop()))
+  calls = {name: (lambda program=program: program(state)) for name, program in programs.items()}
+  calls[LOOP] = loop
+  medians = interleaved_medians(calls, repeats)
+  medians[CLOSURES] = timed(recompiled, recompiled_heads) * len(layers) / recompiled_heads
+  rows = [dict(method=name, seconds=round(seconds, 3),
+               loop_over_this=round(medians[LOOP] / seconds, 2),
+               closures_over_this=round(medians[CLOSURES] / seconds, 2),
+               first_call_seconds=first_calls.get(name),
+               max_abs_difference_from_loop=(float(np.max(np.abs(values[name] - looped)))
+                                             if name in values else None))
           for name, seconds in medians.items()]
   for row in rows:
     print(json.dumps(row), flush=True)
-  effects = 1.0 - np.asarray(swept).reshape(config.num_layers, config.num_heads)
+  effects = 1.0 - looped.reshape(config.num_layers, config.num_heads)
   return dict(rows=rows, heads=int(len(layers)), sentences=int(ids.shape[0]),
-              tokens=int(ids.shape[1]), vmapped_first_call_seconds=round(vmapped_first, 2),
-              recompiled_heads_timed=recompiled_heads,
-              max_abs_difference_sweep_vs_loop=float(np.max(np.abs(np.asarray(swept) -
-                                                                   np.asarray(looped)))),
-              max_abs_difference_by_layer_vs_loop=float(np.max(np.abs(np.asarray(layered) -
-                                                                      np.asarray(looped)))),
+              tokens=int(ids.shape[1]), recompiled_heads_timed=recompiled_heads,
               most_important_heads=[
                   dict(layer=int(l), head=int(h), one_minus_cosine=round(float(effects[l, h]), 5))
                   for l, h in zip(*np.unravel_index(np.argsort(-effects, axis=None)[:5],
@@ -184,21 +193,23 @@ def markdown(result: dict) -> str:
   lines += [
       "",
       f"## Zero-ablation sweep of all {sweep_result['heads']} heads (median of "
-      f"{result['sweep_repeats']}, goal: vmapped >= 5x faster than a loop)",
+      f"{result['sweep_repeats']}; goal: one program >= 5x faster than a loop)",
       "",
-      "| method | seconds | vs vmapped |",
-      "|---|---|---|",
+      "| method | seconds | speed-up: loop of one jitted fn / this | closures' loop / this | "
+      "first call (s) | max diff from the loop |",
+      "|---|---|---|---|---|---|",
   ]
   for row in sweep_result["rows"]:
-    lines.append(f"| {row['method']} | {row['seconds']} | {row['vs_vmapped']:.2f}x |")
+    first = "" if row["first_call_seconds"] is None else row["first_call_seconds"]
+    diff = row["max_abs_difference_from_loop"]
+    lines.append(f"| {row['method']} | {row['seconds']} | {row['loop_over_this']:.2f}x | "
+                 f"{row['closures_over_this']:.2f}x | {first} | "
+                 f"{'' if diff is None else f'{diff:.1e}'} |")
   lines += [
       "",
-      f"The vmapped sweep's first call (compilation included) took "
-      f"{sweep_result['vmapped_first_call_seconds']} s; the closures' loop was timed on "
-      f"{sweep_result['recompiled_heads_timed']} heads and scaled to {sweep_result['heads']}. "
-      f"Largest difference of the metric from the loop's: sweep "
-      f"{sweep_result['max_abs_difference_sweep_vs_loop']:.2e}, per-layer sweep "
-      f"{sweep_result['max_abs_difference_by_layer_vs_loop']:.2e}.",
+      f"First call = compilation included. The closures' loop was timed on "
+      f"{sweep_result['recompiled_heads_timed']} heads (each compiled and run) and scaled to "
+      f"{sweep_result['heads']}.",
       "",
       "Heads whose ablation moves the sentence embeddings most (1 - mean cosine to the clean "
       "embedding): " + ", ".join(f"L{h['layer']}H{h['head']} {h['one_minus_cosine']}"

@@ -11,7 +11,8 @@ from flax import nnx
 
 from flaxattn.interpret import (ablate_head, attribution_patching, head_grid, knock_out, patch,
                                 patch_every_layer, path_patch, run_with_cache,
-                                run_with_interventions, stack_layers, steer, sweep)
+                                run_with_interventions, stack_layers, steer, sweep,
+                                sweep_by_layer)
 from interpret_support import IDS, numpy_forward, tiny_models
 
 TOLERANCE = 2e-5  # float32 logits against float64 NumPy
@@ -160,7 +161,7 @@ def test_every_intervention_gives_the_same_numbers_in_a_sweep(models):
                                  rtol=0, atol=1e-5, err_msg=f"{name}, point {i}")
 
 
-def test_sweep_helper_runs_one_vmapped_program(models):
+def test_sweep_helpers_equal_numpy(models):
   unrolled, _ = models
   layers, heads = head_grid(2, 4)
   effects = jitted(unrolled, lambda m, layers, heads: sweep(
@@ -169,6 +170,10 @@ def test_sweep_helper_runs_one_vmapped_program(models):
   want = [numpy_forward(unrolled, IDS, edit={f"blocks.{l}.attn.z": set_head(h, 0.0)})["logits"]
           [:, -1].sum() for l, h in zip(np.asarray(layers), np.asarray(heads))]
   np.testing.assert_allclose(effects, want, rtol=0, atol=1e-4)
+  by_layer = jitted(unrolled, lambda m: sweep_by_layer(
+      m, IDS, make=ablate_head, grid=(jnp.arange(4),), metric=lambda out: out[0][:, -1].sum()))()
+  assert by_layer.shape == (2, 4)
+  np.testing.assert_allclose(by_layer.reshape(-1), want, rtol=0, atol=1e-4)
 
 
 def test_attribution_patching_is_the_first_order_term_of_patching(models):

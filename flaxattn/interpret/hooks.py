@@ -205,10 +205,15 @@ def marked_view(model: nnx.Module, cached: Iterable[str], intervened: Iterable[s
   if unknown:
     raise ValueError(f"interventions act at {unknown}, which this model does not have; its points "
                      f"are {sorted(templates)}")
+  modules = dict(nnx.iter_modules(model))
   by_path = {}
   for site in all_sites:
     cache_points = frozenset(p for p in site.points if set(site.names(p)) & cached)
     act_points = frozenset(p for p in site.points if site.template(p) in intervened)
+    kind = getattr(modules[site.path], "attention_kind", "softmax")
+    if "pattern" in act_points and kind != "softmax":
+      raise ValueError(f"{site.template('pattern')!r} has attention_kind={kind!r}: pattern "
+                       "interventions (knockout, patching) need softmax attention")
     if cache_points or act_points:
       by_path[site.path] = _Marks(site.prefix, cache_points | act_points, cache_points)
 
