@@ -84,13 +84,11 @@ def all_shapes(jaxpr):
   return shapes
 
 
-def test_no_hooks_traces_the_plain_call_and_pattern_only_when_named():
+@pytest.mark.parametrize("scanned", [False, True])
+def test_no_hooks_traces_the_plain_call_and_pattern_only_when_named(scanned):
   # Longer than one blockwise tile (CPU blocks: 256 queries x 512 keys), so the default kernel
   # never holds a [length, length] array; rotary positions need no table of that length.
-  config = dataclasses.replace(CONFIG, positions="rope", num_layers=1, scan_layers=True)
-  model, _ = tiny_models(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                            if getattr(config, f.name) != getattr(CONFIG, f.name)
-                            and f.name != "scan_layers"})
+  model = tiny_models(positions="rope", num_layers=1)[int(scanned)]
   graphdef, state = nnx.split(model)
   ids = jnp.ones((1, 600), jnp.int32)
   plain = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids)[0])(state)
