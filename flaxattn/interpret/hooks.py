@@ -294,7 +294,7 @@ def run_with_cache(model: nnx.Module, *inputs, names: str | Iterable[str] | None
   Args:
     model: a flaxattn model (`DecoderLM`, `EncoderModel`, `EncoderClassifier`, `EncoderDecoder`), a
       stack or a bare `MultiHeadAttention`. Not changed: a marked copy sharing its arrays runs.
-    *inputs, **kwargs: the model's call arguments.
+    *inputs: the model's positional call arguments (`**kwargs`: its keyword arguments).
     names: canonical names or `fnmatch` patterns (`'blocks.*.attn.pattern'`), None for every name
       (`hook_names(model)`); only these are computed and kept.
     interventions: `flaxattn.interpret.Intervention`s applied during the call (the cache then

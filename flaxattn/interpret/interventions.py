@@ -163,7 +163,8 @@ def ablate_head(layer: Any, head: Any, *, kind: str = "zero", reference: jax.Arr
   zero, its mean, or another input's value.
 
   Args:
-    layer, head: ints or traced int32 scalars (`head` may be an int array: several heads).
+    layer: an int or a traced int32 scalar.
+    head: the same (or an int array: several heads).
     kind: 'zero'; 'mean' (the head's `z` averaged over `reference`'s batch and positions); or
       'resample' (the head's `z` on `reference`'s inputs, rows drawn with `key`).
     reference: 'mean'/'resample': `z` of reference inputs at every layer, `[layers, batch, len,
