@@ -12,6 +12,7 @@ from flaxattn.attention import Mask
 from flaxattn.models.common import (cache_length, check_ids, self_attention_mask, token_positions,
                                     valid_tokens)
 from flaxattn.nn.config import TransformerConfig
+from flaxattn.nn.hooks import hook
 from flaxattn.nn.layers import Dense
 from flaxattn.nn.transformer import Decoder, Embedder
 
@@ -95,4 +96,4 @@ class DecoderLM(nnx.Module):
                          f"{tuple(jnp.shape(logits_at))}")
       hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
     logits = (self.embedder.token.attend(hidden) if self.lm_head is None else self.lm_head(hidden))
-    return logits.astype(jnp.float32), cache
+    return hook(self, "logits", logits.astype(jnp.float32)), cache

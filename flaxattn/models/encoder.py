@@ -7,6 +7,7 @@ from flax import nnx
 
 from flaxattn.models.common import check_ids, self_attention_mask, token_positions, valid_tokens
 from flaxattn.nn.config import TransformerConfig
+from flaxattn.nn.hooks import hook
 from flaxattn.nn.layers import Dense
 from flaxattn.nn.pooling import POOLINGS, AttentionPooling, pool
 from flaxattn.nn.transformer import Embedder, Encoder
@@ -78,4 +79,5 @@ class EncoderClassifier(nnx.Module):
     hidden = self.encoder(input_ids, attention_mask, token_type_ids, deterministic=deterministic,
                           dropout_rng=dropout_rng)
     valid = valid_tokens("attention_mask", input_ids, attention_mask)
-    return self.head(pool(self.pooling, hidden, valid, self.attention_pooling)).astype("float32")
+    logits = self.head(pool(self.pooling, hidden, valid, self.attention_pooling)).astype("float32")
+    return hook(self, "logits", logits)

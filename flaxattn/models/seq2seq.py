@@ -11,6 +11,7 @@ from flax import nnx
 from flaxattn.models.common import (cache_length, check_ids, context_mask, self_attention_mask,
                                     token_positions, valid_tokens)
 from flaxattn.nn.config import TransformerConfig
+from flaxattn.nn.hooks import hook
 from flaxattn.nn.layers import Dense
 from flaxattn.nn.transformer import Decoder, Embedder, Encoder
 
@@ -89,7 +90,7 @@ class EncoderDecoder(nnx.Module):
         context=encoded, context_mask=context_mask(source_valid), cache=cache,
         deterministic=deterministic, dropout_rng=keys[1])
     logits = self.embedder.token.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
-    return logits.astype(jnp.float32), cache
+    return hook(self, "logits", logits.astype(jnp.float32)), cache
 
   def __call__(self, source_ids: jax.Array, target_ids: jax.Array,
                source_mask: jax.Array | None = None, target_mask: jax.Array | None = None, *,

@@ -53,6 +53,7 @@ from flaxattn.attention.linear import RecurrentState
 from flaxattn.attention.mask import as_mask
 from flaxattn.attention.placement import activation_layout
 from flaxattn.attention.probes import attention_rows, mask_to_mask_mod
+from flaxattn.nn.hooks import hook, hook_pattern
 from flaxattn.nn.layers import Dense, RMSNorm
 from flaxattn.nn.probing import AttentionProbe
 from flaxattn.nn.positions import PositionBias, apply_rope, capped
@@ -588,6 +589,7 @@ class MultiHeadAttention(nnx.Module):
     if self.positions == "rope":
       query = apply_rope(query, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
       key = apply_rope(key, positions, base=self.rope_base, rotary_dim=self.rotary_dim)
+    query, key, value = hook(self, "q", query), hook(self, "k", key), hook(self, "v", value)
     if self.attention_kind != "softmax":
       return self._kernelized(query, key, value, mask=as_mask(mask), positions=positions,
                               cache=cache, deterministic=deterministic, dropout_rng=dropout_rng)
@@ -632,13 +634,15 @@ class MultiHeadAttention(nnx.Module):
             dropout_rng=dropout_rng if use_dropout else None,
             implementation=attention_impl, return_weights=self.sow_weights)
       result, weights = result if self.sow_weights else (result, None)
+    result, weights = hook_pattern(self, result, weights, value)
     if self.sow_weights:
       self.sow(nnx.Intermediate, "attention_weights", weights)
     if self.sow_probes:
       self.sow(nnx.Intermediate, "attention_probe", AttentionProbe.create(
           query, key, value, lse, mask=as_mask(mask), biases=biases, positions=positions,
           kv_positions=kv_positions, bias=call_bias, softcap=self.softcap))
-    return constrain(self.out(result), ("batch", "length", "embed")), cache
+    result = hook(self, "z", result)
+    return hook(self, "out", constrain(self.out(result), ("batch", "length", "embed"))), cache
 
   def _self_mask(self, mask) -> Mask | None:
     """Self-attention's `mask` (without a cache) with this layer's `window` applied."""
@@ -740,7 +744,8 @@ class MultiHeadAttention(nnx.Module):
       self.sow(nnx.Intermediate, "attention_weights", linear.kernelized_weights(
           query_features, key_features, causal=causal, segment_ids=segments if causal else None,
           kv_valid=None if causal else segments > 0))
-    return constrain(self.out(attended.astype(self.dtype)), ("batch", "length", "embed")), cache
+    attended = hook(self, "z", attended.astype(self.dtype))
+    return hook(self, "out", constrain(self.out(attended), ("batch", "length", "embed"))), cache
 
 
 def _mask_mod(mask_mod, mask: Mask | None, q_len: int, kv_len: int):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxattn.nn.hooks import hook
 from flaxattn.nn.sharding import param
 
 default_kernel_init = nnx.initializers.lecun_normal()
@@ -189,4 +190,4 @@ class MLP(nnx.Module):
     """`x`: `[..., embed]` -> same shape, compute dtype."""
     act = activation_fn(self.activation)
     hidden = act(self.up(x)) if self.gate is None else act(self.gate(x)) * self.up(x)
-    return self.down(hidden)
+    return hook(self, "out", self.down(hook(self, "hidden", hidden)))

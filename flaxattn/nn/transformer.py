@@ -22,6 +22,7 @@ from flax import nnx
 from flaxattn.attention import BlockMask, Mask
 from flaxattn.nn.attention import ContextCache, KVCache, MultiHeadAttention
 from flaxattn.nn.config import TransformerConfig
+from flaxattn.nn.hooks import hook, hook_layer
 from flaxattn.nn.intermediates import resow
 from flaxattn.nn.layers import MLP, Embed, dropout, make_norm
 from flaxattn.nn.positions import LearnedPositions, PositionBias, RelativePositionBias, sinusoidal
@@ -152,11 +153,12 @@ class TransformerBlock(nnx.Module):
     if self.cross_attention is not None and context is None and context_cache is None:
       raise ValueError("this block has cross-attention: context (or context_cache) must be given")
     keys = jax.random.split(dropout_rng, 5) if dropout_rng is not None else [None] * 5
+    x = hook(self, "resid_pre", x)
     h, cache = self.attention(self._in(self.attention_norm, x), mask=mask, bias=bias,
                               positions=positions, cache=cache, deterministic=deterministic,
                               dropout_rng=keys[0], position_bias=position_bias,
                               block_mask=block_mask)
-    x = self._residual(self.attention_norm, x, h, keys[1], deterministic)
+    x = hook(self, "resid_mid", self._residual(self.attention_norm, x, h, keys[1], deterministic))
     if self.cross_attention is not None:
       h, _ = self.cross_attention(self._in(self.cross_norm, x), context, mask=context_mask,
                                   cache=context_cache, deterministic=deterministic,
@@ -164,7 +166,7 @@ class TransformerBlock(nnx.Module):
       x = self._residual(self.cross_norm, x, h, keys[3], deterministic)
     h = self.mlp(self._in(self.mlp_norm, x))
     x = self._residual(self.mlp_norm, x, h, keys[4], deterministic)
-    return constrain(x, ("batch", "length", "embed")), cache
+    return hook(self, "resid_post", constrain(x, ("batch", "length", "embed"))), cache
 
   def _in(self, norm, x):
     """A sub-layer's input: `norm(x)` with pre-LN, `x` with post-LN."""
@@ -280,6 +282,7 @@ class TransformerStack(nnx.Module):
     # The table as a value; each layer materialises it or applies it as a score_mod (its keys'
     # positions, with a cache, are the cache's slots).
     position_bias = None if self.relative_bias is None else self.relative_bias.as_bias()
+    x = hook(self, "embed", x)
     # Every layer sees the same mask: on the flex path its tiles are classified once, here.
     block_mask = None if cache is not None else self._block().attention.shared_block_mask(
         mask, x.shape[0], x.shape[1], position_biased=position_bias is not None,
@@ -310,8 +313,9 @@ class TransformerStack(nnx.Module):
         x, cache = carry
         layer_state, index, rng, layer_context_cache = xs
         layer_cache = None if cache is None else jax.tree.map(lambda a: a[index], cache)
-        x, layer_cache, sown = run_block(graphdef, x, layer_state, layer_cache,
-                                         layer_context_cache, rng)
+        with hook_layer(index):
+          x, layer_cache, sown = run_block(graphdef, x, layer_state, layer_cache,
+                                           layer_context_cache, rng)
         if cache is not None:
           cache = jax.tree.map(lambda a, u: jax.lax.dynamic_update_index_in_dim(a, u, index, 0),
                                cache, layer_cache)
@@ -324,15 +328,16 @@ class TransformerStack(nnx.Module):
       new_cache = []
       for i, block in enumerate(self.layers):
         graphdef, state = nnx.split(block)
-        x, layer_cache, sown = run_block(
-            graphdef, x, state, None if cache is None else cache[i],
-            None if context_caches is None else context_caches[i],
-            None if rngs is None else rngs[i])
+        with hook_layer(i):
+          x, layer_cache, sown = run_block(
+              graphdef, x, state, None if cache is None else cache[i],
+              None if context_caches is None else context_caches[i],
+              None if rngs is None else rngs[i])
         new_cache.append(layer_cache)
         resow(block, sown)
       cache = None if cache is None else tuple(new_cache)
     if self.final_norm is not None:
-      x = self.final_norm(x)
+      x = hook(self, "final_norm", self.final_norm(x))
     return x, (None if cache is None else DecoderCache(cache, context_caches))
 
 
