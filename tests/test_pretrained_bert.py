@@ -17,7 +17,7 @@ pytest.importorskip("safetensors", reason="the loader reads model.safetensors")
 pytest.importorskip("tokenizers", reason="the loader builds the WordPiece tokenizer")
 
 from flaxattn.models import load_pretrained  # noqa: E402
-from flaxattn.models.pretrained.bert import sentence_embeddings  # noqa: E402
+from flaxattn.models.pretrained.bert import _length_batches, sentence_embeddings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,8 @@ def test_bucketed_embeddings_match_sentence_transformers_in_order(loaded, st_enc
   model, tokenizer = loaded
   with torch.no_grad():
     expected = st_encoder.encode(MIXED, convert_to_numpy=True, batch_size=len(MIXED))
-  # An odd batch size: batches of 3, 3, 1 sentences, padded to 256 and 16 tokens.
+  # An odd batch size: batches of 1 (the long text alone: 256 tokens > 3 * 64 = batch_tokens), 3
+  # and 3 sentences, padded to 256, 32 and 16 tokens.
   embeddings = sentence_embeddings(model, tokenizer, MIXED, batch_size=3, length_multiple=16)
   assert embeddings.shape == (len(MIXED), 384) and embeddings.dtype == np.float32
   np.testing.assert_allclose(embeddings, expected, rtol=0, atol=EMBEDDING_TOLERANCE)
@@ -139,3 +140,12 @@ def test_sentence_embeddings_edge_cases(loaded):
     sentence_embeddings(model, tokenizer, "A man is playing a guitar.")
   with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
     sentence_embeddings(model, tokenizer, SENTENCES, batch_size=0)
+
+
+def test_length_batches_by_hand():
+  lengths = np.array([5, 300, 17, 9, 64, 3])
+  plan = [(rows.tolist(), padded_rows, length) for rows, padded_rows, length in
+          _length_batches(lengths, batch_size=4, batch_tokens=128, length_multiple=8)]
+  # Longest first; 304 tokens > 128 go alone; 128 // 64 = 2 rows of 64; then up to 4 rows of 16,
+  # 3 real ones padded to 4 rows.
+  assert plan == [([1], 1, 304), ([4, 2], 2, 64), ([3, 0, 5], 4, 16)]
