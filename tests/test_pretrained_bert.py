@@ -17,7 +17,7 @@ pytest.importorskip("safetensors", reason="the loader reads model.safetensors")
 pytest.importorskip("tokenizers", reason="the loader builds the WordPiece tokenizer")
 
 from flaxattn.models import load_pretrained  # noqa: E402
-from flaxattn.models.pretrained.bert import sentence_embeddings  # noqa: E402
+from flaxattn.models.pretrained.bert import _length_batches, sentence_embeddings  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -43,11 +43,17 @@ def model_dir():
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir):
-  """sentence-transformers outputs: token ids, attention mask, last hidden states, embeddings."""
+def st_encoder(model_dir):
+  """The sentence-transformers model of the checkpoint directory (offline)."""
   with pytest.MonkeyPatch.context() as patch:
     patch.setenv("HF_HUB_OFFLINE", "1")
-    encoder = sentence_transformers.SentenceTransformer(str(model_dir), device="cpu")
+    return sentence_transformers.SentenceTransformer(str(model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(st_encoder):
+  """sentence-transformers outputs: token ids, attention mask, last hidden states, embeddings."""
+  encoder = st_encoder
   features = encoder.preprocess(SENTENCES)
   with torch.no_grad():
     hidden = encoder[0].auto_model(
@@ -91,3 +97,55 @@ def test_padding_does_not_change_results(loaded):
     alone = np.asarray(model(np.asarray([tokenizer.encode(sentence, add_special_tokens=True)], np.int32)))[0]
     np.testing.assert_allclose(batched[row, :len(alone)], alone, rtol=0, atol=1e-5,
                                err_msg=f"sentence {row} differs padded vs alone")
+
+
+# Past the checkpoint's max_seq_length (256 tokens) whatever the tokenizer: 400 words.
+LONG_TEXT = " ".join(["the quick brown fox jumps over the lazy dog"] * 45)
+# Lengths that sort into an order unlike the list's (the result must come back in the list's order),
+# an empty text ([CLS] [SEP] only) and one that must be truncated.
+MIXED = SENTENCES + ["", LONG_TEXT, "Good morning, how are you doing today?"]
+
+
+def test_truncation_is_sentence_transformers(loaded, st_encoder):
+  _, tokenizer = loaded
+  reference_ids = st_encoder.preprocess([LONG_TEXT])["input_ids"].numpy()
+  assert reference_ids.shape == (1, st_encoder.max_seq_length) == (1, 256)
+  ids, mask = tokenizer.encode_batch([LONG_TEXT])
+  np.testing.assert_array_equal(ids, reference_ids)
+  assert mask.all()
+
+
+def test_bucketed_embeddings_match_sentence_transformers_in_order(loaded, st_encoder):
+  model, tokenizer = loaded
+  with torch.no_grad():
+    expected = st_encoder.encode(MIXED, convert_to_numpy=True, batch_size=len(MIXED))
+  # An odd batch size: batches of 1 (the long text alone: 256 tokens > 3 * 64 = batch_tokens), 3
+  # and 3 sentences, padded to 256, 32 and 16 tokens.
+  embeddings = sentence_embeddings(model, tokenizer, MIXED, batch_size=3, length_multiple=16)
+  assert embeddings.shape == (len(MIXED), 384) and embeddings.dtype == np.float32
+  np.testing.assert_allclose(embeddings, expected, rtol=0, atol=EMBEDDING_TOLERANCE)
+  # The eager model, one unpadded text at a time, pooled in float64: the bucketed batches and the
+  # padding they add change nothing beyond float32 rounding.
+  for row in (4, 5, 6):
+    ids = np.asarray([tokenizer.encode(MIXED[row], add_special_tokens=True)[:256]], np.int32)
+    pooled = np.asarray(model(ids), np.float64)[0].mean(axis=0)
+    np.testing.assert_allclose(embeddings[row], pooled / np.linalg.norm(pooled), rtol=0, atol=1e-6,
+                               err_msg=f"text {row} differs bucketed vs eager alone")
+
+
+def test_sentence_embeddings_edge_cases(loaded):
+  model, tokenizer = loaded
+  assert sentence_embeddings(model, tokenizer, []).shape == (0, 384)
+  with pytest.raises(ValueError, match="not one str"):
+    sentence_embeddings(model, tokenizer, "A man is playing a guitar.")
+  with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+    sentence_embeddings(model, tokenizer, SENTENCES, batch_size=0)
+
+
+def test_length_batches_by_hand():
+  lengths = np.array([5, 300, 17, 9, 64, 3])
+  plan = [(rows.tolist(), padded_rows, length) for rows, padded_rows, length in
+          _length_batches(lengths, batch_size=4, batch_tokens=128, length_multiple=8)]
+  # Longest first; 304 tokens > 128 go alone; 128 // 64 = 2 rows of 64; then up to 4 rows of 16,
+  # 3 real ones padded to 4 rows.
+  assert plan == [([1], 1, 304), ([4, 2], 2, 64), ([3, 0, 5], 4, 16)]

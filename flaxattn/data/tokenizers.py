@@ -440,7 +440,9 @@ class HFTokenizer:
     """
     if isinstance(texts, str) or not texts:
       raise ValueError(f"texts must be a non-empty sequence of str, got {texts!r}")
-    encoded = [self.encode(text, add_special_tokens=True) for text in texts]
+    # The backend's batch call encodes in Rust threads (the ids of `encode` one text at a time).
+    encoded = [encoding.ids for encoding in self._backend.encode_batch(
+        [_check_text(text) for text in texts], add_special_tokens=True)]
     length = max(len(ids) for ids in encoded)
     batch = np.full((len(encoded), length), self.pad_id, np.int32)
     mask = np.zeros((len(encoded), length), bool)

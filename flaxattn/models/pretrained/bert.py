@@ -6,12 +6,15 @@ Sentence-transformers directories (all-MiniLM-L6-v2, ...) are such directories p
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from flaxattn.data.tokenizers import HFTokenizer, WordPieceTokenizer
 from flaxattn.models.encoder import EncoderModel
@@ -132,14 +135,76 @@ def load(directory: pathlib.Path, **overrides) -> tuple[EncoderModel, WordPieceT
 
 
 def sentence_embeddings(model, tokenizer: HFTokenizer, texts: Sequence[str], *,
-                        normalize: bool = True) -> np.ndarray:
+                        normalize: bool = True, batch_size: int = 256, length_multiple: int = 8,
+                        batch_tokens: int | None = None) -> np.ndarray:
   """Sentence-transformers embeddings: mean of the last hidden states over real tokens, L2-normalised.
 
-  Returns float32 `[len(texts), d_model]`.
+  The texts are tokenized in one batch, sorted by token count and encoded a batch at a time by one
+  `jax.jit` over the split model state, each batch padded to a multiple of `length_multiple`
+  tokens and to a power-of-two row count, so that a few compiled shapes serve any list; the result
+  is in the order of `texts`. Inputs longer than the tokenizer's `max_length` are truncated as
+  sentence-transformers truncates them (at its `max_seq_length`).
+
+  Args:
+    model: an `EncoderModel` (`load_pretrained` of a sentence-transformers directory).
+    tokenizer: its tokenizer.
+    texts: the sentences (an empty sequence gives `[0, d_model]`).
+    normalize: divide each embedding by its L2 norm (sentence-transformers' `Normalize`).
+    batch_size: the most sentences per forward pass.
+    length_multiple: each batch is padded to a multiple of this many tokens (1: to its longest).
+    batch_tokens: the most padded tokens per batch (default `batch_size * 64`): longer texts go
+      fewer to a batch, so that one long text does not pad a whole batch of short ones.
+
+  Returns:
+    float32 `[len(texts), d_model]`.
   """
+  if isinstance(texts, str):
+    raise ValueError(f"texts must be a sequence of str, not one str: got {texts[:40]!r}")
+  batch_tokens = batch_size * 64 if batch_tokens is None else batch_tokens
+  for name, value in (("batch_size", batch_size), ("length_multiple", length_multiple),
+                      ("batch_tokens", batch_tokens)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  if not texts:
+    return np.zeros((0, model.config.d_model), np.float32)
   ids, valid = tokenizer.encode_batch(texts)
-  pooled = mean_pool(model(ids, attention_mask=valid), jnp.asarray(valid)).astype(jnp.float32)
+  graphdef, state = nnx.split(model)
+  results = []
+  for rows, padded_rows, length in _length_batches(valid.sum(axis=1), batch_size, batch_tokens,
+                                                   length_multiple):
+    batch_ids = np.full((padded_rows, length), tokenizer.pad_id, np.int32)
+    batch_valid = np.zeros((padded_rows, length), bool)
+    width = min(length, ids.shape[1])
+    batch_ids[:len(rows), :width] = ids[rows, :width]
+    batch_valid[:len(rows), :width] = valid[rows, :width]
+    # Dispatched without waiting: the next batch is prepared while this one runs.
+    results.append((rows, _pooled_embeddings(graphdef, state, batch_ids, batch_valid,
+                                             normalize=normalize)))
+  embeddings = np.empty((len(texts), model.config.d_model), np.float32)
+  for rows, pooled in results:
+    embeddings[rows] = np.asarray(pooled)[:len(rows)]
+  return embeddings
+
+
+def _length_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int, length_multiple: int):
+  """Yields `(rows, padded_rows, length)` per batch: the indices of its texts, longest first, the
+  row count to pad to (a power of two, at most `batch_size`) and the padded length."""
+  order = np.argsort(-lengths, kind="stable")  # Longest first: a batch too big fails at once.
+  start = 0
+  while start < len(order):
+    length = -(-int(lengths[order[start]]) // length_multiple) * length_multiple
+    capacity = min(batch_size, 1 << max(0, (batch_tokens // length).bit_length() - 1))
+    rows = order[start:start + capacity]
+    yield rows, min(capacity, 1 << (len(rows) - 1).bit_length()), length
+    start += len(rows)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "normalize"))
+def _pooled_embeddings(graphdef, state, ids, valid, *, normalize: bool):
+  """float32 `[batch, d_model]` mean-pooled (and normalised) last hidden states of one batch."""
+  model = nnx.merge(graphdef, state)
+  pooled = mean_pool(model(ids, attention_mask=valid), valid).astype(jnp.float32)
   if normalize:
     # sentence-transformers' Normalize divides by max(norm, 1e-12) (torch.nn.functional.normalize).
     pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-  return np.asarray(pooled)
+  return pooled
