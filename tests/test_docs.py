@@ -119,11 +119,35 @@ def _param(path: pathlib.Path):
   return pytest.param(path, marks=[pytest.mark.slow] if name in SLOW_FILES else [], id=name)
 
 
+# Pages whose blocks run in a fresh pytest process: the training tutorial's jitted step on the
+# 8-device CPU mesh aborted the whole xdist worker ("Fatal Python error: Aborted", inside XLA's CPU
+# runtime) in 3 of about 8 full-suite runs, never when run alone; a fresh process keeps the other
+# tests' state (threads, compiled programs) away from it, and one abort (SIGABRT) is retried once.
+ISOLATED_FILES = {"docs/tutorials/training_from_python.md"}
+_CHILD = "FLAXATTN_DOCS_CHILD"
+
+
+def _run_isolated(path: pathlib.Path) -> None:
+  test_id = f"{pathlib.Path(__file__).name}::test_python_blocks_run[{path.relative_to(ROOT)}]"
+  command = [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+             test_id]
+  env = {**os.environ, _CHILD: "1"}
+  for attempt in range(2):
+    result = subprocess.run(command, cwd=pathlib.Path(__file__).parent, env=env, text=True,
+                            capture_output=True, timeout=900)
+    if result.returncode not in (-6, 134) or attempt:  # -6 / 134: SIGABRT.
+      break
+  assert result.returncode == 0, f"{test_id} (fresh process) failed:\n{result.stdout[-6000:]}"
+
+
 @pytest.mark.parametrize("path", [_param(path) for path in PYTHON_FILES])
 def test_python_blocks_run(path, tmp_path, monkeypatch):
   monkeypatch.setenv("KERAS_BACKEND", "jax")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  run_python_blocks(path, tmp_path)
+  if str(path.relative_to(ROOT)) in ISOLATED_FILES and not os.environ.get(_CHILD):
+    _run_isolated(path)
+  else:
+    run_python_blocks(path, tmp_path)
 
 
 def test_a_failing_block_names_file_and_line(tmp_path):
